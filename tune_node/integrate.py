@@ -1,0 +1,162 @@
+"""Integrating an autonomous vector field with a :class:`~tune_node.solvers.SolverSetting`.
+
+Fixed-step methods with backprop run this module's own explicit Runge-Kutta loop:
+exactly ``steps`` steps of size ``h = T / steps``, nothing else per step. Adaptive
+methods, and every method in adjoint mode, run through torchdiffeq. Every solve
+counts its function evaluations exactly, forward and backward separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torchdiffeq
+from torch import nn
+
+from .solvers import ButcherTableau, SolverSetting
+
+__all__ = ["NFECounter", "Solution", "integrate", "rk_solve"]
+
+
+@dataclass
+class NFECounter:
+    """Function evaluations of one solve.
+
+    ``forward`` counts evaluations made while integrating. ``backward`` counts the
+    evaluations the adjoint method makes while gradients are computed; with backprop
+    every forward evaluation is differentiated once, so it equals ``forward`` once
+    a backward pass has run.
+    """
+
+    forward: int = 0
+    backward: int = 0
+    in_backward: bool = field(default=False, repr=False)
+
+
+class _CountingField(nn.Module):
+    """``f(t, z) = field(z)`` for torchdiffeq, counting calls into an :class:`NFECounter`."""
+
+    def __init__(self, vector_field: nn.Module, counter: NFECounter):
+        super().__init__()
+        self.vector_field = vector_field
+        self.counter = counter
+
+    def forward(self, t, z):
+        if self.counter.in_backward:
+            self.counter.backward += 1
+        else:
+            self.counter.forward += 1
+        return self.vector_field(z)
+
+
+@dataclass
+class Solution:
+    """The result of :func:`integrate`.
+
+    Attributes:
+        z: the state at time T.
+        setting: the solver setting used.
+        counter: evaluation counts; ``nfe_backward`` is final only after ``backward()``.
+        path: the states after every step (including ``z0``) when requested;
+            fixed-step solves only.
+    """
+
+    z: torch.Tensor
+    setting: SolverSetting
+    counter: NFECounter
+    path: list[torch.Tensor] | None = None
+
+    @property
+    def nfe_forward(self) -> int:
+        return self.counter.forward
+
+    @property
+    def nfe_backward(self) -> int:
+        if self.setting.gradient == "backprop":
+            return self.counter.forward if self.z.requires_grad else 0
+        return self.counter.backward
+
+    @property
+    def steps(self) -> int:
+        """Steps taken: exact for fixed-step methods; step attempts (accepted or
+        rejected) for adaptive ones, from the evaluation count."""
+        if not self.setting.is_adaptive:
+            return self.setting.steps
+        spec = self.setting.spec
+        return max(0, (self.counter.forward - spec.startup_nfe) // spec.stages_per_step)
+
+
+def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float = 1.0, record_path: bool = False):
+    """Explicit Runge-Kutta with ``steps`` equal steps over ``[0, T]`` of the autonomous ``f``.
+
+    Returns ``(z_T, path)``; ``path`` is None unless ``record_path``. Calls ``f``
+    exactly ``steps * tableau.stages`` times.
+    """
+    h = T / steps
+    a = [[(j, h * aij) for j, aij in enumerate(row) if aij != 0.0] for row in tableau.a]
+    b = [(i, h * bi) for i, bi in enumerate(tableau.b) if bi != 0.0]
+    z = z0
+    path = [z0] if record_path else None
+    for _ in range(steps):
+        k = []
+        for row in a:
+            zi = z
+            for j, coef in row:
+                zi = zi + coef * k[j]
+            k.append(f(zi))
+        for i, coef in b:
+            z = z + coef * k[i]
+        if record_path:
+            path.append(z)
+    return z, path
+
+
+def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting, record_path: bool = False) -> Solution:
+    """Solve ``dz/dt = vector_field(z)``, ``z(0) = z0`` over ``[0, setting.T]``.
+
+    Arguments:
+        vector_field: an autonomous field, called as ``vector_field(z)``.
+        z0: initial state, any shape the field accepts.
+        setting: method, steps or tolerance, gradient mode.
+        record_path: keep every step's state (fixed-step methods only).
+
+    Guarantees: fixed-step solves take exactly ``setting.steps`` steps of size
+    ``T / steps`` and evaluate the field ``steps * stages`` times; adaptive solves use
+    ``rtol = atol = setting.tol``.
+    """
+    counter = NFECounter()
+    counted = _CountingField(vector_field, counter)
+    spec = setting.spec
+    T = float(setting.T)
+    if record_path and setting.is_adaptive:
+        raise ValueError("record_path is only available for fixed-step methods")
+
+    if setting.gradient == "backprop" and not setting.is_adaptive:
+        def f(z):
+            counter.forward += 1
+            return vector_field(z)
+
+        z, path = rk_solve(f, z0, spec.tableau, setting.steps, T, record_path)
+        return Solution(z, setting, counter, path)
+
+    t = torch.tensor([0.0, T], dtype=z0.dtype, device=z0.device)
+    kwargs = {"method": spec.torchdiffeq_name}
+    if setting.is_adaptive:
+        kwargs.update(rtol=setting.tol, atol=setting.tol)
+    else:
+        steps = setting.steps
+        # The grid as given: exactly `steps` equal steps between the requested times
+        # (also in the adjoint's reversed solve), free of arange rounding.
+        kwargs["options"] = {"grid_constructor": lambda func, y0, tt: torch.linspace(tt[0], tt[-1], steps + 1, dtype=tt.dtype, device=tt.device)}
+    if setting.gradient == "adjoint":
+        if not setting.is_adaptive:
+            kwargs["adjoint_options"] = kwargs["options"]
+        else:
+            kwargs["adjoint_rtol"] = setting.tol
+            kwargs["adjoint_atol"] = setting.tol
+        z = torchdiffeq.odeint_adjoint(counted, z0, t, adjoint_params=tuple(vector_field.parameters()), **kwargs)[-1]
+    else:
+        z = torchdiffeq.odeint(counted, z0, t, **kwargs)[-1]
+    counter.in_backward = True
+    return Solution(z, setting, counter, None)

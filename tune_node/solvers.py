@@ -1,0 +1,271 @@
+"""ODE solvers as data: Runge-Kutta tableaus, named methods and solver settings.
+
+A *method* is what the paper calls a solver (Euler, Midpoint, RK4, Fehlberg21,
+Dopri54). A :class:`SolverSetting` is a method plus its accuracy parameter (a
+number of fixed steps over ``[0, T]`` or an adaptive tolerance) plus the gradient
+mode. Integration itself lives in :mod:`tune_node.integrate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+__all__ = [
+    "ButcherTableau",
+    "Method",
+    "METHODS",
+    "FIXED_METHODS",
+    "ADAPTIVE_METHODS",
+    "GRADIENT_MODES",
+    "SolverSetting",
+    "get_method",
+    "test_solver_for",
+]
+
+GRADIENT_MODES = ("backprop", "adjoint")
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge-Kutta method as data.
+
+    Arguments:
+        a: strictly lower-triangular stage coefficients, row ``i`` has ``i`` entries.
+        b: solution weights, one per stage.
+        c: stage times, one per stage.
+        order: the method's global order of convergence.
+
+    Guarantees (checked on construction): shapes agree, ``c[0] == 0``,
+    ``sum(a[i]) == c[i]`` and ``sum(b) == 1``, so the method is consistent.
+    """
+
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    c: tuple[float, ...]
+    order: int
+
+    def __post_init__(self):
+        stages = len(self.b)
+        if stages < 1 or len(self.c) != stages or len(self.a) != stages:
+            raise ValueError("tableau needs len(a) == len(b) == len(c) >= 1")
+        if self.c[0] != 0:
+            raise ValueError("explicit tableau needs c[0] == 0")
+        for i, row in enumerate(self.a):
+            if len(row) != i:
+                raise ValueError(f"row {i} of a must have {i} entries, has {len(row)}")
+            if not math.isclose(sum(row), self.c[i], abs_tol=1e-12):
+                raise ValueError(f"row {i} of a sums to {sum(row)}, c[{i}] is {self.c[i]}")
+        if not math.isclose(sum(self.b), 1.0, abs_tol=1e-12):
+            raise ValueError(f"weights b sum to {sum(self.b)}, must sum to 1")
+        if self.order < 1:
+            raise ValueError("order must be >= 1")
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+
+def _f(*values) -> tuple[float, ...]:
+    return tuple(float(Fraction(v)) for v in values)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named ODE method.
+
+    Arguments:
+        name: the name used in configs and on the command line.
+        paper_name: the name the paper uses.
+        order: global order of convergence.
+        tableau: the Butcher tableau for fixed-step methods, None for adaptive ones.
+        torchdiffeq_name: the torchdiffeq method that integrates it (adaptive ones
+            and the adjoint path of fixed-step ones).
+        stages_per_step: function evaluations per step attempt (adaptive: net of FSAL).
+        startup_nfe: evaluations spent once per solve before the first step
+            (adaptive: the initial-step selection of torchdiffeq).
+    """
+
+    name: str
+    paper_name: str
+    order: int
+    tableau: ButcherTableau | None
+    torchdiffeq_name: str
+    stages_per_step: int
+    startup_nfe: int = 0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tableau is None
+
+
+EULER = Method("euler", "Euler", 1, ButcherTableau(a=((),), b=(1.0,), c=(0.0,), order=1), "euler", 1)
+MIDPOINT = Method(
+    "midpoint",
+    "Midpoint",
+    2,
+    ButcherTableau(a=((), _f("1/2")), b=(0.0, 1.0), c=_f(0, "1/2"), order=2),
+    "midpoint",
+    2,
+)
+# torchdiffeq's (and so the paper's) "rk4" is Kutta's 3/8 rule, not the classic RK4.
+RK4 = Method(
+    "rk4",
+    "RK4",
+    4,
+    ButcherTableau(
+        a=((), _f("1/3"), _f("-1/3", 1), _f(1, -1, 1)),
+        b=_f("1/8", "3/8", "3/8", "1/8"),
+        c=_f(0, "1/3", "2/3", 1),
+        order=4,
+    ),
+    "rk4",
+    4,
+)
+# Adaptive: embedded pairs integrated by torchdiffeq. Both are FSAL; torchdiffeq spends
+# two evaluations per solve on f(t0, y0) and its initial step selection.
+FEHLBERG21 = Method("fehlberg2", "Fehlberg21", 2, None, "fehlberg2", 2, startup_nfe=2)
+DOPRI54 = Method("dopri5", "Dopri54", 5, None, "dopri5", 6, startup_nfe=2)
+
+METHODS: dict[str, Method] = {m.name: m for m in (EULER, MIDPOINT, RK4, FEHLBERG21, DOPRI54)}
+FIXED_METHODS = tuple(n for n, m in METHODS.items() if not m.adaptive)
+ADAPTIVE_METHODS = tuple(n for n, m in METHODS.items() if m.adaptive)
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; ValueError naming the allowed ones otherwise."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver method {name!r}; allowed: {', '.join(METHODS)}") from None
+
+
+@dataclass(frozen=True)
+class SolverSetting:
+    """How to integrate: a method and its accuracy parameter, and how to differentiate.
+
+    Arguments:
+        method: a name from :data:`METHODS`.
+        steps: number of equal steps over ``[0, T]`` (fixed-step methods only), >= 1.
+        tol: ``rtol = atol`` (adaptive methods only), > 0.
+        gradient: ``"backprop"`` (through the solver's operations) or ``"adjoint"``.
+        T: final time; the paper uses 1.
+
+    Guarantees: a constructed setting is valid; bad values raise ValueError naming
+    the value and what is allowed.
+    """
+
+    method: str
+    steps: int | None = None
+    tol: float | None = None
+    gradient: str = "backprop"
+    T: float = field(default=1.0)
+
+    def __post_init__(self):
+        m = get_method(self.method)
+        if self.gradient not in GRADIENT_MODES:
+            raise ValueError(f"unknown gradient mode {self.gradient!r}; allowed: {', '.join(GRADIENT_MODES)}")
+        if not (isinstance(self.T, (int, float)) and self.T > 0):
+            raise ValueError(f"final time T must be > 0, got {self.T!r}")
+        if m.adaptive:
+            if self.steps is not None:
+                raise ValueError(f"{self.method} is adaptive: give tol, not steps (got steps={self.steps!r})")
+            if self.tol is None or not isinstance(self.tol, (int, float)) or not self.tol > 0 or math.isinf(self.tol):
+                raise ValueError(f"{self.method} needs a tolerance tol > 0, got tol={self.tol!r}")
+            object.__setattr__(self, "tol", float(self.tol))
+        else:
+            if self.tol is not None:
+                raise ValueError(f"{self.method} is fixed-step: give steps, not tol (got tol={self.tol!r})")
+            if isinstance(self.steps, float) and self.steps.is_integer():
+                object.__setattr__(self, "steps", int(self.steps))
+            if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+                raise ValueError(f"{self.method} needs an integer number of steps >= 1, got steps={self.steps!r}")
+
+    @classmethod
+    def fixed(cls, method: str, steps: int, gradient: str = "backprop", T: float = 1.0) -> "SolverSetting":
+        return cls(method=method, steps=steps, gradient=gradient, T=T)
+
+    @classmethod
+    def adaptive(cls, method: str, tol: float, gradient: str = "backprop", T: float = 1.0) -> "SolverSetting":
+        return cls(method=method, tol=tol, gradient=gradient, T=T)
+
+    @classmethod
+    def from_step_size(cls, method: str, h: float, gradient: str = "backprop", T: float = 1.0) -> "SolverSetting":
+        """The fixed-step setting with the fewest steps whose step size is <= ``h``."""
+        if not h > 0:
+            raise ValueError(f"step size must be > 0, got {h!r}")
+        return cls.fixed(method, max(1, math.ceil(T / h - 1e-9)), gradient, T)
+
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.spec.adaptive
+
+    @property
+    def step_size(self) -> float | None:
+        """``h = T / steps`` for fixed-step settings, None for adaptive ones."""
+        return None if self.steps is None else self.T / self.steps
+
+    @property
+    def accuracy_parameter(self) -> float:
+        """The paper's epsilon: the step size h (fixed) or the tolerance (adaptive)."""
+        return self.tol if self.is_adaptive else self.step_size
+
+    def with_(self, **changes) -> "SolverSetting":
+        return replace(self, **changes)
+
+    def label(self) -> str:
+        p = f"tol={self.tol:g}" if self.is_adaptive else f"steps={self.steps}"
+        g = "" if self.gradient == "backprop" else f", {self.gradient}"
+        return f"{self.spec.paper_name}({p}{g})"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "steps": self.steps, "tol": self.tol, "gradient": self.gradient, "T": self.T}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SolverSetting":
+        return cls(method=d["method"], steps=d.get("steps"), tol=d.get("tol"), gradient=d.get("gradient", "backprop"), T=d.get("T", 1.0))
+
+
+# Default test method per train method for the adaptation check (Appendix C).
+DEFAULT_TEST_METHOD = {"euler": "midpoint", "midpoint": "rk4", "rk4": "rk4", "fehlberg2": "dopri5", "dopri5": "dopri5"}
+# Tolerance divisors of Appendix C.2: the test solver's tolerance is train tol / divisor.
+TOLERANCE_DIVISOR = {"fehlberg2": 5.0, "dopri5": 10.0}
+ERROR_FACTOR = 50.0
+
+
+def test_solver_for(train: SolverSetting, test_method: str | None = None, error_factor: float = ERROR_FACTOR) -> SolverSetting:
+    """The setting of a test solver more accurate than ``train`` (paper, Appendix C).
+
+    Fixed step: the test solver's global error order ``h_test ** p_test`` is
+    ``error_factor`` (50) times smaller than the train solver's ``h ** p_train``,
+    i.e. ``h_test = (h ** p_train / 50) ** (1 / p_test)``, never coarser than
+    ``h``; the number of test steps is rounded up. Adaptive: Dopri54 at
+    ``tol / 5`` (Fehlberg21 trains) or ``tol / 10`` (Dopri54 trains).
+
+    ``test_method`` defaults to the next more accurate method (Euler -> Midpoint,
+    Midpoint -> RK4, RK4 -> RK4, adaptive -> Dopri54).
+    """
+    test_method = test_method or DEFAULT_TEST_METHOD[train.method]
+    tm = get_method(test_method)
+    if train.is_adaptive:
+        if not tm.adaptive:
+            raise ValueError(f"test method for adaptive {train.method} must be adaptive, got {test_method!r}")
+        return SolverSetting.adaptive(test_method, train.tol / TOLERANCE_DIVISOR[train.method], train.gradient, train.T)
+    if tm.adaptive:
+        raise ValueError(f"test method for fixed-step {train.method} must be fixed-step, got {test_method!r}")
+    if tm.order < train.spec.order:
+        raise ValueError(f"test method {test_method} (order {tm.order}) is less accurate than {train.method} (order {train.spec.order})")
+    h = train.step_size
+    # Work in units of T so that the rule is scale free: error ~ (h/T) ** p.
+    rel = h / train.T
+    rel_test = min(rel, (rel ** train.spec.order / error_factor) ** (1.0 / tm.order))
+    steps = max(train.steps, math.ceil(1.0 / rel_test - 1e-9))
+    return SolverSetting.fixed(test_method, steps, train.gradient, train.T)
+
+
+test_solver_for.__test__ = False  # a function named test_*, not a pytest test

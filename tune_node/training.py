@@ -1,0 +1,362 @@
+"""Seeded Neural ODE training: ``train(config) -> TrainResult``.
+
+Plain PyTorch; knows nothing of Ray. One seed fixes the data (generated sets and
+splits), the initial weights and the batch order, so two runs with one seed and
+one thread give bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import DATASETS, Dataset, check_dataset_name, dataset_family, load_dataset
+from .evaluation import accuracy, cross_solver_table
+from .models import NeuralODEClassifier, build_model
+from .solvers import SolverSetting
+
+__all__ = [
+    "HYPERPARAMETERS",
+    "TrainConfig",
+    "Progress",
+    "TrainResult",
+    "SolverController",
+    "train",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+# Appendix D. MNIST uses SGD 1e-2 with fixed-step solvers and Adam 1e-4 with adaptive ones.
+HYPERPARAMETERS = {
+    "sphere": {"batch_size": 128, "optimizer": "adam", "lr": 1e-4, "iterations": 10000},
+    "mnist": {"batch_size": 256, "optimizer": "sgd", "lr": 1e-2, "iterations": 7020},
+    "mnist_adaptive": {"batch_size": 256, "optimizer": "adam", "lr": 1e-4, "iterations": 7020},
+    "cifar10": {"batch_size": 256, "optimizer": "adam", "lr": 1e-3, "iterations": 7800},
+}
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """What to train. ``None`` fields take the paper's value for the dataset (Appendix D).
+
+    Arguments:
+        dataset: one of :data:`~tune_node.datasets.DATASETS`.
+        solver: the train solver setting (for adaptation runs, the initial one).
+        seed: fixes data, initial weights and batch order.
+        iterations, batch_size, optimizer (``adam``/``sgd``), lr: training schedule.
+        report_every: iterations between progress reports (and checkpoints).
+        test_every: iterations between full test-set evaluations in reports; 0 = only at the end.
+        eval_batch_size: batch size of evaluation passes.
+        data_root, download: where torchvision's files are and whether to fetch them.
+        device: torch device string.
+    """
+
+    dataset: str
+    solver: SolverSetting
+    seed: int = 0
+    iterations: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    report_every: int = 100
+    test_every: int = 0
+    eval_batch_size: int = 1000
+    data_root: str = "data"
+    download: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self):
+        check_dataset_name(self.dataset)
+        if isinstance(self.solver, dict):
+            self.solver = SolverSetting.from_dict(self.solver)
+        if not isinstance(self.solver, SolverSetting):
+            raise TypeError(f"solver must be a SolverSetting, got {type(self.solver).__name__}")
+        defaults = self.paper_defaults(self.dataset, self.solver)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        for name in ("iterations", "batch_size", "report_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.test_every, int) or self.test_every < 0:
+            raise ValueError(f"test_every must be an integer >= 0, got {self.test_every!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available; use device='cpu'")
+
+    @staticmethod
+    def paper_defaults(dataset: str, solver: SolverSetting) -> dict:
+        family = dataset_family(dataset)
+        if family == "mnist" and solver.is_adaptive:
+            family = "mnist_adaptive"
+        return dict(HYPERPARAMETERS[family])
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["solver"] = self.solver.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**d)
+
+
+@dataclass
+class Progress:
+    """What a report carries: the iteration just finished and its numbers.
+
+    ``nfe_forward``/``nfe_backward`` are the train solver's evaluations of that
+    iteration; ``check_nfe`` is the cumulative cost of solver checks (adaptation).
+    """
+
+    iteration: int
+    loss: float
+    train_accuracy: float
+    nfe_forward: int
+    nfe_backward: int
+    setting: SolverSetting
+    steps: int
+    total_nfe: int
+    check_nfe: int
+    elapsed: float
+    test_accuracy: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["setting"] = self.setting.to_dict()
+        return d
+
+
+class SolverController(Protocol):
+    """Changes the train solver during training (the adaptation algorithms).
+
+    ``update`` runs after the backward pass and before the optimizer step, on the
+    iteration's batch, with the weights that produced ``logits``. It returns the
+    setting for the next iteration and the function evaluations it spent.
+    """
+
+    def update(self, iteration: int, model: NeuralODEClassifier, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, setting: SolverSetting) -> tuple[SolverSetting, int]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train`."""
+
+    config: TrainConfig
+    model: NeuralODEClassifier
+    setting: SolverSetting
+    iterations: int
+    test_accuracy: float
+    train_accuracy: float
+    total_nfe_forward: int
+    total_nfe_backward: int
+    check_nfe: int
+    wall_time: float
+    history: list[dict]
+
+    @property
+    def nfe_per_iteration(self) -> float:
+        """All function evaluations of training (forward, backward and checks) per iteration."""
+        return (self.total_nfe_forward + self.total_nfe_backward + self.check_nfe) / max(1, self.iterations)
+
+    @property
+    def forward_nfe_per_iteration(self) -> float:
+        """Forward evaluations of training passes and checks per iteration."""
+        return (self.total_nfe_forward + self.check_nfe) / max(1, self.iterations)
+
+    def cross_solver_table(self, data: Dataset | None = None) -> list[dict]:
+        """The paper's test matrix for this model at its final train setting."""
+        data = data or load_dataset(self.config.dataset, self.config.seed, self.config.data_root, self.config.download)
+        data = data.to(self.config.device)
+        return cross_solver_table(self.model, data.x_test, data.y_test, self.setting, self.config.eval_batch_size)
+
+
+class BatchSampler:
+    """Seeded batches without replacement; a fresh permutation every epoch, last partial batch dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            batch_size = n
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.empty(0, dtype=torch.int64)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.perm):
+            self.perm = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.generator.set_state(s["generator"])
+        self.perm, self.pos = s["perm"], s["pos"]
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write a training state (as passed to report callbacks) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves half a checkpoint
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a state written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore_model(state: dict, device: str = "cpu") -> tuple[NeuralODEClassifier, SolverSetting, TrainConfig]:
+    """The model, solver setting and config stored in a checkpoint state."""
+    config = TrainConfig.from_dict(state["config"])
+    data_shape = tuple(state["input_shape"])
+    model = build_model(dataset_family(config.dataset), data_shape)
+    model.load_state_dict(state["model"])
+    return model.to(device), SolverSetting.from_dict(state["setting"]), config
+
+
+ReportFn = Callable[[Progress, Callable[[], dict]], None]
+
+
+def train(
+    config: TrainConfig,
+    on_report: ReportFn | None = None,
+    controller: SolverController | None = None,
+    resume_from: dict | None = None,
+    data: Dataset | None = None,
+) -> TrainResult:
+    """Train the paper's model for ``config``.
+
+    Arguments:
+        config: what to train.
+        on_report: called every ``config.report_every`` iterations and after the last
+            with a :class:`Progress` and a function returning the full training state
+            (for :func:`save_checkpoint`).
+        controller: optional :class:`SolverController` that adapts the train solver.
+        resume_from: a state from a checkpoint; training continues after its iteration
+            exactly as if it had not stopped.
+        data: the loaded dataset, to skip loading it again.
+
+    Accuracy in reports is the current batch's; ``test_accuracy`` is exact over the
+    whole test set.
+    """
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    data = (data or load_dataset(config.dataset, config.seed, config.data_root, config.download)).to(device)
+    model = build_model(data.family, data.input_shape, seed=config.seed).to(device)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    sampler = BatchSampler(len(data.y_train), config.batch_size, seed=config.seed)
+    setting = config.solver
+    first, totals, history = 1, {"fwd": 0, "bwd": 0, "check": 0}, []
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        sampler.load_state_dict(resume_from["sampler"])
+        setting = SolverSetting.from_dict(resume_from["setting"])
+        totals = dict(resume_from["totals"])
+        history = list(resume_from["history"])
+        first = resume_from["iteration"] + 1
+        start -= resume_from.get("elapsed", 0.0)
+        if controller is not None and resume_from.get("controller") is not None:
+            controller.load_state_dict(resume_from["controller"])
+
+    def state(iteration: int) -> dict:
+        # A snapshot: state_dict()s alias the live tensors that training keeps updating.
+        return copy.deepcopy({
+            "config": config.to_dict(),
+            "input_shape": list(data.input_shape),
+            "iteration": iteration,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "setting": setting.to_dict(),
+            "totals": dict(totals),
+            "history": list(history),
+            "elapsed": time.perf_counter() - start,
+            "controller": controller.state_dict() if controller is not None else None,
+        })
+
+    model.train()
+    for iteration in range(first, config.iterations + 1):
+        idx = sampler.next().to(device)
+        x, y = data.x_train[idx], data.y_train[idx]
+        used = setting
+        logits, sol = model(x, used)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
+        totals["fwd"] += nfe_fwd
+        totals["bwd"] += nfe_bwd
+        if controller is not None:
+            setting, spent = controller.update(iteration, model, x, y, logits.detach(), used)
+            totals["check"] += spent
+        optimizer.step()
+
+        if iteration % config.report_every == 0 or iteration == config.iterations:
+            test_acc = None
+            if config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations):
+                test_acc, _ = accuracy(model, data.x_test, data.y_test, setting, config.eval_batch_size)
+            progress = Progress(
+                iteration=iteration,
+                loss=float(loss.detach()),
+                train_accuracy=float((logits.argmax(1) == y).float().mean()),
+                nfe_forward=nfe_fwd,
+                nfe_backward=nfe_bwd,
+                setting=used,
+                steps=sol.steps,
+                total_nfe=totals["fwd"] + totals["bwd"] + totals["check"],
+                check_nfe=totals["check"],
+                elapsed=time.perf_counter() - start,
+                test_accuracy=test_acc,
+            )
+            history.append(progress.to_dict())
+            if on_report is not None:
+                on_report(progress, lambda it=iteration: state(it))
+
+    iterations_done = config.iterations
+    test_acc, _ = accuracy(model, data.x_test, data.y_test, setting, config.eval_batch_size)
+    train_acc, _ = accuracy(model, data.x_train, data.y_train, setting, config.eval_batch_size)
+    return TrainResult(
+        config=config,
+        model=model,
+        setting=setting,
+        iterations=iterations_done,
+        test_accuracy=test_acc,
+        train_accuracy=train_acc,
+        total_nfe_forward=totals["fwd"],
+        total_nfe_backward=totals["bwd"],
+        check_nfe=totals["check"],
+        wall_time=time.perf_counter() - start,
+        history=history,
+    )
