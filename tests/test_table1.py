@@ -1,0 +1,124 @@
+import textwrap
+
+import pandas as pd
+import pytest
+
+from analysis.table1 import CRITICAL_COLUMNS, build_table1, grid_costs, main, to_markdown
+
+TEST_SETTINGS = ({"test_method": "euler", "factor": 1.0}, {"test_method": "midpoint", "factor": 1.0}, {"test_method": "rk4", "factor": 2.0})
+
+
+def grid_table() -> pd.DataFrame:
+    """A hand-made grid: Sphere2 Euler at 64 and 128 steps and RK4 at 8, CIFAR10 Euler at 16; two seeds each."""
+    rows = []
+    for dataset, method, steps, wall in (("sphere2", "euler", 64, 100.0), ("sphere2", "euler", 128, 200.0),
+                                         ("sphere2", "rk4", 8, 50.0), ("cifar10", "euler", 16, 1000.0)):
+        for seed in (0, 1):
+            trial = f"{dataset}-{method}-{steps}-{seed}"
+            for test in TEST_SETTINGS:
+                rows.append({
+                    "experiment": "grid", "trial_id": trial, "dataset": dataset, "train_method": method,
+                    "train_steps": steps, "train_tol": None, "gradient": "backprop", "seed": seed, "iterations": 10,
+                    "lr": 1e-4, "train_accuracy": 0.9, "test_accuracy": 0.9, "nfe_per_iteration": steps,
+                    "nfe_forward_per_iteration": steps, "total_nfe_forward": 10 * steps, "total_nfe_backward": 10 * steps,
+                    "wall_time": wall + seed, "checkpoint": "", "test_steps": steps, "test_tol": None, "accuracy": 0.9,
+                    "nfe": steps, "is_train_solver": test["test_method"] == method, **test,
+                })
+    return pd.DataFrame(rows)
+
+
+def adaptation_table() -> pd.DataFrame:
+    rows = []
+    for i, (dataset, test_method, acc, nfe, wall) in enumerate((
+            ("sphere2", "midpoint", 0.98, 100.0, 30.0), ("sphere2", "midpoint", 0.99, 101.0, 31.0),
+            ("sphere2", "midpoint", 1.00, 100.5, 32.0), ("sphere2", "rk4", 0.97, 90.0, 40.0),
+            ("cifar10", "midpoint", 0.55, 21.9, 500.0), ("mnist", "midpoint", 0.9, 10.0, 5.0))):
+        rows.append({
+            "experiment": "adapt", "trial_id": f"a{i}", "dataset": dataset, "mode": "step", "train_method": "euler",
+            "test_method": test_method, "seed": i, "iterations": 10, "test_accuracy": acc, "nfe_per_iteration": nfe,
+            "train_nfe_forward": 900, "train_nfe_backward": 900, "check_nfe": 100 + i, "total_nfe": 1900 + i,
+            "wall_time": wall, "final_steps": 100, "final_tol": None,
+        })
+    return pd.DataFrame(rows)
+
+
+def critical(grid: pd.DataFrame) -> pd.DataFrame:
+    """A stand-in for the grid's critical-step analysis: fixed answers for the groups of ``grid``."""
+    answers = {
+        ("sphere2", "euler"): (128, 65, 129, 0.987, 0.010, 5, 0),
+        ("sphere2", "rk4"): (8, 17, 33, 0.99, 0.001, 2, 0),
+        ("cifar10", "euler"): (16, 17, 33, 0.547, 0.003, 4, 1),
+    }
+    groups = grid[["dataset", "train_method", "gradient"]].drop_duplicates().itertuples(index=False)
+    return pd.DataFrame([dict(zip(CRITICAL_COLUMNS, (g.dataset, g.train_method, g.gradient, answers[(g.dataset, g.train_method)][0], None,
+                                                     *answers[(g.dataset, g.train_method)][1:]))) for g in groups])
+
+
+def test_grid_costs_count_each_trial_once():
+    costs = grid_costs(grid_table()).set_index(["dataset", "train_method"])
+    assert costs.loc[("sphere2", "euler"), "grid_trials"] == 4
+    assert costs.loc[("sphere2", "euler"), "grid_total_nfe"] == 2 * 2 * 10 * (64 + 128)
+    assert costs.loc[("sphere2", "euler"), "grid_wall_time"] == 100 + 101 + 200 + 201
+    assert costs.loc[("cifar10", "euler"), "grid_total_nfe"] == 2 * 2 * 10 * 16
+
+
+def test_table1_numbers_from_hand_made_tables():
+    table = build_table1(grid_table(), adaptation_table(), critical)
+    # RK4 has no adaptation counterpart and MNIST no grid: only matched groups remain.
+    assert list(zip(table.dataset, table.test_method)) == [("cifar10", "midpoint"), ("sphere2", "midpoint"), ("sphere2", "rk4")]
+    sphere = table[(table.dataset == "sphere2") & (table.test_method == "midpoint")].iloc[0]
+    assert sphere.adapt_seeds == 3
+    assert sphere.adapt_nfe_per_iteration == pytest.approx(100.5)
+    assert sphere.adapt_accuracy_mean == pytest.approx(0.99) and sphere.adapt_accuracy_std == pytest.approx(0.01)
+    assert sphere.adapt_total_nfe == 1900 + 1901 + 1902 and sphere.adapt_check_nfe == 100 + 101 + 102
+    assert sphere.adapt_wall_time == pytest.approx(93.0)
+    assert (sphere.grid_nfe_low, sphere.grid_nfe_high, sphere.grid_accuracy_mean) == (65, 129, 0.987)
+    assert sphere.grid_total_nfe == 7680 and sphere.cost_ratio == pytest.approx(7680 / 5703)
+    cifar = table[table.dataset == "cifar10"].iloc[0]
+    assert cifar.adapt_seeds == 1 and pd.isna(cifar.adapt_accuracy_std) and cifar.grid_seeds_excluded == 1
+
+    md = to_markdown(table).splitlines()
+    assert md[0].startswith("| Data set | Solvers (train / test) | Grid NFE | Grid accuracy | Adaptation NFE | Adaptation accuracy")
+    assert md[0].count("|") == md[1].count("|") == md[2].count("|")
+    assert "| Concentric spheres 2d | Euler / Midpoint | 65-129 | 98.7 ± 1.0 % | 100.5 | 99.0 ± 1.0 % | 7680 | 5703 | 1.3x | 10.0 min | 93 s | 5 / 0, 3 |" in md
+    assert "| CIFAR10 | Euler / Midpoint | 17-33 | 54.7 ± 0.3 % | 21.9 | 55.0 % | 640 | 1904 | 0.3x | 33.4 min | 8.3 min | 4 / 1, 1 |" in md
+
+
+def test_critical_table_missing_columns_is_a_clear_error():
+    with pytest.raises(ValueError, match="critical-step table lacks columns nfe_low, nfe_high"):
+        build_table1(grid_table(), adaptation_table(), lambda g: critical(g).drop(columns=["nfe_low", "nfe_high"]))
+
+
+def write_inputs(tmp_path):
+    grid_dir, adapt_dir = tmp_path / "grid", tmp_path / "adapt"
+    grid_dir.mkdir()
+    adapt_dir.mkdir()
+    grid_table().to_csv(grid_dir / "results.csv", index=False)
+    adaptation_table().to_csv(adapt_dir / "adaptation.csv", index=False)
+    return grid_dir, adapt_dir
+
+
+def test_cli_writes_markdown_and_csv(tmp_path, monkeypatch, capsys):
+    grid_dir, adapt_dir = write_inputs(tmp_path)
+    (tmp_path / "hand_critical.py").write_text(textwrap.dedent("""
+        from test_table1 import critical
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main([str(grid_dir), str(adapt_dir), "--out", str(tmp_path / "out"), "--critical-fn", "hand_critical:critical"]) == 0
+    printed = capsys.readouterr().out
+    csv = pd.read_csv(tmp_path / "out" / "table1.csv")
+    assert len(csv) == 3 and csv.loc[csv.dataset == "sphere2", "adapt_seeds"].tolist() == [3, 1]
+    assert (tmp_path / "out" / "table1.md").read_text() in printed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing_grid", "ADAPT"], "no grid results table at"),
+    (["GRID", "ADAPT", "--critical-fn", "nocolon"], "critical function must be given as MODULE:FUNCTION, got 'nocolon'"),
+    (["GRID", "ADAPT", "--critical-fn", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+    (["GRID", "ADAPT", "--critical-fn", "analysis.table1:nothing"], "analysis.table1 has no function 'nothing'"),
+])
+def test_cli_errors_are_clear(tmp_path, capsys, args, message):
+    grid_dir, adapt_dir = write_inputs(tmp_path)
+    args = [str(grid_dir) if a == "GRID" else str(adapt_dir) if a == "ADAPT" else str(tmp_path / a) if a == "missing_grid" else a for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
