@@ -13,7 +13,7 @@ from tune_node.adaptation import (
 )
 from tune_node.adaptation_results import HISTORY_COLUMNS, SUMMARY_COLUMNS, history_rows, summary_row
 from tune_node.solvers import SolverSetting, test_solver_for
-from tune_node.training import TrainConfig, train
+from tune_node.training import TrainConfig, load_checkpoint, save_checkpoint, train
 
 torch.set_num_threads(1)
 
@@ -292,3 +292,20 @@ def test_short_real_tolerance_adaptation_run():
     assert all(c.test_tol == pytest.approx(c.tol / 5) for c in controller.history)
     assert result.check_nfe == controller.check_nfe > 0
     assert summary_row(result, controller, "test", "t1")["final_tol"] == controller.tol
+
+
+def test_training_resumed_from_a_checkpoint_adapts_exactly_as_uninterrupted(tmp_path):
+    def start():
+        config = TrainConfig(dataset="sphere2", solver=SolverSetting.fixed("euler", 1), seed=3, iterations=60, lr=3e-3,
+                             report_every=30)
+        return StepAdaptation.for_training(config, k=10, rtol=0.1, atol=0.1)
+
+    config, controller = start()
+    states = {}
+    full = train(config, controller=controller, on_report=lambda p, s: states.setdefault(p.iteration, s()))
+    save_checkpoint(tmp_path / "c.pt", states[30])
+    config2, fresh = start()
+    resumed = train(config2, controller=fresh, resume_from=load_checkpoint(tmp_path / "c.pt"))
+    assert fresh.history == controller.history and fresh.h == controller.h and len(fresh.history) == 6
+    assert resumed.check_nfe == full.check_nfe and resumed.total_nfe_forward == full.total_nfe_forward
+    assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
