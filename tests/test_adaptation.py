@@ -96,6 +96,9 @@ def test_growth_within_the_same_step_count_reuses_the_training_pass():
     assert c.h == pytest.approx(0.11) and new == euler(10)
     assert c.history[-1].candidate_accuracy == pytest.approx(0.90)
     assert evaluator.calls == [midpoint_test_of(10)] and spent == 2 * midpoint_test_of(10).steps
+    check_once(c, 0.90, iteration=100)
+    # History records the real-valued h beside the integer steps the solver used.
+    assert [(ch.step_size, ch.steps) for ch in c.history] == [(0.1, 10), (pytest.approx(0.11), 10)]
 
 
 def test_rejected_growth_keeps_h():

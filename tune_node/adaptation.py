@@ -82,7 +82,8 @@ class Check:
 
     Attributes:
         iteration: the training iteration of the check.
-        step_size, tol: the accuracy parameter the model trained with (one is None).
+        step_size, tol: the controller's value the model trained with (one is None);
+            ``step_size`` is the real-valued ``h``, the solver used ``ceil(T / h)`` steps.
         steps: train-solver steps at that value (None in tolerance mode when not
             needed: a disagreement shrinks the tolerance without counting them).
         test_steps, test_tol: the test solver's setting.
@@ -209,7 +210,7 @@ class _Adaptation:
                 accepted = abs(test.accuracy - candidate_acc) <= self.threshold
         check = Check(
             iteration=iteration,
-            step_size=current.step_size if not current.is_adaptive else None,
+            step_size=None if current.is_adaptive else self.value,
             tol=current.tol,
             steps=steps,
             test_steps=test_setting.steps,
