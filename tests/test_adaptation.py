@@ -90,7 +90,7 @@ def test_agreement_grows_h_by_1_1_when_the_trial_agrees():
 
 def test_growth_within_the_same_step_count_reuses_the_training_pass():
     # h = 0.1 grows to 0.11, still 10 steps: the trial is the training pass itself, free.
-    evaluator = Scripted({midpoint_test_of(10): 0.95})
+    evaluator = Scripted({midpoint_test_of(10): 0.95, euler(9): 0.9})
     c = StepAdaptation("euler", 0.1, "midpoint", evaluate=evaluator)
     new, spent = check_once(c, 0.90)
     assert c.h == pytest.approx(0.11) and new == euler(10)
