@@ -1,4 +1,5 @@
-import textwrap
+import sys
+import types
 
 import pandas as pd
 import pytest
@@ -100,10 +101,8 @@ def write_inputs(tmp_path):
 
 def test_cli_writes_markdown_and_csv(tmp_path, monkeypatch, capsys):
     grid_dir, adapt_dir = write_inputs(tmp_path)
-    (tmp_path / "hand_critical.py").write_text(textwrap.dedent("""
-        from test_table1 import critical
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # --critical-fn imports MODULE:FUNCTION; register the stand-in as such a module.
+    monkeypatch.setitem(sys.modules, "hand_critical", types.SimpleNamespace(critical=critical))
     assert main([str(grid_dir), str(adapt_dir), "--out", str(tmp_path / "out"), "--critical-fn", "hand_critical:critical"]) == 0
     printed = capsys.readouterr().out
     csv = pd.read_csv(tmp_path / "out" / "table1.csv")
