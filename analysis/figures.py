@@ -1,7 +1,8 @@
 """The paper's figures, drawn from results on disk.
 
 ``python -m analysis.figures RESULTS_DIR [--out DIR]`` writes every figure the results
-allow (PNG, and SVG unless ``--no-svg``) and prints a note for each it has to skip:
+allow (PNG, and SVG unless ``--no-svg``) and prints a note for each it has to skip;
+``python -m analysis.figures --checkpoint PATH`` draws one 2-D model's trajectories.
 
 - ``accuracy_vs_steps`` (Figure 4, Appendix B/E): per dataset and train method, test
   accuracy against the test solver's number of steps; one colour per training step
@@ -93,12 +94,12 @@ def png_bytes(fig, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(fig, out: str | Path, name: str, svg: bool = True) -> list[Path]:
-    """Write ``fig`` as ``out/name.png`` (and ``.svg``), close it, return the paths."""
+def save_figure(fig, out: str | Path, name: str, svg: bool = True, dpi: int = 130) -> list[Path]:
+    """Write ``fig`` as ``out/name.png`` at ``dpi`` (and ``.svg``); returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png"]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
     if svg:
         paths.append(out / f"{name}.svg")
         fig.savefig(paths[1], bbox_inches="tight")
@@ -344,7 +345,7 @@ def _draw_paths(ax, paths: np.ndarray, labels: np.ndarray, show: np.ndarray):
         segments = paths[:, idx].transpose(1, 0, 2)
         ax.add_collection(LineCollection(segments, colors=CLASS_COLOURS[c], linewidths=0.6, alpha=0.45, rasterized=True))
         ax.scatter(paths[-1, idx, 0], paths[-1, idx, 1], s=5, color=CLASS_COLOURS[c], zorder=3, rasterized=True)
-    ax.scatter(paths[0, show, 0], paths[0, show, 1], s=2, color="0.25", zorder=3, rasterized=True)
+    ax.scatter(paths[0, show, 0], paths[0, show, 1], s=1.5, color="0.25", alpha=0.7, zorder=3, rasterized=True)
     ax.autoscale()
 
 
@@ -632,16 +633,24 @@ def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.figures", description="Write the paper's figures from grid (and adaptation) results.")
-    parser.add_argument("results_dir", help="folder holding the grid's results.csv")
-    parser.add_argument("--out", default=None, help="folder for the figures (default: RESULTS_DIR/figures)")
+    parser = argparse.ArgumentParser(prog="python -m analysis.figures", description="Write the paper's figures from grid (and adaptation) results, or the trajectory figure of one checkpoint.")
+    parser.add_argument("results_dir", nargs="?", help="folder holding the grid's results.csv")
+    parser.add_argument("--checkpoint", default=None, help="instead of results: draw the trajectory figure of this 2-D model's checkpoint.pt")
+    parser.add_argument("--out", default=None, help="folder for the figures (default: RESULTS_DIR/figures, or . with --checkpoint)")
     parser.add_argument("--adaptation", default=None, help="folder with adaptation_history.csv (default: search RESULTS_DIR)")
     parser.add_argument("--no-svg", action="store_true", help="write PNG only")
+    parser.add_argument("--dpi", type=int, default=130, help="PNG resolution with --checkpoint (default 130)")
     parser.add_argument("--no-examples", action="store_true", help="skip the XOR and Appendix A examples")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.results_dir) / "figures"
+    if (args.results_dir is None) == (args.checkpoint is None):
+        parser.error("give either RESULTS_DIR or --checkpoint PATH")
     try:
-        written = write_all(args.results_dir, out, adaptation_dir=args.adaptation, svg=not args.no_svg, examples_too=not args.no_examples)
+        if args.checkpoint:
+            name = f"trajectories_{Path(args.checkpoint).stem}"
+            written = save_figure(trajectory_figure(args.checkpoint), Path(args.out or "."), name, svg=not args.no_svg, dpi=args.dpi)
+        else:
+            out = Path(args.out) if args.out else Path(args.results_dir) / "figures"
+            written = write_all(args.results_dir, out, adaptation_dir=args.adaptation, svg=not args.no_svg, examples_too=not args.no_examples)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     for path in written:

@@ -129,12 +129,14 @@ def test_crossing_separates_coarse_from_fine_training():
     torch.set_num_threads(1)
     data = load_dataset("sphere2", 0)
     crossing = {}
-    for steps in (2, 32):
+    for steps in (2, 16):
         setting = SolverSetting.fixed("euler", steps)
-        result = train(TrainConfig(dataset="sphere2", solver=setting, seed=0, iterations=400, lr=3e-3, report_every=400), data=data)
+        result = train(TrainConfig(dataset="sphere2", solver=setting, seed=0, iterations=600, lr=3e-3, report_every=600), data=data)
         assert result.test_accuracy > 0.9, f"Euler {steps} steps did not train: {result.test_accuracy}"
         paths = solver_paths(result.model, data.x_test, setting)
         crossing[steps] = crossing_fraction(paths, data.y_test, max_pairs=5000, seed=0)
-    print(f"crossing fraction: h = 1/2 {crossing[2]:.3f}, h = 1/32 {crossing[32]:.3f}")
+    # Measured: 0.53 against 0.036 (seed 1: 0.44 against 0.009).
+    print(f"crossing fraction: h = 1/2 {crossing[2]:.3f}, h = 1/16 {crossing[16]:.3f}")
     assert crossing[2] > 0.2
-    assert crossing[32] < 0.05
+    assert crossing[16] < 0.1
+    assert crossing[2] > 4 * crossing[16]
