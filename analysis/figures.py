@@ -113,13 +113,15 @@ def _check_columns(df: pd.DataFrame, needed, what: str) -> None:
 
 
 def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """The grid's ``results.csv`` under ``results_dir`` (or the file itself), validated."""
+    """The grid's results table under ``results_dir`` (``results.csv``, else
+    ``results.parquet``) or the file itself, validated."""
     path = Path(results_dir)
     if path.is_dir():
-        path = path / "results.csv"
+        candidates = [path / "results.csv", path / "results.parquet"]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
-        raise FileNotFoundError(f"no grid results at {str(path)!r} (expected results.csv written by the grid)")
-    df = pd.read_csv(path)
+        raise FileNotFoundError(f"no grid results at {str(path)!r} (expected results.csv or results.parquet written by the grid)")
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     _check_columns(df, RESULT_COLUMNS, str(path))
     df["is_train_solver"] = df["is_train_solver"].astype(str).str.lower().eq("true")
     return df
@@ -552,6 +554,9 @@ def appendix_a_figure(extra_x0: float = 1.5):
             ax.set_title(f"Euler {labels[h]}, IVPs at {ivps}: {verdict}", fontsize=10)
             ax.set_xlim(-0.05, 3.05)
             ax.set_ylim(-0.2, 2.2)
+    axes[1, 2].legend(handles=[Line2D([], [], color=CLASS_COLOURS[0], label="IVPs at x(0) = 0"),
+                               Line2D([], [], color=CLASS_COLOURS[1], label=f"extra IVPs at x(0) = {extra_x0:g}")],
+                      loc="lower right", fontsize=8, framealpha=0.9)
     for ax in axes[1]:
         ax.set_xlabel("x")
     for ax in axes[:, 0]:

@@ -38,6 +38,19 @@ def test_figures_cli_writes_every_figure(results, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_checkpoint_command_writes_the_trajectory_figure(results, tmp_path):
+    checkpoint = results / "trials" / "euler_2_s0" / "checkpoint.pt"
+    assert figures.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--dpi", "60"]) == 0
+    assert_images(tmp_path, ["trajectories_checkpoint"])
+    with pytest.raises(SystemExit):
+        figures.main([str(results), "--checkpoint", str(checkpoint)])  # one or the other
+
+
+def test_results_are_read_from_parquet_too(results, tmp_path):
+    pd.read_csv(results / "results.csv").to_parquet(tmp_path / "results.parquet")
+    assert figures.load_results(tmp_path).equals(figures.load_results(results))
+
+
 def test_missing_parts_are_skipped_with_a_note(results, tmp_path):
     table = pd.read_csv(results / "results.csv")
     table[table.train_steps.notna() & (table.train_method == "rk4")].to_csv(tmp_path / "results.csv", index=False)
