@@ -512,7 +512,7 @@ def xor_figure(flow=None, exponents=(-2.5, -3.5)):
     ax.scatter(grid[ok], values[ok], s=14, color=np.where(values[ok] > 0, "#2a9d55", "#b23a48"), zorder=3)
     if (~ok).any():
         ax.scatter(grid[~ok], np.full((~ok).sum(), 0.5), marker="x", color="0.5", s=14, label="Euler diverged")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="center left")
     for letter, e in zip("ab", exponents):
         ax.axvline(e, color="0.6", ls="--", lw=0.8)
         ax.annotate(f"({letter})", (e, 1.18), ha="center", fontsize=9, color="0.4")
