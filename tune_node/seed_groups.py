@@ -181,13 +181,21 @@ def _train_stacked(configs, datasets, on_report, resume_from) -> list[TrainResul
     return results
 
 
+def _is_per_seed(name: str, value) -> bool:
+    # Optimizer state: moments are shaped like their parameter (stacked: one slice per
+    # seed); Adam's shared step count is a scalar.
+    return torch.is_tensor(value) and value.dim() > 0 and name != "step"
+
+
+def _copy(value):
+    return value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+
+
 def _seed_optimizer_state(stacked: dict, i: int) -> dict:
     """Seed ``i``'s slice of the stacked optimizer's state dict: what its own
     optimizer over ``model.parameters()`` would hold (same parameter order)."""
-    state = {}
-    for key, s in stacked["state"].items():
-        state[key] = {name: (v.clone() if name == "step" or not torch.is_tensor(v) or v.dim() == 0 else v[i].clone())
-                      for name, v in s.items()}
+    state = {key: {name: v[i].clone() if _is_per_seed(name, v) else _copy(v) for name, v in s.items()}
+             for key, s in stacked["state"].items()}
     return {"state": state, "param_groups": copy.deepcopy(stacked["param_groups"])}
 
 
@@ -204,10 +212,9 @@ def _load_states(states, model, optimizer, samplers, totals, histories, configs)
         for key, p in zip(model.keys, model.stacked_parameters()):
             p.copy_(torch.stack([s["model"][key] for s in states]))
     first = states[0]["optimizer"]
-    stacked = {"state": {}, "param_groups": first["param_groups"]}
+    stacked = {"state": {}, "param_groups": copy.deepcopy(first["param_groups"])}
     for key, s0 in first["state"].items():
-        stacked["state"][key] = {name: (v if name == "step" or not torch.is_tensor(v) or v.dim() == 0
-                                        else torch.stack([s["optimizer"]["state"][key][name] for s in states]))
+        stacked["state"][key] = {name: torch.stack([s["optimizer"]["state"][key][name] for s in states]) if _is_per_seed(name, v) else _copy(v)
                                  for name, v in s0.items()}
     optimizer.load_state_dict(stacked)
     for sampler, s, t, h in zip(samplers, states, totals, histories):
