@@ -1,7 +1,7 @@
 """How fast the project trains the paper's models, against the practical limit and the paper's code path.
 
-Run: ``python benchmarks/bench_sphere.py`` (about 5 minutes on a loaded 2-core
-machine; ``--quick`` about 1 minute). One thread throughout.
+Run: ``python benchmarks/bench_sphere.py`` (about 3 minutes on a loaded 2-core
+machine; ``--quick`` under 1 minute). One thread throughout.
 
 (a) Sphere2 training steps (batch 128, Adam), in microseconds per function
     evaluation (NFE, forward and backward evaluations both counted) per seed:
@@ -11,8 +11,9 @@ machine; ``--quick`` about 1 minute). One thread throughout.
       and 5 seeds stacked (the practical limit of this math in eager PyTorch);
     - plain: the paper's code path, an ``nn.Conv1d`` block through
       ``torchdiffeq.odeint(method, options={"step_size": h})``.
-    Variants run interleaved in rounds; each reports its median over rounds, so a
-    neighbour's load hits all of them alike and the ratios stay meaningful.
+    Variants run interleaved in rounds and each reports its best round (as timeit
+    does: on a shared machine the fastest run is the one least disturbed by
+    neighbours), so load hits all of them alike and the ratios stay meaningful.
 (c) MNIST and CIFAR10 blocks (no fast path): where one training iteration's time
     goes (forward solve, backward, optimizer step), the same iteration through
     torchdiffeq for comparison, and a short torch.profiler summary.
@@ -24,7 +25,10 @@ lengths, the measurement behind ``tune_node.dense.DENSE_MAX_DIM``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -65,6 +69,16 @@ def project_seed_group(method: str, steps: int, iterations: int) -> float:
     return stamps[1] - stamps[0]
 
 
+def _warm_then_time(run, iterations: int) -> float:
+    """Seconds of ``run(it)`` for the second ``iterations`` iterations (the first warm up)."""
+    for it in range(iterations):
+        run(it)
+    start = time.perf_counter()
+    for it in range(iterations, 2 * iterations):
+        run(it)
+    return time.perf_counter() - start
+
+
 def _sphere_batches(seeds: int, iterations: int):
     data = [load_dataset("sphere2", s) for s in range(seeds)]
     gen = torch.Generator().manual_seed(0)
@@ -94,7 +108,7 @@ def hand_written(method: str, steps: int, iterations: int, seeds: int | None = N
             c1, c2, c3 = c1.unsqueeze(1), c2.unsqueeze(1), c3.unsqueeze(1)
 
         def f(z):
-            return mm(c3, torch.relu(mm(c2, torch.relu(mm(c1, z, W1)), W2)), W3)
+            return mm(c3, torch.relu_(mm(c2, torch.relu_(mm(c1, z, W1)), W2)), W3)
 
         z = xs[it]
         for _ in range(steps):
@@ -115,12 +129,7 @@ def hand_written(method: str, steps: int, iterations: int, seeds: int | None = N
         loss.backward()
         opt.step()
 
-    for it in range(iterations):
-        run(it)
-    start = time.perf_counter()
-    for it in range(iterations, 2 * iterations):
-        run(it)
-    return time.perf_counter() - start
+    return _warm_then_time(run, iterations)
 
 
 class _PlainField(nn.Module):
@@ -149,12 +158,7 @@ def plain_torchdiffeq(method: str, steps: int, iterations: int) -> float:
         loss.backward()
         opt.step()
 
-    for it in range(iterations):
-        run(it)
-    start = time.perf_counter()
-    for it in range(iterations, 2 * iterations):
-        run(it)
-    return time.perf_counter() - start
+    return _warm_then_time(run, iterations)
 
 
 def bench_sphere(steps: int, iterations: int, rounds: int) -> dict:
@@ -174,7 +178,7 @@ def bench_sphere(steps: int, iterations: int, rounds: int) -> dict:
                 seconds = fn(method, steps, iterations)
                 samples[name].append(seconds / (iterations * nfe * seeds) * 1e6)
             print(f"  {method} round {r + 1}/{rounds}: " + ", ".join(f"{n}: {samples[n][-1]:.0f}" for n in variants), flush=True)
-        us[method] = {name: statistics.median(v) for name, v in samples.items()}
+        us[method] = {name: min(v) for name, v in samples.items()}
     return us
 
 
@@ -199,6 +203,20 @@ def print_sphere(us: dict, steps: int) -> None:
 
 
 # ---------------------------------------------------------------- (c) image blocks
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    # The profiler backend logs start/stop lines straight to file descriptor 2.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
 
 def bench_image(family: str, shape: tuple, batch: int, iterations: int, profile: bool) -> None:
     model = build_model(family, shape, seed=0)
@@ -245,11 +263,12 @@ def bench_image(family: str, shape: tuple, batch: int, iterations: int, profile:
     print("  share of the project iteration: " + ", ".join(f"{k} {ms[k] / total:.0%}" for k in ("forward", "backward", "optimizer")))
     print(f"  absolute: project iteration {total:.1f} ms (forward {ms['forward']:.1f}, backward {ms['backward']:.1f}, "
           f"optimizer {ms['optimizer']:.1f}); torchdiffeq iteration {ms['torchdiffeq iteration']:.1f} ms; "
-          f"{total / 2 / batch * 1e3:.0f} us per NFE per example")
+          f"{total / 2 / batch * 1e3:.0f} us per NFE per example; at the paper's batch 256 about "
+          f"{total * 256 / batch / 1e3:.1f} s per iteration and step")
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _stderr_silenced(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             project_iteration(False)
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
         whole = sum(e.self_cpu_time_total for e in prof.key_averages())
@@ -275,7 +294,7 @@ def crossover(dims: tuple[int, ...], repeats: int) -> None:
                     logits, _ = model(x, setting)
                     logits.sum().backward()
                 times[use_dense].append((time.perf_counter() - start) / (5 * 16) * 1e6)
-        conv, dense = statistics.median(times[False]), statistics.median(times[True])
+        conv, dense = min(times[False]), min(times[True])
         print(f"  {dim:4d} {conv:12.0f} {dense:13.0f} {conv / dense:11.2f}")
 
 
@@ -292,7 +311,7 @@ def main(argv=None) -> None:
     if args.crossover:
         crossover((2, 3, 5, 8, 10, 12, 16, 32), repeats=2 if args.quick else 5)
         return
-    iterations, rounds = (20, 2) if args.quick else (60, 5)
+    iterations, rounds = (20, 2) if args.quick else (80, 7)
     print(f"torch {torch.__version__}, 1 thread; {rounds} rounds x {iterations} timed iterations per variant", flush=True)
     us = bench_sphere(args.steps, iterations, rounds)
     print_sphere(us, args.steps)
