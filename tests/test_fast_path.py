@@ -6,6 +6,11 @@ differences are ~1e-6). Grouped and separate training agree to 1e-5 in every wei
 (observed: bit-identical on CPU).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,7 +154,7 @@ def weights(model):
 
 @pytest.mark.parametrize("setting", [SolverSetting.fixed("euler", 2), SolverSetting.fixed("rk4", 1)])
 def test_seed_group_equals_separate_runs(setting):
-    configs = [TrainConfig(solver=setting, seed=s, **FAST) for s in (3, 4)]
+    configs = [TrainConfig(solver=setting, seed=s, test_every=20, **FAST) for s in (3, 4)]
     reports = []
     grouped = train_seed_group(configs, on_report=lambda i, p, s: reports.append((i, p.iteration, p.loss)))
     assert sorted((i, it) for i, it, _ in reports) == [(0, 20), (0, 40), (1, 20), (1, 40)]
@@ -161,6 +166,7 @@ def test_seed_group_equals_separate_runs(setting):
         assert (g.total_nfe_forward, g.total_nfe_backward) == (alone.total_nfe_forward, alone.total_nfe_backward)
         assert [h["iteration"] for h in g.history] == [h["iteration"] for h in alone.history]
         assert g.history[-1]["loss"] == pytest.approx(alone.history[-1]["loss"], abs=1e-5)
+        assert [h["test_accuracy"] for h in g.history] == pytest.approx([h["test_accuracy"] for h in alone.history], abs=0.002)
     assert not torch.equal(weights(grouped[0].model), weights(grouped[1].model))
 
 
@@ -197,3 +203,17 @@ def test_settings_without_a_grouped_path_train_seed_after_seed():
 def test_bad_groups_fail_before_work(configs, match):
     with pytest.raises(ValueError, match=match):
         train_seed_group(configs)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_prints_ratios_then_times():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_sphere.py"), "--quick", "--skip-images"],
+                         capture_output=True, text=True, check=True, cwd=root, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    lines = out.splitlines()
+    ratios, absolute = lines.index(next(l for l in lines if l.startswith("ratios"))), lines.index("absolute, us per NFE per seed")
+    assert ratios < absolute
+    for line in lines[ratios + 2 : absolute] + lines[absolute + 1 : absolute + 6]:
+        euler, rk4 = (float(v) for v in line.split()[-2:])
+        assert euler > 0 and rk4 > 0
