@@ -11,9 +11,10 @@ machine; ``--quick`` under 1 minute). One thread throughout.
       and 5 seeds stacked (the practical limit of this math in eager PyTorch);
     - plain: the paper's code path, an ``nn.Conv1d`` block through
       ``torchdiffeq.odeint(method, options={"step_size": h})``.
-    Variants run interleaved in rounds and each reports its best round (as timeit
-    does: on a shared machine the fastest run is the one least disturbed by
-    neighbours), so load hits all of them alike and the ratios stay meaningful.
+    The variants run interleaved, a chunk of 10 iterations each in turn, in a
+    rotating order (``train`` and ``train_seed_group`` pause at their reports), and
+    each reports its median chunk, so a neighbour's load hits all of them alike and
+    the ratios stay meaningful.
 (c) MNIST and CIFAR10 blocks (no fast path): where one training iteration's time
     goes (forward solve, backward, optimizer step), the same iteration through
     torchdiffeq for comparison, and a short torch.profiler summary.
@@ -29,6 +30,7 @@ import contextlib
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -49,34 +51,66 @@ LR = 1e-4
 
 
 # ---------------------------------------------------------------- (a) Sphere2 variants
-# Each variant runs `iterations` training iterations and returns the seconds they took.
+# Each variant is a generator that sets itself up, then runs `chunks` chunks of `chunk`
+# training iterations, yielding after each; the benchmark times every chunk and runs
+# the variants' chunks in turn, so a neighbour's load falls on all of them alike.
 
-def project_one_seed(method: str, steps: int, iterations: int) -> float:
-    stamps = []
-    # Warm-up iterations, then the timed ones between two reports; the final
-    # evaluation that train() runs afterwards is outside the timing.
+def _in_chunks(run, chunk: int, chunks: int):
+    for c in range(chunks):
+        start = time.perf_counter()
+        for it in range(c * chunk, (c + 1) * chunk):
+            run(it)
+        yield time.perf_counter() - start
+
+
+def _pausing_at_reports(run_with_callback):
+    """A generator over a training function that reports through a callback.
+
+    ``run_with_callback(callback)`` runs in a worker thread that pauses at every
+    report until the generator is advanced, so only one thread computes at a time.
+    Yields the seconds the worker computed since it last resumed, timed inside the
+    worker: waking threads on a loaded machine takes milliseconds that are no part
+    of training.
+    """
+    resume, paused = threading.Semaphore(0), threading.Semaphore(0)
+    threads = torch.get_num_threads()
+    durations, resumed = [0.0], [0.0]
+
+    def report(*_):
+        durations.append(time.perf_counter() - resumed[0])
+        paused.release()
+        resume.acquire()
+        resumed[0] = time.perf_counter()
+
+    def worker():
+        torch.set_num_threads(threads)  # OpenMP's thread count is per thread: a new one starts at all cores
+        resume.acquire()
+        resumed[0] = time.perf_counter()
+        try:
+            run_with_callback(report)
+        finally:
+            paused.release()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        resume.release()
+        paused.acquire()
+        yield durations[-1]
+
+
+def project_one_seed(method: str, steps: int, chunk: int, chunks: int):
     config = TrainConfig(dataset="sphere2", solver=SolverSetting.fixed(method, steps), seed=0,
-                         iterations=2 * iterations, report_every=iterations, lr=LR)
-    train(config, on_report=lambda p, s: stamps.append(time.perf_counter()))
-    return stamps[1] - stamps[0]
+                         iterations=chunk * chunks, report_every=chunk, lr=LR)
+    return _pausing_at_reports(lambda report: train(config, on_report=report))
 
 
-def project_seed_group(method: str, steps: int, iterations: int) -> float:
-    stamps = []
+def project_seed_group(method: str, steps: int, chunk: int, chunks: int):
     configs = [TrainConfig(dataset="sphere2", solver=SolverSetting.fixed(method, steps), seed=s,
-                           iterations=2 * iterations, report_every=iterations, lr=LR) for s in range(SEEDS)]
-    train_seed_group(configs, on_report=lambda i, p, s: stamps.append(time.perf_counter()) if i == 0 else None)
-    return stamps[1] - stamps[0]
-
-
-def _warm_then_time(run, iterations: int) -> float:
-    """Seconds of ``run(it)`` for the second ``iterations`` iterations (the first warm up)."""
-    for it in range(iterations):
-        run(it)
-    start = time.perf_counter()
-    for it in range(iterations, 2 * iterations):
-        run(it)
-    return time.perf_counter() - start
+                           iterations=chunk * chunks, report_every=chunk, lr=LR) for s in range(SEEDS)]
+    # Reports come per seed; pausing at the last seed's marks the end of a chunk.
+    return _pausing_at_reports(lambda report: train_seed_group(
+        configs, on_report=lambda i, p, s: report() if i == SEEDS - 1 else None))
 
 
 def _sphere_batches(seeds: int, iterations: int):
@@ -88,7 +122,7 @@ def _sphere_batches(seeds: int, iterations: int):
     return x, y
 
 
-def hand_written(method: str, steps: int, iterations: int, seeds: int | None = None) -> float:
+def hand_written(method: str, steps: int, chunk: int, chunks: int, seeds: int | None = None):
     """The same model and math with nothing around it: conv kernels as leaf tensors,
     dense matrices built once per iteration, the RK steps written out, Adam."""
     stacked = seeds is not None
@@ -96,7 +130,7 @@ def hand_written(method: str, steps: int, iterations: int, seeds: int | None = N
     params = [torch.stack([p.detach() for p in ps]).requires_grad_() if stacked else ps[0].detach().clone().requires_grad_()
               for ps in zip(*(m.parameters() for m in models))]
     opt = torch.optim.Adam(params, lr=LR)
-    xs, ys = _sphere_batches(seeds or 1, 2 * iterations)
+    xs, ys = _sphere_batches(seeds or 1, chunk * chunks)
     if not stacked:
         xs, ys = xs[:, 0], ys[:, 0]
     h = 1.0 / steps
@@ -129,7 +163,7 @@ def hand_written(method: str, steps: int, iterations: int, seeds: int | None = N
         loss.backward()
         opt.step()
 
-    return _warm_then_time(run, iterations)
+    return _in_chunks(run, chunk, chunks)
 
 
 class _PlainField(nn.Module):
@@ -144,11 +178,11 @@ class _PlainField(nn.Module):
         return b.conv3(torch.relu(b.conv2(torch.relu(b.conv1(z)))))
 
 
-def plain_torchdiffeq(method: str, steps: int, iterations: int) -> float:
+def plain_torchdiffeq(method: str, steps: int, chunk: int, chunks: int):
     model = build_model("sphere", (1, 2), seed=0)
     field = _PlainField(model)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    xs, ys = _sphere_batches(1, 2 * iterations)
+    xs, ys = _sphere_batches(1, chunk * chunks)
     t = torch.tensor([0.0, 1.0])
 
     def run(it):
@@ -158,27 +192,36 @@ def plain_torchdiffeq(method: str, steps: int, iterations: int) -> float:
         loss.backward()
         opt.step()
 
-    return _warm_then_time(run, iterations)
+    return _in_chunks(run, chunk, chunks)
 
 
-def bench_sphere(steps: int, iterations: int, rounds: int) -> dict:
+def bench_sphere(steps: int, chunk: int, chunks: int, warmup: int = 2) -> dict:
     variants = {
         "project, one seed": (project_one_seed, 1),
         f"project, {SEEDS} seeds grouped": (project_seed_group, SEEDS),
-        "hand-written, one seed": (lambda m, s, n: hand_written(m, s, n), 1),
-        f"hand-written, {SEEDS} seeds stacked": (lambda m, s, n: hand_written(m, s, n, SEEDS), SEEDS),
+        "hand-written, one seed": (hand_written, 1),
+        f"hand-written, {SEEDS} seeds stacked": (lambda m, s, c, n: hand_written(m, s, c, n, SEEDS), SEEDS),
         "plain Conv1d + torchdiffeq": (plain_torchdiffeq, 1),
     }
     us = {}
     for method in ("euler", "rk4"):
         nfe = 2 * steps * METHODS[method].stages_per_step  # forward + backward per iteration
+        runs = {name: fn(method, steps, chunk, warmup + chunks) for name, (fn, _) in variants.items()}
+        for run in runs.values():  # set-up and warm-up chunks, untimed
+            for _ in range(warmup):
+                next(run)
         samples = {name: [] for name in variants}
-        for r in range(rounds):
-            for name, (fn, seeds) in variants.items():
-                seconds = fn(method, steps, iterations)
-                samples[name].append(seconds / (iterations * nfe * seeds) * 1e6)
-            print(f"  {method} round {r + 1}/{rounds}: " + ", ".join(f"{n}: {samples[n][-1]:.0f}" for n in variants), flush=True)
-        us[method] = {name: min(v) for name, v in samples.items()}
+        names = list(runs)
+        for c in range(chunks):
+            # Rotate the order: a chunk right after another variant's runs on cold
+            # caches, and each variant should pay that equally often.
+            for name in names[c % len(names):] + names[:c % len(names)]:
+                samples[name].append(next(runs[name]) / (chunk * nfe * variants[name][1]) * 1e6)
+        for run in runs.values():  # let the project's runs finish (final evaluation), untimed
+            for _ in run:
+                pass
+        us[method] = {name: statistics.median(v) for name, v in samples.items()}
+        print(f"  {method}: " + ", ".join(f"{n}: {us[method][n]:.0f}" for n in variants), flush=True)
     return us
 
 
@@ -311,9 +354,10 @@ def main(argv=None) -> None:
     if args.crossover:
         crossover((2, 3, 5, 8, 10, 12, 16, 32), repeats=2 if args.quick else 5)
         return
-    iterations, rounds = (20, 2) if args.quick else (80, 7)
-    print(f"torch {torch.__version__}, 1 thread; {rounds} rounds x {iterations} timed iterations per variant", flush=True)
-    us = bench_sphere(args.steps, iterations, rounds)
+    chunk, chunks = (5, 8) if args.quick else (10, 40)
+    print(f"torch {torch.__version__}, 1 thread; per variant {chunks} timed chunks of {chunk} iterations, "
+          "run in turn with the other variants' chunks; median chunk", flush=True)
+    us = bench_sphere(args.steps, chunk, chunks)
     print_sphere(us, args.steps)
     if not args.skip_images:
         image_iterations = 2 if args.quick else 5

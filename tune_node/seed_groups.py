@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dense
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset, dataset_family, load_dataset
 from .evaluation import accuracy
 from .models import build_model
 from .solvers import SolverSetting
@@ -35,7 +35,7 @@ def groupable(config: TrainConfig, input_shape: tuple[int, ...]) -> bool:
     """Whether seeds of ``config`` train as one stacked model: fixed-step backprop
     on a sphere short enough for the dense field (:data:`~tune_node.dense.DENSE_MAX_DIM`)."""
     s = config.solver
-    return (not s.is_adaptive and s.gradient == "backprop" and config.dataset.startswith("sphere")
+    return (not s.is_adaptive and s.gradient == "backprop" and dataset_family(config.dataset) == "sphere"
             and len(input_shape) == 2 and input_shape[-1] <= dense.DENSE_MAX_DIM)
 
 
