@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tune_node import dense
+from tune_node.dense import StackedSphereClassifier
 from tune_node.integrate import rk_solve
 from tune_node.models import build_model
 from tune_node.seed_groups import train_seed_group
@@ -104,6 +105,21 @@ def test_record_path_comes_back_in_the_models_shape():
     sol = model.solve(torch.randn(5, 1, 3), SolverSetting.fixed("midpoint", 4), record_path=True)
     assert len(sol.path) == 5 and all(p.shape == (5, 1, 3) for p in sol.path)
     assert torch.equal(sol.path[-1], sol.z)
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+def test_stacked_models_compute_each_models_function(method):
+    models = [build_model("sphere", (1, 3), seed=s) for s in range(3)]
+    stacked = StackedSphereClassifier(models)
+    x = torch.randn(3, 10, 1, 3, generator=torch.Generator().manual_seed(3))
+    setting = SolverSetting.fixed(method, 2)
+    logits, sol = stacked(x, setting)
+    assert logits.shape == (3, 10, 2) and sol.nfe_forward == 2 * METHODS[method].stages_per_step
+    for i, m in enumerate(models):
+        torch.testing.assert_close(logits[i], m(x[i], setting)[0], rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in stacked.model_state_dict(i).items())
+    with pytest.raises(ValueError, match=r"expected x of shape \(3, batch, channels, dim\), got \(2, 10, 1, 3\)"):
+        stacked(x[:2], setting)
 
 
 def graph_ops(tensor):
