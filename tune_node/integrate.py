@@ -9,6 +9,7 @@ counts its function evaluations exactly, forward and backward separately.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torchdiffeq
@@ -16,7 +17,22 @@ from torch import nn
 
 from .solvers import ButcherTableau, SolverSetting
 
-__all__ = ["NFECounter", "Solution", "integrate", "rk_solve"]
+__all__ = ["NFECounter", "PreparedField", "Solution", "integrate", "rk_solve"]
+
+
+@dataclass(frozen=True)
+class PreparedField:
+    """A vector field in a faster form, built once per solve from the field's parameters.
+
+    A field may offer ``prepare(z0) -> PreparedField | None``; :func:`integrate`
+    asks for it at the start of every backprop solve. ``f`` acts on encoded states:
+    ``decode(f(encode(z)))`` equals ``field(z)`` up to floating-point rounding, and
+    gradients reach the field's parameters through ``f``'s construction.
+    """
+
+    f: Callable[[torch.Tensor], torch.Tensor]
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -37,7 +53,7 @@ class NFECounter:
 class _CountingField(nn.Module):
     """``f(t, z) = field(z)`` for torchdiffeq, counting calls into an :class:`NFECounter`."""
 
-    def __init__(self, vector_field: nn.Module, counter: NFECounter):
+    def __init__(self, vector_field: Callable[[torch.Tensor], torch.Tensor], counter: NFECounter):
         super().__init__()
         self.vector_field = vector_field
         self.counter = counter
@@ -91,25 +107,36 @@ def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float 
     """Explicit Runge-Kutta with ``steps`` equal steps over ``[0, T]`` of the autonomous ``f``.
 
     Returns ``(z_T, path)``; ``path`` is None unless ``record_path``. Calls ``f``
-    exactly ``steps * tableau.stages`` times.
+    exactly ``steps * tableau.stages`` times; besides those calls a step does one
+    fused ``z + c * k`` per nonzero tableau coefficient and nothing else.
     """
     h = T / steps
     a = [[(j, h * aij) for j, aij in enumerate(row) if aij != 0.0] for row in tableau.a]
     b = [(i, h * bi) for i, bi in enumerate(tableau.b) if bi != 0.0]
     z = z0
     path = [z0] if record_path else None
+    if tableau.stages == 1:  # Euler: b == (1,)
+        for _ in range(steps):
+            z = torch.add(z, f(z), alpha=h)
+            if record_path:
+                path.append(z)
+        return z, path
     for _ in range(steps):
         k = []
         for row in a:
             zi = z
             for j, coef in row:
-                zi = zi + coef * k[j]
+                zi = torch.add(zi, k[j], alpha=coef)
             k.append(f(zi))
         for i, coef in b:
-            z = z + coef * k[i]
+            z = torch.add(z, k[i], alpha=coef)
         if record_path:
             path.append(z)
     return z, path
+
+
+def _identity(z):
+    return z
 
 
 def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting, record_path: bool = False) -> Solution:
@@ -123,22 +150,33 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
 
     Guarantees: fixed-step solves take exactly ``setting.steps`` steps of size
     ``T / steps`` and evaluate the field ``steps * stages`` times; adaptive solves use
-    ``rtol = atol = setting.tol``.
+    ``rtol = atol = setting.tol``. With backprop, a field offering ``prepare(z0)``
+    (see :class:`PreparedField`) is integrated in its prepared form; adjoint solves
+    always call the field itself, as the adjoint differentiates each call.
     """
     counter = NFECounter()
-    counted = _CountingField(vector_field, counter)
     spec = setting.spec
     T = float(setting.T)
     if record_path and setting.is_adaptive:
         raise ValueError("record_path is only available for fixed-step methods")
+    prepare = getattr(vector_field, "prepare", None)
+    prepared = prepare(z0) if prepare is not None and setting.gradient == "backprop" else None
+    if prepared is None:
+        prepared = PreparedField(vector_field, _identity, _identity)
 
     if setting.gradient == "backprop" and not setting.is_adaptive:
+        field_fn = prepared.f
+
         def f(z):
             counter.forward += 1
-            return vector_field(z)
+            return field_fn(z)
 
-        z, path = rk_solve(f, z0, spec.tableau, setting.steps, T, record_path)
-        return Solution(z, setting, counter, path)
+        z, path = rk_solve(f, prepared.encode(z0), spec.tableau, setting.steps, T, record_path)
+        path = None if path is None else [prepared.decode(p) for p in path]
+        return Solution(prepared.decode(z), setting, counter, path)
+
+    counted = _CountingField(prepared.f, counter)
+    z0 = prepared.encode(z0)
 
     t = torch.tensor([0.0, T], dtype=z0.dtype, device=z0.device)
     kwargs = {"method": spec.torchdiffeq_name}
@@ -157,6 +195,6 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
             kwargs["adjoint_atol"] = setting.tol
         z = torchdiffeq.odeint_adjoint(counted, z0, t, adjoint_params=tuple(vector_field.parameters()), **kwargs)[-1]
     else:
-        z = torchdiffeq.odeint(counted, z0, t, **kwargs)[-1]
+        z = prepared.decode(torchdiffeq.odeint(counted, z0, t, **kwargs)[-1])
     counter.in_backward = True
     return Solution(z, setting, counter, None)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .integrate import Solution, integrate
+from . import dense as _dense
+from .integrate import PreparedField, Solution, integrate
 from .solvers import SolverSetting
 
 __all__ = ["ConvODEField", "NeuralODEClassifier", "build_model", "MODEL_SHAPES"]
@@ -29,6 +30,11 @@ class ConvODEField(nn.Module):
         conv_dim: 1 for the spheres' ``(batch, 1, dim)`` signals, 2 for images.
         channels: channels of the state z.
         hidden: hidden channels.
+
+    Attribute ``dense`` chooses the 1-d field's fast path (:meth:`prepare`): None
+    (default) uses it for signals of length <= :data:`~tune_node.dense.DENSE_MAX_DIM`,
+    True always, False never. It changes speed only, not the parameters or the
+    function (up to floating-point rounding).
     """
 
     def __init__(self, conv_dim: int, channels: int, hidden: int):
@@ -37,6 +43,17 @@ class ConvODEField(nn.Module):
         self.conv1 = conv(channels, hidden, 1)
         self.conv2 = conv(hidden, hidden, 3, padding=1)
         self.conv3 = conv(hidden, channels, 1)
+        self.dense: bool | None = None
+
+    def prepare(self, z0: torch.Tensor) -> PreparedField | None:
+        """The field as dense matrix products for states shaped like ``z0``, built
+        from the current conv weights; None where the conv form is used."""
+        if not isinstance(self.conv1, nn.Conv1d) or z0.dim() != 3 or self.dense is False:
+            return None
+        if self.dense is None and z0.shape[-1] > _dense.DENSE_MAX_DIM:
+            return None
+        weights = [self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias, self.conv3.weight, self.conv3.bias]
+        return _dense.prepare_dense(weights, z0)
 
     def forward(self, z):
         z = torch.relu(self.conv1(z))
