@@ -279,6 +279,8 @@ def train(
     setting = config.solver
     first, totals, history = 1, {"fwd": 0, "bwd": 0, "check": 0}, []
     if resume_from is not None:
+        # Loaded optimizer tensors would otherwise be updated in place, spoiling a reused state.
+        resume_from = copy.deepcopy(resume_from)
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
         sampler.load_state_dict(resume_from["sampler"])
