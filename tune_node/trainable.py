@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,12 +58,29 @@ def _progress_metrics(p: Progress) -> dict:
     return metrics
 
 
-def _report_with_checkpoint(metrics: dict, state: dict, extra_files: dict | None = None) -> None:
+def _report_with_checkpoint(metrics: dict, state: dict | None, extra_files: dict | None = None, source: Path | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tune_node_ckpt_") as tmp:
-        save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state)
+        if source is not None:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+        else:
+            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state)
         for name, content in (extra_files or {}).items():
             (Path(tmp) / name).write_text(content)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _resume_finished() -> bool:
+    """Re-report a trial whose final checkpoint exists already (the driver died before it
+    recorded the trial as finished): same files, nothing recomputed."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as directory:
+        final = Path(directory) / FINAL_FILE
+        if not final.is_file():
+            return False
+        _report_with_checkpoint(json.loads(final.read_text())["metrics"], None, source=Path(directory))
+    return True
 
 
 def _restored_state() -> dict | None:
@@ -80,6 +98,8 @@ def train_trial(config: dict) -> None:
     the trial was given a GPU (fraction).
     """
     trial = config["trial"]
+    if _resume_finished():
+        return
     cpus, gpus = trial_resources()
     torch.set_num_threads(max(1, math.floor(cpus)))
     device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -123,4 +143,5 @@ def train_trial(config: dict) -> None:
         cross_solver_min_accuracy=min(finer) if finer else result.test_accuracy,
         done_training=True,
     )
+    final["metrics"] = metrics
     _report_with_checkpoint(metrics, last["state"](), {FINAL_FILE: json.dumps(final, indent=1)})

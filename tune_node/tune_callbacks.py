@@ -63,7 +63,8 @@ class ProgressCallback(Callback):
         self.latest[trial.trial_id] = result
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = sum(t.status == "TERMINATED" for t in trials)
+        # This trial's status becomes TERMINATED only after the callbacks ran.
+        done = sum(t.status == "TERMINATED" for t in trials if t is not trial) + 1
         r = self.latest.get(trial.trial_id) or trial.last_result or {}
         numbers = ""
         if "test_accuracy" in r:
