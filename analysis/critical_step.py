@@ -57,6 +57,7 @@ __all__ = [
     "qualifying_tests",
     "solver_independence",
     "critical_steps",
+    "display_rows",
     "main",
 ]
 
@@ -186,6 +187,27 @@ def critical_steps(results: pd.DataFrame, threshold: float = 0.1, margin: float 
     return summary
 
 
+def display_rows(summary: pd.DataFrame) -> list[dict]:
+    """The summary as short human-readable cells (for terminals and Markdown)."""
+    rows = []
+    for r in summary.itertuples():
+        if r.status == "none":
+            critical = "none found"
+        else:
+            critical = f"tol {r.critical_tol:g}" if pd.notna(r.critical_tol) else f"{int(r.critical_steps)} steps"
+            if r.status == "coarsest":
+                critical += " (coarsest tested)"
+        nfe = "-" if math.isnan(r.nfe_critical) else (
+            f"{r.nfe_critical:.4g}" if math.isnan(r.nfe_dependent) else f"{r.nfe_dependent:.4g}-{r.nfe_critical:.4g}")
+        acc = "-" if math.isnan(r.accuracy_mean) else f"{100 * r.accuracy_mean:.1f} +- {100 * r.accuracy_std:.1f} %"
+        rows.append({
+            "dataset": r.dataset, "train method": r.train_method, "gradient": r.gradient, "critical": critical,
+            "fwd NFE/iter": nfe, "accuracy": acc, "seeds": r.seeds,
+            "excluded": f"{r.excluded_seeds} ({r.excluded_trials} in group)",
+        })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from tune_node.cli import format_table
     from tune_node.results import read_results
@@ -207,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.settings:
         print(format_table(solver_independence(results, args.threshold, args.margin).to_dict("records")))
         print()
-    print(format_table(summary.to_dict("records"), SUMMARY_COLUMNS))
+    print(format_table(display_rows(summary)))
     if args.csv:
         summary.to_csv(args.csv, index=False)
     return 0

@@ -138,5 +138,6 @@ def test_cli_reads_csv(tmp_path, capsys):
     make_results(fixed("euler", [1, 2, 4, 8, 16]), acc=by_independence({8, 16})).to_csv(path, index=False)
     assert main([str(path), "--settings"]) == 0
     out = capsys.readouterr().out
-    assert "found" in out and "critical_steps" in out
+    assert "8 steps" in out and "4-8" in out and "95.0 +- 0.0 %" in out  # critical, NFE pair, accuracy
+    assert "independent" in out  # the per-setting table
     assert main([str(tmp_path / "missing.csv")]) == 2

@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Tune warns on every forced state snapshot that checkpoint rotation causes; it is cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray's new console output would point TensorBoard at a driver folder without the trial runs;
+    # ProgressCallback reports progress instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(train_trial, resources)
     if args.resume:
         print(f"resuming {experiment_dir} ({len(trials)} trials; finished ones are not rerun)", flush=True)
@@ -202,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     finished = table["trial_id"].nunique() if len(table) else 0
     print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")
     if finished:
-        from analysis.critical_step import SUMMARY_COLUMNS, critical_steps
+        from analysis.critical_step import critical_steps, display_rows
 
         summary = critical_steps(table, threshold=args.threshold)
-        print(f"\ncritical step per train solver (threshold {args.threshold:g}; rule: python -m analysis.critical_step --help):")
-        print(format_table(summary.to_dict("records"), SUMMARY_COLUMNS))
+        print(f"\ncritical step per train solver (threshold {args.threshold:g}; accuracy: test set, train solver, "
+              f"mean +- std over seeds; rule: python -m analysis.critical_step --help):")
+        print(format_table(display_rows(summary)))
     print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
     if finished < len(trials):
         print(f"{len(trials) - finished} trials did not finish ({len(grid.errors)} failed); "
