@@ -159,7 +159,7 @@ def train_config_from_trial(trial: dict, device: str = "cpu") -> TrainConfig:
 
 def _resolve(space: str) -> Path:
     path = Path(space)
-    if path.suffix == ".toml" or path.exists() or "/" in space:
+    if path.suffix == ".toml" or path.is_file() or "/" in space:
         if not path.is_file():
             raise SearchSpaceError(f"search space file {space!r} does not exist")
         return path

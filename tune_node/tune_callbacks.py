@@ -69,7 +69,7 @@ class ProgressCallback(Callback):
         numbers = ""
         if "test_accuracy" in r:
             numbers = (f": test acc {r['test_accuracy']:.3f}, train acc {r.get('train_accuracy', float('nan')):.3f}, "
-                       f"min acc over finer test solvers {r.get('cross_solver_min_accuracy', float('nan')):.3f}, "
+                       f"lowest acc under other test solvers {r.get('cross_solver_min_accuracy', float('nan')):.3f}, "
                        f"NFE/iter {r.get('nfe_per_iteration', float('nan')):.1f}")
         self.out(f"[{self._elapsed()}] done {done}/{self.total}  {trial_label(trial.config['trial'])}{numbers}", flush=True)
 
