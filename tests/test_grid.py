@@ -113,11 +113,12 @@ def test_summary_and_locations_printed(tiny_run):
     assert out.count("done ") == len(load_space("tiny").trials())  # one progress line per trial
 
 
-def test_results_cli_rebuilds_the_same_table(tiny_run, tmp_path):
+def test_results_cli_rebuilds_the_same_table(tiny_run, capsys):
     _, _, exp = tiny_run
     before = pd.read_csv(exp / RESULTS_CSV)
     (exp / RESULTS_CSV).unlink()
     assert results_main([str(exp)]) == 0
+    assert "6 of 6 trials finished" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(exp / RESULTS_CSV), before)
 
 
@@ -134,6 +135,14 @@ def test_dry_run_prints_trials_and_resources(tmp_path, capsys):
     for t in load_space("tiny").trials():
         assert f"{t['method']}(steps={t['steps']}) seed {t['seed']}" in out
     assert not any(tmp_path.iterdir())  # started nothing, wrote nothing
+
+
+def test_dry_run_shows_gpu_fraction_per_trial(tmp_path, capsys):
+    assert main(["--space", "tiny", "--dry-run", "--gpus", "4", "--gpus-per-trial", "0.25", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 CPU and 0.25 GPU" in out and out.count("0.25") >= len(load_space("tiny").trials())
+    if not torch.cuda.is_available():
+        assert "a real run would stop here" in out and "CUDA is not available" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -187,6 +196,8 @@ def interrupt_and_resume(ray_cluster, storage: Path, sig: int):
     before = _finals(exp)
     total = len(load_space("tiny").trials())
     assert 1 <= len(before) < total, out  # interrupted mid-way
+    assert results_main([str(exp)]) == 0  # the table of a partial run
+    assert pd.read_csv(exp / RESULTS_CSV)["trial_id"].nunique() == len(before)
     assert main(["--storage", str(storage), "--name", "interrupted", "--resume"]) == 0
     return before, _finals(exp), exp
 

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick and args.space not in (None, "quick"):
         return _fail(f"--quick means --space quick; drop one of --quick and --space {args.space}")
-    check_gpus(args.gpus)  # exits at once, non-zero, when CUDA is missing
+    if not args.dry_run:
+        check_gpus(args.gpus)  # exits at once, non-zero, when CUDA is missing
     problem = _check_resources(args)
     if problem:
         return _fail(problem)
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{"trial": trial_label(t), "iterations": t["iterations"], "lr": t["lr"], "batch": t["batch_size"],
                  "optimizer": t["optimizer"], "cpu": resources["cpu"], "gpu": resources["gpu"]} for t in trials]
         print(format_table(rows))
+        if args.gpus > 0:
+            try:
+                check_gpus(args.gpus)
+            except SystemExit as err:
+                print(f"note: a real run would stop here: {str(err).removeprefix('error: ')}")
         return 0
     if not args.resume and (experiment_dir / GRID_FILE).exists():
         return _fail(f"experiment {name!r} already exists in {storage}; add --resume to continue it or pick another --name")

@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{table['trial_id'].nunique()} finished trials, {len(table)} rows -> {csv}")
+    grid_file = Path(args.experiment_dir) / "grid.json"  # written by tune_node.grid at the start
+    planned = f" of {len(json.loads(grid_file.read_text())['trials'])}" if grid_file.is_file() else ""
+    print(f"{table['trial_id'].nunique()}{planned} trials finished, {len(table)} rows -> {csv}")
     return 0
 
 
