@@ -160,6 +160,7 @@ def test_gpus_without_cuda_exits_at_once():
     (["--space", "tiny", "--cpus", "2", "--cpus-per-trial", "4"], "--cpus-per-trial 4 exceeds --cpus 2"),
     (["--space", "tiny", "--seeds", "0,0"], "seeds must be distinct"),
     (["--resume", "--name", "never_ran"], "nothing to resume"),
+    (["--resume", "--name", "tiny", "--iterations", "5"], "drop --iterations"),
 ])
 def test_clear_errors_before_any_work(tmp_path, capsys, argv, message):
     start = time.monotonic()

@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     storage = Path(args.storage).resolve()
 
     if args.resume:
+        changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every") if getattr(args, k) is not None]
+        if changed:
+            return _fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
         name = args.name or args.space or "quick"
         experiment_dir = storage / name
         grid_file = experiment_dir / GRID_FILE

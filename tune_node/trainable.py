@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs
 import torch
 from ray import tune
 
@@ -69,17 +70,39 @@ def _report_with_checkpoint(metrics: dict, state: dict | None, extra_files: dict
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _resume_finished() -> bool:
-    """Re-report a trial whose final checkpoint exists already (the driver died before it
-    recorded the trial as finished): same files, nothing recomputed."""
+def _final_checkpoint() -> tune.Checkpoint | None:
+    """This trial's newest checkpoint holding ``final.json``, if it finished before.
+
+    Looks in the trial's storage directory, not only at ``tune.get_checkpoint()``: a driver
+    stopped right after the trial's last report may have persisted that checkpoint without
+    registering it, and the trial must not train its last stretch again.
+    """
+    try:
+        storage = tune.get_context().get_storage()
+        fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
+        directories = sorted(e.path for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+        for directory in reversed(directories):
+            if fs.get_file_info(f"{directory}/{FINAL_FILE}").type == pyarrow.fs.FileType.File:
+                return tune.Checkpoint(path=directory, filesystem=fs)
+    except (AttributeError, RuntimeError, OSError):  # no storage context (direct call)
+        pass
     checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            if (Path(directory) / FINAL_FILE).is_file():
+                return checkpoint
+    return None
+
+
+def _resume_finished() -> bool:
+    """Re-report a trial that finished already (same files, nothing recomputed)."""
+    checkpoint = _final_checkpoint()
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as directory:
-        final = Path(directory) / FINAL_FILE
-        if not final.is_file():
-            return False
-        _report_with_checkpoint(json.loads(final.read_text())["metrics"], None, source=Path(directory))
+        final = json.loads((Path(directory) / FINAL_FILE).read_text())
+        _report_with_checkpoint(final["metrics"], None, source=Path(directory))
     return True
 
 
