@@ -1,0 +1,129 @@
+"""The tidy results table of a grid experiment: ``python -m tune_node.results EXPERIMENT_DIR``.
+
+One row per (trial, test setting), read from the ``final.json`` that every
+finished trial leaves beside its final ``checkpoint.pt`` (see
+:mod:`tune_node.trainable`). Unfinished trials have no rows, so the table can be
+(re)built at any time, also from an interrupted experiment. Columns are
+:data:`COLUMNS`, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .trainable import CHECKPOINT_FILE, FINAL_FILE
+
+__all__ = ["COLUMNS", "collect", "write_results", "RESULTS_CSV", "RESULTS_PARQUET"]
+
+COLUMNS = [
+    "experiment", "trial_id", "dataset", "train_method", "train_steps", "train_tol", "gradient", "seed",
+    "iterations", "lr", "train_accuracy", "test_accuracy", "nfe_per_iteration", "nfe_forward_per_iteration",
+    "total_nfe_forward", "total_nfe_backward", "wall_time", "checkpoint",
+    "test_method", "test_steps", "test_tol", "factor", "accuracy", "nfe", "is_train_solver",
+]
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+
+
+def _final_files(experiment_dir: Path) -> list[Path]:
+    # Several checkpoints of one trial may hold a final.json (a restored trial reports
+    # its end again); the newest checkpoint of each trial directory wins.
+    newest: dict[Path, Path] = {}
+    for path in sorted(experiment_dir.glob(f"*/checkpoint_*/{FINAL_FILE}")):
+        newest[path.parent.parent] = path
+    return [newest[k] for k in sorted(newest)]
+
+
+def collect(experiment_dir: str | Path) -> pd.DataFrame:
+    """The results table of every finished trial under ``experiment_dir``.
+
+    Guarantees: columns exactly :data:`COLUMNS`; rows sorted by trial settings, seed
+    and test setting; ``checkpoint`` is the absolute path of the trial's final
+    ``checkpoint.pt``. An experiment without finished trials gives an empty table.
+    """
+    experiment_dir = Path(experiment_dir)
+    if not experiment_dir.is_dir():
+        raise FileNotFoundError(f"experiment directory {str(experiment_dir)!r} does not exist")
+    rows = []
+    for path in _final_files(experiment_dir):
+        final = json.loads(path.read_text())
+        c = final["config"]
+        iterations = max(1, final["iterations"])
+        trial = {
+            "experiment": c["experiment"],
+            "trial_id": final["trial_id"] or path.parent.parent.name,
+            "dataset": c["dataset"],
+            "train_method": c["method"],
+            "train_steps": c["steps"],
+            "train_tol": c["tol"],
+            "gradient": c["gradient"],
+            "seed": c["seed"],
+            "iterations": final["iterations"],
+            "lr": c["lr"],
+            "train_accuracy": final["train_accuracy"],
+            "test_accuracy": final["test_accuracy"],
+            "nfe_per_iteration": (final["total_nfe_forward"] + final["total_nfe_backward"]) / iterations,
+            "nfe_forward_per_iteration": final["total_nfe_forward"] / iterations,
+            "total_nfe_forward": final["total_nfe_forward"],
+            "total_nfe_backward": final["total_nfe_backward"],
+            "wall_time": final["wall_time"],
+            "checkpoint": str((path.parent / CHECKPOINT_FILE).resolve()),
+        }
+        for test in final["cross_solver"]:
+            rows.append({**trial, **{k: test[k] for k in ("test_method", "test_steps", "test_tol", "factor", "accuracy", "nfe", "is_train_solver")}})
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    for column in ("train_steps", "test_steps"):
+        table[column] = table[column].astype("Int64")
+    for column in ("train_tol", "test_tol"):
+        table[column] = table[column].astype("float64")
+    table["is_train_solver"] = table["is_train_solver"].astype(bool)
+    keys = ["dataset", "train_method", "gradient", "train_steps", "train_tol", "seed", "test_method", "test_steps", "test_tol", "factor"]
+    return table.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def write_results(experiment_dir: str | Path) -> tuple[pd.DataFrame, Path]:
+    """Rebuild ``results.csv`` (and ``results.parquet``) in ``experiment_dir``; returns the table and the CSV path."""
+    experiment_dir = Path(experiment_dir)
+    table = collect(experiment_dir)
+    csv = experiment_dir / RESULTS_CSV
+    table.to_csv(csv, index=False)
+    try:
+        table.to_parquet(experiment_dir / RESULTS_PARQUET, index=False)
+    except ImportError:  # pyarrow missing: the CSV is the table of record
+        pass
+    return table, csv
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """A results table from a CSV/Parquet file or an experiment directory (rebuilt when it has no table yet)."""
+    path = Path(path)
+    if path.is_dir():
+        csv = path / RESULTS_CSV
+        return pd.read_csv(csv) if csv.is_file() else collect(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results table or experiment directory at {str(path)!r}")
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_node.results", description=__doc__.splitlines()[0])
+    parser.add_argument("experiment_dir", help="a grid experiment's directory, <storage>/<name>")
+    args = parser.parse_args(argv)
+    try:
+        table, csv = write_results(args.experiment_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    grid_file = Path(args.experiment_dir) / "grid.json"  # written by tune_node.grid at the start
+    planned = f" of {len(json.loads(grid_file.read_text())['trials'])}" if grid_file.is_file() else ""
+    print(f"{table['trial_id'].nunique()}{planned} trials finished, {len(table)} rows -> {csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
