@@ -48,12 +48,12 @@ __all__ = [
 ]
 
 # What a critical-step function returns: one row per (dataset, train_method, gradient).
-CRITICAL_COLUMNS = ("dataset", "train_method", "gradient", "critical_steps", "critical_tol", "nfe_low", "nfe_high",
-                    "accuracy_mean", "accuracy_std", "seeds_used", "seeds_excluded")
+CRITICAL_COLUMNS = ("dataset", "train_method", "gradient", "critical_steps", "critical_tol", "nfe_dependent", "nfe_critical",
+                    "accuracy_mean", "accuracy_std", "seeds", "excluded_seeds")
 GRID_COLUMNS = ("trial_id", "dataset", "train_method", "gradient", "total_nfe_forward", "total_nfe_backward", "wall_time")
 ADAPTATION_COLUMNS = ("trial_id", "dataset", "mode", "train_method", "test_method", "seed", "test_accuracy",
                       "nfe_per_iteration", "check_nfe", "total_nfe", "wall_time")
-DEFAULT_CRITICAL_FN = "analysis.critical_step:critical_table"
+DEFAULT_CRITICAL_FN = "analysis.critical_step:critical_steps"
 KEY = ["dataset", "train_method", "gradient"]
 
 CriticalFn = Callable[[pd.DataFrame], pd.DataFrame]
@@ -166,7 +166,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         lines.append(" | ".join([
             f"| {data}",
             solvers,
-            f"{_number(r.grid_nfe_low)}-{_number(r.grid_nfe_high)}",
+            f"{_number(r.grid_nfe_dependent)}-{_number(r.grid_nfe_critical)}",
             _percent(r.grid_accuracy_mean, r.grid_accuracy_std),
             _number(round(r.adapt_nfe_per_iteration, 1)),
             _percent(r.adapt_accuracy_mean, r.adapt_accuracy_std),
@@ -175,7 +175,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             "–" if pd.isna(r.cost_ratio) else f"{r.cost_ratio:.1f}x",
             _duration(r.grid_wall_time),
             _duration(r.adapt_wall_time),
-            f"{_count(r.grid_seeds_used)} / {_count(r.grid_seeds_excluded)}, {_count(r.adapt_seeds)} |",
+            f"{_count(r.grid_seeds)} / {_count(r.grid_excluded_seeds)}, {_count(r.adapt_seeds)} |",
         ]))
     return "\n".join(lines) + "\n"
 

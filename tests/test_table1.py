@@ -73,10 +73,10 @@ def test_table1_numbers_from_hand_made_tables():
     assert sphere.adapt_accuracy_mean == pytest.approx(0.99) and sphere.adapt_accuracy_std == pytest.approx(0.01)
     assert sphere.adapt_total_nfe == 1900 + 1901 + 1902 and sphere.adapt_check_nfe == 100 + 101 + 102
     assert sphere.adapt_wall_time == pytest.approx(93.0)
-    assert (sphere.grid_nfe_low, sphere.grid_nfe_high, sphere.grid_accuracy_mean) == (65, 129, 0.987)
+    assert (sphere.grid_nfe_dependent, sphere.grid_nfe_critical, sphere.grid_accuracy_mean) == (65, 129, 0.987)
     assert sphere.grid_total_nfe == 7680 and sphere.cost_ratio == pytest.approx(7680 / 5703)
     cifar = table[table.dataset == "cifar10"].iloc[0]
-    assert cifar.adapt_seeds == 1 and pd.isna(cifar.adapt_accuracy_std) and cifar.grid_seeds_excluded == 1
+    assert cifar.adapt_seeds == 1 and pd.isna(cifar.adapt_accuracy_std) and cifar.grid_excluded_seeds == 1
 
     md = to_markdown(table).splitlines()
     assert md[0].startswith("| Data set | Solvers (train / test) | Grid NFE | Grid accuracy | Adaptation NFE | Adaptation accuracy")
@@ -86,8 +86,8 @@ def test_table1_numbers_from_hand_made_tables():
 
 
 def test_critical_table_missing_columns_is_a_clear_error():
-    with pytest.raises(ValueError, match="critical-step table lacks columns nfe_low, nfe_high"):
-        build_table1(grid_table(), adaptation_table(), lambda g: critical(g).drop(columns=["nfe_low", "nfe_high"]))
+    with pytest.raises(ValueError, match="critical-step table lacks columns nfe_dependent, nfe_critical"):
+        build_table1(grid_table(), adaptation_table(), lambda g: critical(g).drop(columns=["nfe_dependent", "nfe_critical"]))
 
 
 def write_inputs(tmp_path):
