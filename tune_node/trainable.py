@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -197,7 +198,9 @@ def train_trial(config: dict) -> None:
         else:
             last["progresses"] = progresses  # the final report follows, with the test matrix
 
+    cpu_start = time.process_time()
     results = train_seed_group(train_configs, on_report=on_report, resume_from=resume_from, data=data)
+    train_cpu_time = time.process_time() - cpu_start
     try:
         trial_id = tune.get_context().get_trial_id()
     except Exception:
@@ -235,5 +238,12 @@ def train_trial(config: dict) -> None:
         }
         files[str(Path(subdirs[i]) / FINAL_FILE)] = json.dumps(final, indent=1)
         per_seed.append(metrics)
+    # CPU seconds of this process since it (re)started training, and of training alone: unlike
+    # wall time, blind to other jobs' load (benchmarks/estimate_grid.py reads them).
+    cpu_time = time.process_time() - cpu_start
+    for name in files:
+        final = json.loads(files[name])
+        final.update(cpu_time=cpu_time, train_cpu_time=train_cpu_time)
+        files[name] = json.dumps(final, indent=1)
     states = {d: fn() for d, fn in zip(subdirs, last["state_fns"])}
     _report_with_checkpoint(_trial_metrics(config, per_seed), None, files, states=states)
