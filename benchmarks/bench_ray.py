@@ -27,7 +27,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from tune_node.grid import plan_trials  # noqa: E402
 from tune_node.search_space import load_space, train_config_from_trial  # noqa: E402
 from tune_node.seed_groups import train_seed_group  # noqa: E402
+
+from estimate_grid import run_grid  # noqa: E402  (benchmarks/, this script's folder)
 
 SPACE = """description = "bench_ray: equal seed-group trials"
 dataset = "sphere2"
@@ -117,15 +118,8 @@ def main(argv=None) -> int:
         plain.append(run_unit(unit))
         print(f"  plain trial {i + 1}/{len(units)}: {plain[-1]:.1f} s", flush=True)
 
-    cmd = [sys.executable, "-m", "tune_node.grid", "--space", str(space_file), "--storage", str(work / "runs"),
-           "--name", "bench", "--cpus", str(args.cpus), "--seeds-per-trial", str(args.seeds_per_trial)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    grid_wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"grid run failed (exit {proc.returncode})")
+    grid_wall = run_grid(["--space", str(space_file), "--storage", str(work / "runs"), "--name", "bench",
+                          "--cpus", str(args.cpus), "--seeds-per-trial", str(args.seeds_per_trial)])
     trial_times = []
     for result_log in (work / "runs" / "bench").glob("*/result.json"):
         lines = [json.loads(line) for line in result_log.read_text().splitlines() if line.strip()]

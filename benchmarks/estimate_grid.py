@@ -36,6 +36,21 @@ sys.path.insert(0, str(ROOT))
 from tune_node.search_space import load_space  # noqa: E402
 
 
+def run_grid(argv: list[str]) -> float:
+    """Wall seconds of ``python -m tune_node.grid ARGV`` in a subprocess (this checkout's
+    tune_node first on its path); exits with the run's output tail if it fails."""
+    cmd = [sys.executable, "-m", "tune_node.grid", *argv]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    print(" ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"grid run failed (exit {proc.returncode})")
+    return wall
+
+
 def makespan(durations: list[float], slots: int) -> float:
     """Finish time of jobs started in order on the first free of ``slots`` (Ray's FIFO grid)."""
     free = [0.0] * slots
@@ -55,17 +70,10 @@ def main(argv=None) -> int:
     space = load_space(args.space)
     full = space.trials()[0]["iterations"]
     storage = Path(args.storage or tempfile.mkdtemp(prefix="estimate_grid_"))
-    cmd = [sys.executable, "-m", "tune_node.grid", "--space", args.space, "--iterations", str(args.iterations),
-           "--storage", str(storage), "--name", "estimate", "--cpus", str(args.cpus)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    argv = ["--space", args.space, "--iterations", str(args.iterations), "--storage", str(storage), "--name", "estimate",
+            "--cpus", str(args.cpus)]
     load_start = os.getloadavg()
-    print(" ".join(cmd), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"grid run failed (exit {proc.returncode})")
+    wall = run_grid(argv)
     load_end = os.getloadavg()
     exp = storage / "estimate"
     order = json.loads((exp / "grid.json").read_text())
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
           f"{estimate_cpu / 60:.0f} min from CPU times (free cores), {estimate_wall / 60:.0f} min from wall times "
           f"(this load); {cpu_hours:.2f} CPU-hours of trials")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": cmd, "short_wall_s": wall, "cli_overhead_s": cli_overhead,
+        Path(args.json).write_text(json.dumps({"argv": argv, "short_wall_s": wall, "cli_overhead_s": cli_overhead,
                                                "estimate_cpu_s": estimate_cpu, "estimate_wall_s": estimate_wall,
                                                "load": [load_start, load_end], "trials": trials}, indent=1))
     return 0

@@ -117,7 +117,7 @@ def estimated_nfe(unit: list[dict]) -> float:
     t = unit[0]
     if t["tol"] is not None:
         return float("inf")
-    backward = 1 if t["gradient"] == "backprop" else 2  # adjoint: the state is solved backwards again
+    backward = 1 if t["gradient"] == "backprop" else 2  # adjoint: a backward step also takes a vector-Jacobian product
     return (1 + backward) * t["steps"] * METHODS[t["method"]].stages_per_step * t["iterations"] * len(unit)
 
 
