@@ -232,3 +232,17 @@ def test_killed_driver_resumes(ray_cluster, tmp_path):
     for trial_dir, text in before.items():
         assert after[trial_dir] == text
     assert_no_iteration_trained_twice(exp)
+
+
+def test_notebook_runs_on_the_tiny_real_grid(tiny_run, tmp_path, monkeypatch):
+    from test_notebook import execute_notebook, outputs_of
+
+    rc, _, exp = tiny_run
+    nb, text, html, _ = execute_notebook(exp, tmp_path, monkeypatch)
+    assert f"6 trials, 70 test rows from {exp}" in text  # 2 seeds x (2 Euler x 15 + 1 RK4 x 5 rows)
+    assert "critical_steps" in html
+    assert f"no adaptation.csv under {exp}" in text  # a grid alone: no Table 1, said plainly
+    assert outputs_of(nb, lambda o: "image/png" in o.get("data", {}))
+    saved = list(tmp_path.glob("*.png"))
+    assert any("accuracy_vs_steps" in p.name for p in saved) and any("trajectories" in p.name for p in saved)
+    assert all(p.stat().st_size > 5000 for p in saved)
