@@ -319,3 +319,17 @@ def assert_no_iteration_trained_twice(exp: Path):
 def test_killed_driver_resumes(ray_cluster, tmp_path, mode):
     before, after, exp = interrupt_and_resume(ray_cluster, tmp_path, signal.SIGKILL, mode)
     assert_resumed_without_rerunning(before, after, exp)
+
+
+def test_notebook_runs_on_the_tiny_real_grid(tiny_runs, tmp_path, monkeypatch):
+    from test_notebook import execute_notebook, outputs_of
+
+    rc, _, exp = tiny_runs("seed-groups")  # the default mode; per-seed files are alike in both
+    nb, text, html, _ = execute_notebook(exp, tmp_path, monkeypatch)
+    assert f"6 trials, 70 test rows from {exp}" in text  # 2 seeds x (2 Euler x 15 + 1 RK4 x 5 rows)
+    assert "critical_steps" in html
+    assert f"no adaptation.csv under {exp}" in text  # a grid alone: no Table 1, said plainly
+    assert outputs_of(nb, lambda o: "image/png" in o.get("data", {}))
+    saved = list(tmp_path.glob("*.png"))
+    assert any("accuracy_vs_steps" in p.name for p in saved) and any("trajectories" in p.name for p in saved)
+    assert all(p.stat().st_size > 5000 for p in saved)
