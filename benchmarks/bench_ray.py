@@ -41,7 +41,7 @@ from tune_node.grid import plan_trials  # noqa: E402
 from tune_node.search_space import load_space, train_config_from_trial  # noqa: E402
 from tune_node.seed_groups import train_seed_group  # noqa: E402
 
-from estimate_grid import run_grid  # noqa: E402  (benchmarks/, this script's folder)
+from estimate_grid import makespan, run_grid  # noqa: E402  (benchmarks/, this script's folder)
 
 SPACE = """description = "bench_ray: equal seed-group trials"
 dataset = "sphere2"
@@ -59,14 +59,14 @@ steps = [{steps}]
 """
 
 
-def run_unit(unit: list[dict]) -> float:
-    """Seconds one Ray trial's work takes in a plain process: training and the test matrices."""
+def run_unit(unit: list[dict]) -> tuple[float, float]:
+    """Wall and CPU seconds one Ray trial's work takes in a plain process: training and the test matrices."""
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     configs = [train_config_from_trial(t) for t in unit]
     for result in train_seed_group(configs):
         result.cross_solver_table()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _ready(_) -> None:
@@ -113,17 +113,22 @@ def main(argv=None) -> int:
     print(f"{len(units)} Ray trials of {args.seeds_per_trial} seeds, {args.method} {args.steps} steps, {iterations} iterations, "
           f"{args.cpus} cores; load average at start {load_start[0]:.2f}", flush=True)
 
-    plain = []
+    plain, plain_cpu = [], []
     for i, unit in enumerate(units):
-        plain.append(run_unit(unit))
-        print(f"  plain trial {i + 1}/{len(units)}: {plain[-1]:.1f} s", flush=True)
+        wall, cpu = run_unit(unit)
+        plain.append(wall)
+        plain_cpu.append(cpu)
+        print(f"  plain trial {i + 1}/{len(units)}: {wall:.1f} s ({cpu:.1f} s CPU)", flush=True)
 
     grid_wall = run_grid(["--space", str(space_file), "--storage", str(work / "runs"), "--name", "bench",
                           "--cpus", str(args.cpus), "--seeds-per-trial", str(args.seeds_per_trial)])
-    trial_times = []
-    for result_log in (work / "runs" / "bench").glob("*/result.json"):
-        lines = [json.loads(line) for line in result_log.read_text().splitlines() if line.strip()]
+    trial_times, trial_cpu = [], []
+    for trial_dir in sorted((work / "runs" / "bench").glob("*/")):
+        if not (trial_dir / "result.json").is_file():
+            continue
+        lines = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
         trial_times.append(lines[-1]["time_total_s"])
+        trial_cpu.append(json.loads(sorted(trial_dir.glob("checkpoint_*/seed*/final.json"))[-1].read_text())["cpu_time"])
     print(f"  grid: {grid_wall:.1f} s", flush=True)
 
     pool_wall = None
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
         with multiprocessing.get_context("spawn").Pool(args.cpus) as pool:
             pool.map(_ready, range(args.cpus), chunksize=1)  # workers up and torch imported: like the ideal, no start-up
             start = time.perf_counter()
-            pool_times = pool.map(run_unit, units, chunksize=1)
+            pool_times = [wall for wall, _ in pool.map(run_unit, units, chunksize=1)]
             pool_wall = time.perf_counter() - start
         print(f"  pool: {pool_wall:.1f} s", flush=True)
     load_end = os.getloadavg()
@@ -143,8 +148,14 @@ def main(argv=None) -> int:
         print(f"  grid wall / pool wall ({args.cpus} plain processes)    {grid_wall / pool_wall:6.3f}")
         print(f"  pool wall / ideal                          {pool_wall / ideal:6.3f}   (the machine's own share of the gap)")
     print(f"  mean trial time inside Ray / mean plain    {sum(trial_times) / len(trial_times) / (sum(plain) / len(plain)):6.3f}")
+    # Load-blind view: CPU seconds inside Ray trials vs plain, and the CLI's time outside any trial.
+    outside = grid_wall - makespan(trial_times, args.cpus)
+    print(f"  trial CPU inside Ray / plain CPU           {sum(trial_cpu) / sum(plain_cpu):6.3f}")
+    print(f"  (CPU-time ideal + CLI time outside trials) / CPU-time ideal  {(sum(trial_cpu) / args.cpus + outside) / (sum(plain_cpu) / args.cpus):6.3f}")
     print("\nabsolute (seconds)")
     print(f"  plain trials     {', '.join(f'{t:.1f}' for t in plain)}   sum {sum(plain):.1f}   ideal {ideal:.1f}")
+    print(f"  plain CPU        {', '.join(f'{t:.1f}' for t in plain_cpu)}   trial CPU inside Ray {', '.join(f'{t:.1f}' for t in trial_cpu)}")
+    print(f"  grid time outside trials (start-up, scheduling gaps, summary) ~ {outside:.1f}")
     print(f"  grid wall        {grid_wall:.1f}   trials inside Ray: {', '.join(f'{t:.1f}' for t in sorted(trial_times))}")
     if pool_wall is not None:
         print(f"  pool wall        {pool_wall:.1f}   trials: {', '.join(f'{t:.1f}' for t in pool_times)}")
@@ -152,7 +163,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "units": len(units), "seeds_per_trial": args.seeds_per_trial, "iterations": iterations, "cpus": args.cpus,
-            "plain": plain, "ideal": ideal, "grid_wall": grid_wall, "trials_in_ray": trial_times,
+            "plain": plain, "plain_cpu": plain_cpu, "trial_cpu_in_ray": trial_cpu, "ideal": ideal, "grid_wall": grid_wall, "trials_in_ray": trial_times,
             "pool_wall": pool_wall, "load_start": load_start, "load_end": load_end}, indent=1))
     return 0
 

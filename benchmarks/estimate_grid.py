@@ -38,9 +38,15 @@ from tune_node.search_space import load_space  # noqa: E402
 
 def run_grid(argv: list[str]) -> float:
     """Wall seconds of ``python -m tune_node.grid ARGV`` in a subprocess (this checkout's
-    tune_node first on its path); exits with the run's output tail if it fails."""
+    tune_node first on its path); exits with the run's output tail if it fails.
+
+    Ray starts its workers at niceness 15 by default; here they get this process's
+    niceness, so that on a shared machine the trials meet other jobs as the plain
+    runs they are compared with do.
+    """
     cmd = [sys.executable, "-m", "tune_node.grid", *argv]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "RAY_worker_niceness": str(os.nice(0))}
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
