@@ -74,19 +74,24 @@ def _ready(_) -> None:
 
 
 def calibrate(method: str, steps: int, seeds: int, seconds: float) -> int:
-    """Iterations for one trial of ``seeds`` seeds to train about ``seconds`` (timed on 100)."""
+    """Iterations for one trial of ``seeds`` seeds to train about ``seconds``: the rate is
+    timed as the difference of a 300- and a 100-iteration run, so set-up and final
+    evaluations do not count as iterations."""
     from tune_node.solvers import SolverSetting
     from tune_node.training import TrainConfig
 
     torch.set_num_threads(1)
-    probe = 100
-    configs = [TrainConfig(dataset="sphere2", solver=SolverSetting.fixed(method, steps), seed=s, iterations=probe,
-                           report_every=probe, lr=1e-3) for s in range(seeds)]
-    train_seed_group(configs)  # warm-up: first-call costs are no part of the rate
-    start = time.perf_counter()
-    train_seed_group(configs)
-    per_iteration = (time.perf_counter() - start) / probe
-    return max(probe, int(round(seconds / per_iteration / 100)) * 100)
+
+    def timed(iterations: int) -> float:
+        configs = [TrainConfig(dataset="sphere2", solver=SolverSetting.fixed(method, steps), seed=s, iterations=iterations,
+                               report_every=iterations, lr=1e-3) for s in range(seeds)]
+        start = time.perf_counter()
+        train_seed_group(configs)
+        return time.perf_counter() - start
+
+    timed(20)  # warm-up: first-call costs are no part of the rate
+    per_iteration = max(1e-6, (timed(300) - timed(100)) / 200)
+    return max(100, int(round(seconds / per_iteration / 100)) * 100)
 
 
 def main(argv=None) -> int:

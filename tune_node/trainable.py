@@ -205,7 +205,7 @@ def train_trial(config: dict) -> None:
         trial_id = tune.get_context().get_trial_id()
     except Exception:
         trial_id = None
-    files, per_seed = {}, []
+    finals, per_seed = {}, []
     for i, (t, result, d) in enumerate(zip(trials, results, data)):
         rows = result.cross_solver_table(d)
         if "progresses" in last:
@@ -236,14 +236,12 @@ def train_trial(config: dict) -> None:
             "cross_solver": rows,
             "metrics": metrics,
         }
-        files[str(Path(subdirs[i]) / FINAL_FILE)] = json.dumps(final, indent=1)
+        finals[str(Path(subdirs[i]) / FINAL_FILE)] = final
         per_seed.append(metrics)
     # CPU seconds of this process since it (re)started training, and of training alone: unlike
     # wall time, blind to other jobs' load (benchmarks/estimate_grid.py reads them).
     cpu_time = time.process_time() - cpu_start
-    for name in files:
-        final = json.loads(files[name])
-        final.update(cpu_time=cpu_time, train_cpu_time=train_cpu_time)
-        files[name] = json.dumps(final, indent=1)
+    files = {name: json.dumps({**final, "cpu_time": cpu_time, "train_cpu_time": train_cpu_time}, indent=1)
+             for name, final in finals.items()}
     states = {d: fn() for d, fn in zip(subdirs, last["state_fns"])}
     _report_with_checkpoint(_trial_metrics(config, per_seed), None, files, states=states)
