@@ -176,40 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem)
 
-    from ray import tune
-
+    from .experiment import fit
     from .results import write_results
     from .trainable import train_trial
-    from .tune_callbacks import ProgressCallback, TensorBoardCallback
 
-    # Tune warns on every forced state snapshot that checkpoint rotation causes; it is cheap here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ray's new console output would point TensorBoard at a driver folder without the trial runs;
-    # ProgressCallback reports progress instead.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(train_trial, resources)
     if args.resume:
         print(f"resuming {experiment_dir} ({len(trials)} trials; finished ones are not rerun)", flush=True)
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         experiment_dir.mkdir(parents=True, exist_ok=True)
         (experiment_dir / GRID_FILE).write_text(json.dumps({"space": space_name, "space_file": space.path, "trials": trials}, indent=1))
         print(f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; "
               f"each requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU", flush=True)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                callbacks=[TensorBoardCallback(), ProgressCallback(len(trials))],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=1),
-                verbose=0,
-            ),
-        )
-    grid = tuner.fit()
+    grid = fit(train_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname)
     table, csv = write_results(experiment_dir)
     finished = table["trial_id"].nunique() if len(table) else 0
     print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")
