@@ -25,8 +25,8 @@ from pathlib import Path
 
 from .adapt_trainable import TRAIN_KEYS, starting_setting
 from .adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
-from .cli import check_gpus, format_table
-from .grid import _check_address, _check_resources, _fail, _init_ray
+from .experiment import print_dry_run, start_experiment
+from .grid import _fail, check_arguments
 from .grid import build_parser as _grid_parser
 from .search_space import SearchSpaceError, load_space
 from .solvers import GRADIENT_MODES, METHODS
@@ -134,11 +134,7 @@ def _trial_dirname(trial) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick and args.space not in (None, "quick"):
-        return _fail(f"--quick means --space quick; drop one of --quick and --space {args.space}")
-    if not args.dry_run:
-        check_gpus(args.gpus)  # exits at once, non-zero, when CUDA is missing
-    problem = _check_resources(args)
+    problem = check_arguments(args)
     if problem:
         return _fail(problem)
     try:
@@ -172,20 +168,16 @@ def main(argv: list[str] | None = None) -> int:
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
-        print(f"{len(trials)} adaptation trials ({space_name!r}) -> {experiment_dir}; each requests "
-              f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU")
         rows = [{"trial": trial_label(t), "iterations": t["iterations"], "lr": t["lr"], "batch": t["batch_size"],
                  "k": t["k"], "threshold": t["threshold"], "cpu": resources["cpu"], "gpu": resources["gpu"]} for t in trials]
-        print(format_table(rows))
-        if args.gpus > 0:
-            try:
-                check_gpus(args.gpus)
-            except SystemExit as err:
-                print(f"note: a real run would stop here: {str(err).removeprefix('error: ')}")
-        return 0
-    if not args.resume and (experiment_dir / ADAPT_FILE).exists():
-        return _fail(f"experiment {name!r} already exists in {storage}; add --resume to continue it or pick another --name")
-    problem = _check_address(args.address) or _init_ray(args)  # Ray starts only for a reachable address
+        return print_dry_run(f"{len(trials)} adaptation trials ({space_name!r}) -> {experiment_dir}; each requests "
+                             f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+    problem = start_experiment(
+        args, storage, name, ADAPT_FILE, len(trials),
+        record=lambda: {"space": space_name, "space_file": space.path, "trials": trials},
+        announce=lambda: f"{len(trials)} adaptation trials ({trial_label(trials[0]).rsplit(' seed', 1)[0]}, dataset and "
+                         f"training of {space_name!r}) -> {experiment_dir}; each requests {resources['cpu']:g} CPU, "
+                         f"{resources['gpu']:g} GPU")
     if problem:
         return _fail(problem)
 
@@ -193,14 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     from .adaptation_results import HISTORY_CSV, SUMMARY_CSV, describe, write_tables
     from .experiment import fit
 
-    if args.resume:
-        print(f"resuming {experiment_dir} ({len(trials)} trials; finished ones are not rerun)", flush=True)
-    else:
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        (experiment_dir / ADAPT_FILE).write_text(json.dumps({"space": space_name, "space_file": space.path, "trials": trials}, indent=1))
-        print(f"{len(trials)} adaptation trials ({trial_label(trials[0]).rsplit(' seed', 1)[0]}, dataset and training "
-              f"of {space_name!r}) -> {experiment_dir}; each requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU",
-              flush=True)
     results = fit(adapt_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname)
     summary, history = write_tables(experiment_dir)
     print(f"\n{len(summary)}/{len(trials)} trials finished; results: {experiment_dir / SUMMARY_CSV} (one row per seed), "

@@ -19,16 +19,14 @@ trainable's (:mod:`tune_node.trainable`).
 from __future__ import annotations
 
 import json
-import math
 
-import torch
 from ray import tune
 
 from .adaptation import StepAdaptation, ToleranceAdaptation
 from .adaptation_results import history_rows, summary_row
 from .datasets import load_dataset
 from .solvers import SolverSetting
-from .trainable import FINAL_FILE, _report_with_checkpoint, _restored_state, _resume_finished, trial_resources
+from .trainable import FINAL_FILE, _report_with_checkpoint, _restored_state, start_trial
 from .training import Progress, TrainConfig, train
 
 __all__ = ["adapt_trial", "train_config_from_adapt_trial", "controller_for", "starting_setting", "TRAIN_KEYS"]
@@ -95,15 +93,12 @@ def _metrics(progress: Progress, controller, totals: dict) -> dict:
 def adapt_trial(config: dict) -> None:
     """Train one adaptation trial config (key ``"trial"``; see :mod:`tune_node.adapt`).
 
-    Torch uses as many threads as the trial requested CPUs; the device is CUDA when
-    the trial was given a GPU (fraction).
+    Threads and device follow the trial's resources (:func:`~tune_node.trainable.start_trial`).
     """
     trial = config["trial"]
-    if _resume_finished():
+    device = start_trial()
+    if device is None:
         return
-    cpus, gpus = trial_resources()
-    torch.set_num_threads(max(1, math.floor(cpus)))
-    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
     train_config = train_config_from_adapt_trial(trial, device=device)
     data = load_dataset(train_config.dataset, train_config.seed, train_config.data_root, train_config.download)
     train_config, controller = controller_for(trial, train_config, data)
