@@ -207,3 +207,26 @@ def test_interrupted_adaptation_resumes_exactly(ray_cluster, tmp_path):  # noqa:
     checks = history[history.seed == seed]
     assert list(checks.step_size) == [c.step_size for c in controller.history]
     assert list(checks.test_solver_accuracy) == [c.test_solver_accuracy for c in controller.history]
+
+
+def test_tolerance_trial_config_trains_and_is_summarised(tmp_path):
+    """A tolerance-mode trial config as the CLI builds it: Fehlberg21 from 1e-6, Dopri54 checks; its summary."""
+    from tune_node.adapt import _adaptation_settings, adaptation_trials, build_parser
+    from tune_node.adaptation_results import describe, history_rows, summary_row
+    from tune_node.search_space import load_space
+
+    args = build_parser().parse_args(["--mode", "tolerance", "--k", "2", "--initial-tol", "1e-3"])
+    space = load_space("tiny").with_overrides(seeds=1, iterations=4, report_every=2)
+    (trial,) = adaptation_trials(space, _adaptation_settings(args), "tol", "data", False)
+    assert (trial["method"], trial["test_method"], trial["initial_tol"], trial["optimizer"]) == ("fehlberg2", "dopri5", 1e-3, "adam")
+    torch.set_num_threads(1)
+    config, controller = controller_for(trial, train_config_from_adapt_trial(trial))
+    assert config.solver.tol == 1e-3 and config.iterations == 4
+    result = train(config, controller=controller)
+    summary = pd.DataFrame([summary_row(result, controller, "tol", "t0")])
+    history = pd.DataFrame(history_rows(result, controller, "t0"))
+    assert list(history.iteration) == [2, 4] and list(history.test_tol) == [c.tol / 5 for c in controller.history]
+    text = describe(summary, history)
+    assert "fehlberg2 trained, dopri5 tests, tolerance adaptation, 1 seed " in text
+    assert f"final tolerance      {result.setting.tol:.3g}" in text and "tol min..max" in text
+    assert f"{history.tol.min():.3g}..{history.tol.max():.3g}" in text

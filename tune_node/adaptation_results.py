@@ -151,7 +151,8 @@ def describe(summary: pd.DataFrame, history: pd.DataFrame) -> str:
         final = (sorted(group["final_steps"].astype(int)) if mode == "step" else [f"{t:.3g}" for t in sorted(group["final_tol"])])
         std = lambda s: f"{s.std(ddof=1):.1f}" if len(s) > 1 else "-"  # noqa: E731
         lines += [
-            f"\n{train} trained, {test} tests, {mode} adaptation, {len(group)} seeds ({group['dataset'].iloc[0]}, "
+            f"\n{train} trained, {test} tests, {mode} adaptation, {len(group)} seed{'s' if len(group) > 1 else ''} "
+            f"({group['dataset'].iloc[0]}, "
             f"{int(group['iterations'].iloc[0])} iterations):",
             f"  test accuracy        {100 * acc.mean():.1f} +- {std(100 * acc)} %",
             f"  NFE per iteration    {nfe.mean():.1f} +- {std(nfe)} (Table 1: training forward passes and checks)",
@@ -159,7 +160,7 @@ def describe(summary: pd.DataFrame, history: pd.DataFrame) -> str:
             f"{(group['train_nfe_backward'] / iterations).mean():.1f} backward",
             f"    checks             {(group['check_nfe'] / iterations).mean():.1f} "
             f"({100 * group['check_nfe'].sum() / max(1, group['total_nfe'].sum()):.1f} % of all {group['total_nfe'].sum():.4g} evaluations)",
-            f"  final {'steps' if mode == 'step' else 'tolerance'}          {', '.join(map(str, final))}",
+            f"  {'final steps' if mode == 'step' else 'final tolerance':<21}{', '.join(map(str, final))}",
         ]
     lines += ["", format_table(per_seed_rows(summary, history))]
     return "\n".join(lines)
