@@ -114,18 +114,25 @@ def _restored_state() -> dict | None:
         return load_checkpoint(Path(directory) / CHECKPOINT_FILE)
 
 
-def train_trial(config: dict) -> None:
-    """Train the model of one trial config (from :meth:`SearchSpace.trials`, key ``"trial"``).
+def start_trial() -> str | None:
+    """The device a trial trains on, or None when it finished before (it was re-reported).
 
     Torch uses as many threads as the trial requested CPUs; the device is CUDA when
     the trial was given a GPU (fraction).
     """
-    trial = config["trial"]
     if _resume_finished():
-        return
+        return None
     cpus, gpus = trial_resources()
     torch.set_num_threads(max(1, math.floor(cpus)))
-    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def train_trial(config: dict) -> None:
+    """Train the model of one trial config (from :meth:`SearchSpace.trials`, key ``"trial"``); see :func:`start_trial`."""
+    trial = config["trial"]
+    device = start_trial()
+    if device is None:
+        return
     train_config = train_config_from_trial(trial, device=device)
     data = load_dataset(train_config.dataset, train_config.seed, train_config.data_root, train_config.download)
     resume_from = _restored_state()
