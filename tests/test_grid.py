@@ -1,4 +1,5 @@
-"""The grid experiment end to end through real Ray Tune (a tiny grid), its errors, and resume."""
+"""The grid experiment end to end through real Ray Tune (a tiny grid), its errors, and resume;
+in both trial modes: seed groups (the default) and one seed per trial (``--no-seed-groups``)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from tune_node.evaluation import accuracy, test_matrix
-from tune_node.grid import main
+from tune_node.grid import estimated_nfe, main, plan_trials
 from tune_node.results import COLUMNS, RESULTS_CSV, collect
 from tune_node.results import main as results_main
 from tune_node.search_space import load_space
@@ -34,17 +35,33 @@ def ray_cluster():
     ray.shutdown()
 
 
+MODES = {"seed-groups": [], "one-seed": ["--no-seed-groups"]}
+
+
 @pytest.fixture(scope="module")
-def tiny_run(ray_cluster, tmp_path_factory):
-    """One real grid run of the ``tiny`` space, shared by the tests below."""
-    storage = tmp_path_factory.mktemp("runs")
+def tiny_runs(ray_cluster, tmp_path_factory):
+    """Real grid runs of the ``tiny`` space, one per trial mode, made on first use and shared."""
     import io
     from contextlib import redirect_stdout
 
-    out = io.StringIO()
-    with redirect_stdout(out):
-        rc = main(["--space", "tiny", "--storage", str(storage), "--name", "tiny"])
-    return rc, out.getvalue(), storage / "tiny"
+    runs = {}
+
+    def run(mode):
+        if mode not in runs:
+            storage = tmp_path_factory.mktemp(f"runs_{mode}")
+            out = io.StringIO()
+            with redirect_stdout(out):
+                rc = main(["--space", "tiny", "--storage", str(storage), "--name", "tiny", *MODES[mode]])
+            runs[mode] = rc, out.getvalue(), storage / "tiny"
+        return runs[mode]
+
+    return run
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def tiny_run(request, tiny_runs):
+    """One real grid run of the ``tiny`` space in each trial mode."""
+    return tiny_runs(request.param)
 
 
 def trial_key(row):
@@ -84,25 +101,52 @@ def test_checkpoint_column_reloads_the_trained_model(tiny_run):
     assert acc == pytest.approx(row.accuracy) and acc == pytest.approx(row.test_accuracy)
 
 
+def _final_of_run(run_dir: Path) -> dict:
+    """The final.json of a TensorBoard run directory: a trial's, or a group seed's (``<trial>/seed<N>``)."""
+    pattern = f"checkpoint_*/{run_dir.name}/final.json" if run_dir.name.startswith("seed") else "checkpoint_*/final.json"
+    base = run_dir.parent if run_dir.name.startswith("seed") else run_dir
+    return json.loads(sorted(base.glob(pattern))[-1].read_text())
+
+
 def test_tensorboard_runs_have_scalars_and_hparams(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     _, _, exp = tiny_run
-    trial_dirs = sorted(p.parent for p in exp.glob("*/events.out.tfevents.*"))
-    assert len(trial_dirs) == len(load_space("tiny").trials())
-    for d in trial_dirs:
+    run_dirs = sorted({p.parent for p in exp.glob("**/events.out.tfevents.*")})
+    trials = load_space("tiny").trials()
+    assert len(run_dirs) == len(trials)  # one run per seed in either mode
+    seen = set()
+    for d in run_dirs:
         ea = EventAccumulator(str(d))
         ea.Reload()
         scalars = ea.Tags()["scalars"]
         for tag in ("loss", "train_accuracy", "test_accuracy", "nfe_per_iteration", "solver_steps"):
             assert f"ray/tune/{tag}" in scalars
         assert [e.step for e in ea.Scalars("ray/tune/loss")] == [10, 20]  # iterations on the x axis
+        final = _final_of_run(d)
+        assert ea.Scalars("ray/tune/test_accuracy")[-1].value == pytest.approx(final["test_accuracy"])
         start = plugin_data_pb2.HParamsPluginData.FromString(ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
         hp = start.session_start_info.hparams
-        config = json.loads(next(d.glob("checkpoint_*/final.json")).read_text())["config"]
+        config = final["config"]
         assert hp["method"].string_value == config["method"] and hp["dataset"].string_value == "sphere2"
         assert hp["steps"].number_value == config["steps"] and hp["seed"].number_value == config["seed"]
+        seen.add((config["method"], config["steps"], config["seed"]))
+    assert seen == {(t["method"], t["steps"], t["seed"]) for t in trials}
+
+
+def test_seed_groups_give_the_results_of_one_seed_trials(tiny_runs):
+    """Grouped seeds train as one batched model yet give each seed's own results (CPU: bit-identical)."""
+    tables = {mode: collect(tiny_runs(mode)[2]) for mode in MODES}
+    grouped, single = tables["seed-groups"], tables["one-seed"]
+    assert grouped["trial_id"].nunique() == single["trial_id"].nunique() == len(load_space("tiny").trials())
+    assert grouped["trial_id"].str.contains("_seed").all() and not single["trial_id"].str.contains("_seed").any()
+    assert {Path(c).parent.name for c in grouped.checkpoint} == {"seed0", "seed1"}  # per-seed checkpoints
+    same = ["train_method", "train_steps", "seed", "test_method", "test_steps", "factor", "accuracy", "nfe",
+            "train_accuracy", "test_accuracy", "nfe_per_iteration", "total_nfe_forward", "total_nfe_backward"]
+    pd.testing.assert_frame_equal(grouped[same], single[same])
+    grid = json.loads((tiny_runs("seed-groups")[2] / "grid.json").read_text())
+    assert sorted(map(len, grid["units"])) == [2, 2, 2]
 
 
 def test_summary_and_locations_printed(tiny_run):
@@ -129,18 +173,49 @@ def test_existing_experiment_needs_resume(tiny_run, capsys):
 
 
 def test_dry_run_prints_trials_and_resources(tmp_path, capsys):
-    assert main(["--space", "tiny", "--dry-run", "--cpus-per-trial", "2", "--storage", str(tmp_path)]) == 0
+    assert main(["--space", "tiny", "--dry-run", "--cpus-per-trial", "2", "--storage", str(tmp_path), "--no-seed-groups"]) == 0
     out = capsys.readouterr().out
-    assert "6 trials" in out and "2 CPU and 0 GPU" in out
+    assert "6 trials" in out and "6 Ray trials of one seed each" in out and "2 CPU and 0 GPU" in out
     for t in load_space("tiny").trials():
         assert f"{t['method']}(steps={t['steps']}) seed {t['seed']}" in out
     assert not any(tmp_path.iterdir())  # started nothing, wrote nothing
 
 
+def test_dry_run_shows_seed_groups_longest_first(tmp_path, capsys):
+    assert main(["--space", "tiny", "--dry-run", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "6 trials" in out and "3 Ray trials (6 seeds in 3 seed groups)" in out and "1 CPU and 0 GPU" in out
+    labels = ["rk4(steps=1) seeds 0,1", "euler(steps=2) seeds 0,1", "euler(steps=1) seeds 0,1"]  # by train NFE
+    positions = [out.index(label) for label in labels]
+    assert positions == sorted(positions)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("space, grouped", [("sphere2_fixed", True), ("sphere10_fixed", True), ("sphere2_adaptive", False),
+                                            ("sphere900_fixed", False), ("mnist_fixed", False)])
+def test_plan_groups_only_where_it_pays(space, grouped):
+    trials = load_space(space).trials()
+    units = plan_trials(trials)
+    assert sorted(json.dumps(t, sort_keys=True) for u in units for t in u) == sorted(json.dumps(t, sort_keys=True) for t in trials)
+    for unit in units:
+        assert len({json.dumps({k: v for k, v in t.items() if k != "seed"}, sort_keys=True) for t in unit}) == 1
+    assert all(len(u) == (5 if grouped else 1) for u in units)
+    costs = [estimated_nfe(u) for u in units]
+    assert costs == sorted(costs, reverse=True)
+    assert all(len(u) == 1 for u in plan_trials(trials, seed_groups=False))
+
+
+def test_plan_caps_group_size():
+    trials = load_space("sphere2_fixed").trials()
+    units = plan_trials(trials, seeds_per_trial=2)
+    assert sorted(len(u) for u in units if u[0]["steps"] == 4 and u[0]["method"] == "euler") == [1, 2, 2]
+    assert sum(map(len, units)) == len(trials)
+
+
 def test_dry_run_shows_gpu_fraction_per_trial(tmp_path, capsys):
     assert main(["--space", "tiny", "--dry-run", "--gpus", "4", "--gpus-per-trial", "0.25", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "1 CPU and 0.25 GPU" in out and out.count("0.25") >= len(load_space("tiny").trials())
+    assert "1 CPU and 0.25 GPU" in out and out.count("0.25") >= len(plan_trials(load_space("tiny").trials()))  # a row per Ray trial
     if not torch.cuda.is_available():
         assert "a real run would stop here" in out and "CUDA is not available" in out
 
@@ -161,6 +236,9 @@ def test_gpus_without_cuda_exits_at_once():
     (["--space", "tiny", "--seeds", "0,0"], "seeds must be distinct"),
     (["--resume", "--name", "never_ran"], "nothing to resume"),
     (["--resume", "--name", "tiny", "--iterations", "5"], "drop --iterations"),
+    (["--resume", "--name", "tiny", "--no-seed-groups"], "drop --seed-groups"),
+    (["--space", "tiny", "--seeds-per-trial", "0"], "--seeds-per-trial must be >= 1, got 0"),
+    (["--space", "tiny", "--seeds-per-trial", "2", "--no-seed-groups"], "--seeds-per-trial sizes seed groups"),
 ])
 def test_clear_errors_before_any_work(tmp_path, capsys, argv, message):
     start = time.monotonic()
@@ -177,16 +255,19 @@ def test_malformed_space_file_is_a_clear_error(tmp_path, capsys):
 
 
 def _finals(exp: Path) -> dict[str, str]:
-    """Trial directory -> text of its newest final.json (wall time included: a retrained trial differs)."""
-    return {p.parent.parent.name: p.read_text() for p in sorted(exp.glob("*/checkpoint_*/final.json"))}
+    """Trial directory (plus ``/seed<N>`` for a group's seed) -> text of its newest final.json
+    (wall time included: a retrained trial differs)."""
+    finals = {p.parent.parent.name: p.read_text() for p in sorted(exp.glob("*/checkpoint_*/final.json"))}
+    finals.update({f"{p.parent.parent.parent.name}/{p.parent.name}": p.read_text() for p in sorted(exp.glob("*/checkpoint_*/seed*/final.json"))})
+    return finals
 
 
-def interrupt_and_resume(ray_cluster, storage: Path, sig: int):
+def interrupt_and_resume(ray_cluster, storage: Path, sig: int, mode: str):
     """Start a grid in a subprocess (its own local Ray, as a user would), send ``sig`` once a
     trial has finished, then resume in this process; returns (finished before, finished after, exp dir)."""
     exp = storage / "interrupted"
     cmd = [sys.executable, "-m", "tune_node.grid", "--space", "tiny", "--iterations", "300", "--report-every", "20",
-           "--storage", str(storage), "--name", "interrupted", "--cpus", "2"]
+           "--storage", str(storage), "--name", "interrupted", "--cpus", "2", *MODES[mode]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     deadline = time.monotonic() + 240
     while not _finals(exp) and proc.poll() is None and time.monotonic() < deadline:
@@ -203,8 +284,7 @@ def interrupt_and_resume(ray_cluster, storage: Path, sig: int):
     return before, _finals(exp), exp
 
 
-def test_interrupted_experiment_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    before, after, exp = interrupt_and_resume(ray_cluster, tmp_path, signal.SIGINT)
+def assert_resumed_without_rerunning(before: dict, after: dict, exp: Path):
     assert len(after) == len(load_space("tiny").trials())
     for trial_dir, text in before.items():
         # Finished trials keep their results byte for byte. One that finished just before the
@@ -214,6 +294,15 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(ray_cl
     assert table["trial_id"].nunique() == len(after)
     assert set(table.iterations) == {300}
     assert_no_iteration_trained_twice(exp)
+
+
+@pytest.mark.parametrize("mode", [
+    "seed-groups",
+    pytest.param("one-seed", marks=pytest.mark.slow),  # the same path as groups of one seed; slow: ~40 s
+])
+def test_interrupted_experiment_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path, mode):
+    before, after, exp = interrupt_and_resume(ray_cluster, tmp_path, signal.SIGINT, mode)
+    assert_resumed_without_rerunning(before, after, exp)
 
 
 def assert_no_iteration_trained_twice(exp: Path):
@@ -226,18 +315,16 @@ def assert_no_iteration_trained_twice(exp: Path):
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes(ray_cluster, tmp_path):
-    before, after, exp = interrupt_and_resume(ray_cluster, tmp_path, signal.SIGKILL)
-    assert len(after) == len(load_space("tiny").trials())
-    for trial_dir, text in before.items():
-        assert after[trial_dir] == text
-    assert_no_iteration_trained_twice(exp)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_killed_driver_resumes(ray_cluster, tmp_path, mode):
+    before, after, exp = interrupt_and_resume(ray_cluster, tmp_path, signal.SIGKILL, mode)
+    assert_resumed_without_rerunning(before, after, exp)
 
 
-def test_notebook_runs_on_the_tiny_real_grid(tiny_run, tmp_path, monkeypatch):
+def test_notebook_runs_on_the_tiny_real_grid(tiny_runs, tmp_path, monkeypatch):
     from test_notebook import execute_notebook, outputs_of
 
-    rc, _, exp = tiny_run
+    rc, _, exp = tiny_runs("seed-groups")  # the default mode; per-seed files are alike in both
     nb, text, html, _ = execute_notebook(exp, tmp_path, monkeypatch)
     assert f"6 trials, 70 test rows from {exp}" in text  # 2 seeds x (2 Euler x 15 + 1 RK4 x 5 rows)
     assert "critical_steps" in html

@@ -19,18 +19,19 @@ from .cli import check_gpus, format_table
 __all__ = ["fit", "print_dry_run", "start_experiment", "check_address", "init_ray"]
 
 
-def fit(trainable: Callable, trials: list[dict], *, name: str, storage: Path, resume: bool, resources: dict,
-        dirname: Callable):
+def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
+        dirname: Callable, progress_total: int | None = None):
     """Run every trial config with ``trainable`` in ``storage / name``; returns Ray's ResultGrid.
 
     Arguments:
         trainable: a function trainable of the installed package, reading ``config["trial"]``.
-        trials: the JSON-friendly trial configs.
+        trials: the JSON-friendly trial configs (a seed group's is a list of per-seed configs).
         name, storage: the experiment is ``storage / name``.
         resume: restore that experiment: finished trials are not rerun, unfinished and
             failed ones continue from their newest checkpoint.
         resources: one trial's request, ``{"cpu": ..., "gpu": ...}``.
         dirname: ``dirname(trial) -> str``, the trial's directory name.
+        progress_total: seeds the progress lines count to (default: one per trial config).
     """
     from ray import tune
 
@@ -52,7 +53,7 @@ def fit(trainable: Callable, trials: list[dict], *, name: str, storage: Path, re
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
-                callbacks=[TensorBoardCallback(), ProgressCallback(len(trials))],
+                callbacks=[TensorBoardCallback(), ProgressCallback(progress_total or len(trials))],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=0,

@@ -1,7 +1,7 @@
 """The grid experiment that locates the critical step size: ``python -m tune_node.grid``.
 
-Trains every (solver setting, seed) of a search space as one Ray Tune trial,
-evaluates each trained model with the paper's test solvers, writes the tidy
+Trains every (solver setting, seed) of a search space, evaluates each trained
+model with the paper's test solvers, writes the tidy
 results table ``<storage>/<name>/results.csv`` and prints the critical step (or
 tolerance) per dataset, train method and gradient mode. Examples::
 
@@ -10,8 +10,15 @@ tolerance) per dataset, train method and gradient mode. Examples::
     python -m tune_node.grid --space my_study.toml --address auto --seeds 0,1,2
     python -m tune_node.grid --space sphere2_fixed --name sphere2_fixed --resume   # after a crash
 
+A Ray Tune trial trains one seed, or, where it pays (fixed-step backprop on a
+sphere of up to :data:`~tune_node.dense.DENSE_MAX_DIM` dimensions), a *seed group*:
+the seeds of one setting trained as one batched model
+(:func:`~tune_node.seed_groups.train_seed_group`), with results, checkpoints and
+TensorBoard runs still per seed (``--no-seed-groups``: one seed per trial). Trials
+start in order of decreasing estimated cost, so the longest do not start last.
+
 Every check of the arguments runs before Ray starts; ``--dry-run`` prints the
-trials and their resource requests and starts nothing.
+trials, their seeds and resource requests and starts nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ import sys
 from pathlib import Path
 
 from .cli import check_gpus, format_table
+from .datasets import SPHERE_DIMS
 from .experiment import print_dry_run, start_experiment
-from .search_space import SearchSpaceError, available_spaces, load_space
-from .tune_callbacks import trial_label
+from .search_space import SearchSpaceError, available_spaces, load_space, train_config_from_trial
+from .seed_groups import groupable
+from .solvers import METHODS
+from .tune_callbacks import group_label
 
-__all__ = ["main", "build_parser", "GRID_FILE"]
+__all__ = ["main", "build_parser", "plan_trials", "estimated_nfe", "GRID_FILE"]
 
 GRID_FILE = "grid.json"  # what the experiment was started with, for --resume and for readers
 
@@ -48,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--gpus-per-trial", type=float, default=0.25, help="GPU share of one trial when --gpus > 0, so small models share cards (default 0.25)")
     res.add_argument("--cpus", type=int, default=None, help="CPUs to use in total on a local Ray (default: all)")
     res.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of one trial; also its torch threads (default 1)")
+    res.add_argument("--seed-groups", action=argparse.BooleanOptionalAction, default=None,
+                     help="train the seeds of one setting in one trial as one batched model where it pays (fixed-step "
+                          "backprop spheres of <= 10 dims); results, checkpoints, TensorBoard stay per seed (default: on; "
+                          "--no-seed-groups: one seed per trial)")
+    res.add_argument("--seeds-per-trial", type=int, default=None,
+                     help="at most this many seeds in one seed-group trial (default: all seeds of a setting)")
     res.add_argument("--address", default=None, help="join a running Ray cluster: host:port or auto (default: start a local Ray)")
     out = parser.add_argument_group("output")
     out.add_argument("--storage", default="runs", help="where experiments are written (default ./runs)")
@@ -91,22 +107,91 @@ def check_arguments(args) -> str | None:
     return _check_resources(args)
 
 
+def _seed_groups_problem(args) -> str | None:
+    if args.seeds_per_trial is not None and args.seeds_per_trial < 1:
+        return f"--seeds-per-trial must be >= 1, got {args.seeds_per_trial}"
+    if args.seeds_per_trial is not None and args.seed_groups is False:
+        return "--seeds-per-trial sizes seed groups; drop it or --no-seed-groups"
+    return None
+
+
+def _groupable(trial: dict) -> bool:
+    if trial["dataset"] not in SPHERE_DIMS:
+        return False
+    return groupable(train_config_from_trial(trial), (1, SPHERE_DIMS[trial["dataset"]]))
+
+
+def estimated_nfe(unit: list[dict]) -> float:
+    """Training function evaluations of one Ray trial (``inf`` when adaptive: unknown
+    beforehand), to start the longest trials first."""
+    t = unit[0]
+    if t["tol"] is not None:
+        return float("inf")
+    backward = 1 if t["gradient"] == "backprop" else 2  # adjoint: a backward step also takes a vector-Jacobian product
+    return (1 + backward) * t["steps"] * METHODS[t["method"]].stages_per_step * t["iterations"] * len(unit)
+
+
+def plan_trials(trials: list[dict], seed_groups: bool = True, seeds_per_trial: int | None = None) -> list[list[dict]]:
+    """The Ray trials of a grid: lists of per-seed trial configs, longest first.
+
+    With ``seed_groups``, the seeds of one setting that :func:`~tune_node.seed_groups.groupable`
+    accepts form groups of at most ``seeds_per_trial`` (default: all of them); every
+    other seed is a trial of its own. Guarantees: every trial config appears exactly
+    once; a group's configs differ only in ``seed``; order: decreasing
+    :func:`estimated_nfe` (adaptive first), ties in the search space's order.
+    """
+    units: list[list[dict]] = []
+    open_groups: dict[str, list[dict]] = {}
+    for t in trials:
+        if not (seed_groups and _groupable(t)):
+            units.append([t])
+            continue
+        key = json.dumps({k: v for k, v in t.items() if k != "seed"}, sort_keys=True)
+        group = open_groups.get(key)
+        if group is None or (seeds_per_trial is not None and len(group) >= seeds_per_trial):
+            group = open_groups[key] = []
+            units.append(group)
+        group.append(t)
+    return sorted(units, key=estimated_nfe, reverse=True)
+
+
+def _ray_config(unit: list[dict]):
+    """The ``trial`` value of a Ray trial config: one seed's dict, or a group's list."""
+    return unit[0] if len(unit) == 1 else unit
+
+
 def _trial_dirname(trial) -> str:
     c = trial.config["trial"]
+    seeds = f"seed{c['seed']}" if isinstance(c, dict) else "seeds" + "_".join(str(t["seed"]) for t in c)
+    c = c if isinstance(c, dict) else c[0]
     setting = f"tol{c['tol']:g}" if c.get("tol") is not None else f"steps{c['steps']}"
-    return f"{c['method']}_{setting}_{c['gradient']}_seed{c['seed']}_{trial.trial_id}"
+    return f"{c['method']}_{setting}_{c['gradient']}_{seeds}_{trial.trial_id}"
+
+
+def _plan_line(units: list[list[dict]]) -> str:
+    groups = [u for u in units if len(u) > 1]
+    if not groups:
+        return f"{len(units)} Ray trials of one seed each"
+    return f"{len(units)} Ray trials ({sum(map(len, groups))} seeds in {len(groups)} seed groups)"
+
+
+def _format_nfe(nfe: float) -> str:
+    if nfe == float("inf"):
+        return "unknown (adaptive)"
+    return f"{nfe / 1e6:.3g}M" if nfe >= 1e6 else f"{nfe / 1e3:.3g}k" if nfe >= 1e3 else f"{nfe:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = check_arguments(args)
+    problem = check_arguments(args) or _seed_groups_problem(args)
     if problem:
         return _fail(problem)
     storage = Path(args.storage).resolve()
 
     if args.resume:
-        changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every") if getattr(args, k) is not None]
+        changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "seed_groups", "seeds_per_trial")
+                   if getattr(args, k) is not None]
         if changed:
             return _fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
         name = args.name or args.space or "quick"
@@ -116,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"nothing to resume: no experiment {name!r} in {storage} (missing {grid_file})")
         saved = json.loads(grid_file.read_text())
         trials, space_name = saved["trials"], saved["space"]
+        # Experiments from before seed groups have no "units": one seed per trial.
+        units = [[trials[i] for i in unit] for unit in saved.get("units", [[i] for i in range(len(trials))])]
     else:
         try:
             space = load_space(args.space or "quick").with_overrides(
@@ -125,18 +212,22 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(err))
         space_name, name = space.name, args.name or space.name
         experiment_dir = storage / name
+        units = plan_trials(trials, seed_groups=args.seed_groups is not False, seeds_per_trial=args.seeds_per_trial)
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
-        rows = [{"trial": trial_label(t), "iterations": t["iterations"], "lr": t["lr"], "batch": t["batch_size"],
-                 "optimizer": t["optimizer"], "cpu": resources["cpu"], "gpu": resources["gpu"]} for t in trials]
-        return print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; each requests "
-                             f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+        rows = [{"ray trial": group_label(u), "seeds": len(u), "iterations": u[0]["iterations"], "lr": u[0]["lr"],
+                 "batch": u[0]["batch_size"], "optimizer": u[0]["optimizer"], "train NFE": _format_nfe(estimated_nfe(u)),
+                 "cpu": resources["cpu"], "gpu": resources["gpu"]} for u in units]
+        return print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
+                             f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+    index = {id(t): i for i, t in enumerate(trials)}
     problem = start_experiment(
         args, storage, name, GRID_FILE, len(trials),
-        record=lambda: {"space": space_name, "space_file": space.path, "trials": trials},
+        record=lambda: {"space": space_name, "space_file": space.path, "trials": trials,
+                        "units": [[index[id(t)] for t in u] for u in units]},
         announce=lambda: f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; "
-                         f"each requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU")
+                         f"{_plan_line(units)}; each Ray trial requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU")
     if problem:
         return _fail(problem)
 
@@ -144,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     from .results import write_results
     from .trainable import train_trial
 
-    grid = fit(train_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname)
+    grid = fit(train_trial, [_ray_config(u) for u in units], name=name, storage=storage, resume=args.resume,
+               resources=resources, dirname=_trial_dirname, progress_total=len(trials))
     table, csv = write_results(experiment_dir)
     finished = table["trial_id"].nunique() if len(table) else 0
     print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")

@@ -2,9 +2,11 @@
 
 One row per (trial, test setting), read from the ``final.json`` that every
 finished trial leaves beside its final ``checkpoint.pt`` (see
-:mod:`tune_node.trainable`). Unfinished trials have no rows, so the table can be
-(re)built at any time, also from an interrupted experiment. Columns are
-:data:`COLUMNS`, in that order.
+:mod:`tune_node.trainable`). A seed-group trial leaves one per seed, so the table
+is per seed either way: ``trial_id`` is then the Ray trial's id plus ``_seed<N>``,
+and ``wall_time`` the group's (its seeds trained together). Unfinished trials have
+no rows, so the table can be (re)built at any time, also from an interrupted
+experiment. Columns are :data:`COLUMNS`, in that order.
 """
 
 from __future__ import annotations
@@ -32,11 +34,22 @@ RESULTS_PARQUET = "results.parquet"
 
 def _final_files(experiment_dir: Path) -> list[Path]:
     # Several checkpoints of one trial may hold a final.json (a restored trial reports
-    # its end again); the newest checkpoint of each trial directory wins.
-    newest: dict[Path, Path] = {}
+    # its end again); the newest checkpoint of each trial directory wins, per seed for a
+    # seed-group trial (whose checkpoints hold one seed<N>/ subdirectory per seed).
+    newest: dict[tuple[Path, str], Path] = {}
     for path in sorted(experiment_dir.glob(f"*/checkpoint_*/{FINAL_FILE}")):
-        newest[path.parent.parent] = path
+        newest[(path.parent.parent, "")] = path
+    for path in sorted(experiment_dir.glob(f"*/checkpoint_*/seed*/{FINAL_FILE}")):
+        newest[(path.parent.parent.parent, path.parent.name)] = path
     return [newest[k] for k in sorted(newest)]
+
+
+def _trial_dir_name(final_file: Path) -> str:
+    """Fallback trial id: the trial directory's name (``..._seed<N>`` for a group's seed)."""
+    parent = final_file.parent
+    if parent.name.startswith("checkpoint_"):
+        return parent.parent.name
+    return f"{parent.parent.parent.name}_{parent.name}"
 
 
 def collect(experiment_dir: str | Path) -> pd.DataFrame:
@@ -56,7 +69,7 @@ def collect(experiment_dir: str | Path) -> pd.DataFrame:
         iterations = max(1, final["iterations"])
         trial = {
             "experiment": c["experiment"],
-            "trial_id": final["trial_id"] or path.parent.parent.name,
+            "trial_id": final["trial_id"] or _trial_dir_name(path),
             "dataset": c["dataset"],
             "train_method": c["method"],
             "train_steps": c["steps"],

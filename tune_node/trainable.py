@@ -1,12 +1,19 @@
-"""The Ray Tune function trainable of the grid experiment: one trial trains one model.
+"""The Ray Tune function trainable of the grid experiment: one trial trains one model,
+or one seed group (several seeds of one configuration, trained as one batched model).
 
-:func:`train_trial` wraps :func:`tune_node.training.train` (which knows nothing of
-Ray). Each report interval it calls ``tune.report`` with the scalars TensorBoard
-shows and a checkpoint directory holding ``checkpoint.pt``; a restored trial
-continues from ``tune.get_checkpoint()`` exactly where it stopped. After training it
-evaluates the paper's cross-solver test matrix and reports once more with the final
-checkpoint, whose directory also holds ``final.json`` (the trial's config, final
-numbers and test-matrix rows) for :mod:`tune_node.results`.
+:func:`train_trial` wraps :func:`tune_node.seed_groups.train_seed_group` (which, like
+:func:`tune_node.training.train`, knows nothing of Ray). Each report interval it calls
+``tune.report`` with the scalars TensorBoard shows and a checkpoint directory holding
+``checkpoint.pt``; a restored trial continues from ``tune.get_checkpoint()`` exactly
+where it stopped. After training it evaluates the paper's cross-solver test matrix and
+reports once more with the final checkpoint, whose directory also holds ``final.json``
+(the trial's config, final numbers and test-matrix rows) for :mod:`tune_node.results`.
+
+A trial config is ``{"trial": t}`` (one seed) or ``{"trial": [t0, t1, ...]}`` (a seed
+group), each ``t`` a per-seed config from :meth:`SearchSpace.trials`. A group keeps
+everything per seed: its metrics carry ``seeds: {"<seed>": per-seed metrics}`` and its
+checkpoint directories hold one subdirectory per seed (:func:`seed_subdir`) with that
+seed's ``checkpoint.pt`` (``train``'s format) and, at the end, its ``final.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -23,12 +31,29 @@ from ray import tune
 
 from .datasets import load_dataset
 from .search_space import train_config_from_trial
-from .training import Progress, load_checkpoint, save_checkpoint, train
+from .seed_groups import train_seed_group
+from .training import Progress, load_checkpoint, save_checkpoint
 
-__all__ = ["train_trial", "CHECKPOINT_FILE", "FINAL_FILE", "trial_resources"]
+__all__ = ["train_trial", "CHECKPOINT_FILE", "FINAL_FILE", "trial_resources", "is_group", "trial_seeds", "seed_subdir"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FINAL_FILE = "final.json"
+
+
+def is_group(config: dict) -> bool:
+    """Whether a Ray trial config carries a seed group (a list of per-seed configs)."""
+    return isinstance(config.get("trial"), list)
+
+
+def trial_seeds(config: dict) -> list[dict]:
+    """The per-seed trial configs a Ray trial config carries (one, or a group's)."""
+    return list(config["trial"]) if is_group(config) else [config["trial"]]
+
+
+def seed_subdir(config: dict, seed_trial: dict) -> str:
+    """Where a seed's files live inside the trial's checkpoint directories:
+    ``""`` for a one-seed trial (as before groups existed), ``"seed<N>"`` in a group."""
+    return f"seed{seed_trial['seed']}" if is_group(config) else ""
 
 
 def trial_resources() -> tuple[float, float]:
@@ -59,68 +84,98 @@ def _progress_metrics(p: Progress) -> dict:
     return metrics
 
 
-def _report_with_checkpoint(metrics: dict, state: dict | None, extra_files: dict | None = None, source: Path | None = None) -> None:
+def _trial_metrics(config: dict, per_seed: list[dict]) -> dict:
+    """What one ``tune.report`` carries: a one-seed trial's metrics as they are; a group's
+    per seed under ``seeds``, with the shared iteration (and end flag) on top."""
+    if not is_group(config):
+        return per_seed[0]
+    top = {k: per_seed[0][k] for k in ("timesteps_total", "iteration", "done_training") if k in per_seed[0]}
+    return {**top, "seeds": {str(t["seed"]): m for t, m in zip(config["trial"], per_seed)}}
+
+
+def _report_with_checkpoint(metrics: dict, state: dict | None, extra_files: dict | None = None, source: Path | None = None,
+                            states: dict[str, dict] | None = None) -> None:
+    """``tune.report`` with a fresh checkpoint: a copy of ``source``, or ``state`` saved as
+    ``checkpoint.pt`` (``states``: one state per seed subdirectory), plus ``extra_files``
+    (relative path -> text)."""
     with tempfile.TemporaryDirectory(prefix="tune_node_ckpt_") as tmp:
         if source is not None:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
-        else:
-            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state)
+        for subdir, s in (states or ({"": state} if source is None else {})).items():
+            save_checkpoint(Path(tmp) / subdir / CHECKPOINT_FILE, s)
         for name, content in (extra_files or {}).items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
             (Path(tmp) / name).write_text(content)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _final_checkpoint() -> tune.Checkpoint | None:
-    """This trial's newest checkpoint holding ``final.json``, if it finished before.
+def _final_checkpoint(final_files: list[str] | None = None) -> tune.Checkpoint | None:
+    """This trial's newest checkpoint holding every one of ``final_files`` (default
+    ``[final.json]``), if it finished before.
 
     Looks in the trial's storage directory, not only at ``tune.get_checkpoint()``: a driver
     stopped right after the trial's last report may have persisted that checkpoint without
     registering it, and the trial must not train its last stretch again.
     """
+    final_files = final_files or [FINAL_FILE]
     try:
         storage = tune.get_context().get_storage()
         fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
         entries = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
         directories = sorted(e.path for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_"))
         for directory in reversed(directories):
-            if fs.get_file_info(f"{directory}/{FINAL_FILE}").type == pyarrow.fs.FileType.File:
+            infos = fs.get_file_info([f"{directory}/{name}" for name in final_files])
+            if all(info.type == pyarrow.fs.FileType.File for info in infos):
                 return tune.Checkpoint(path=directory, filesystem=fs)
     except (AttributeError, RuntimeError, OSError):  # no storage context (direct call)
         pass
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            if (Path(directory) / FINAL_FILE).is_file():
+            if all((Path(directory) / name).is_file() for name in final_files):
                 return checkpoint
     return None
 
 
-def _resume_finished() -> bool:
+def _final_names(config: dict) -> list[str]:
+    return [str(Path(seed_subdir(config, t)) / FINAL_FILE) for t in trial_seeds(config)]
+
+
+def _resume_finished(config: dict | None = None) -> bool:
     """Re-report a trial that finished already (same files, nothing recomputed)."""
-    checkpoint = _final_checkpoint()
+    config = config or {"trial": {}}
+    names = _final_names(config)
+    checkpoint = _final_checkpoint(names)
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as directory:
-        final = json.loads((Path(directory) / FINAL_FILE).read_text())
-        _report_with_checkpoint(final["metrics"], None, source=Path(directory))
+        per_seed = [json.loads((Path(directory) / name).read_text())["metrics"] for name in names]
+        _report_with_checkpoint(_trial_metrics(config, per_seed), None, source=Path(directory))
     return True
 
 
-def _restored_state() -> dict | None:
+def _restored_states(config: dict) -> list[dict] | None:
+    """Each seed's state from the trial's latest checkpoint, or ``None`` for a fresh start."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+        return [load_checkpoint(Path(directory) / seed_subdir(config, t) / CHECKPOINT_FILE) for t in trial_seeds(config)]
 
 
-def start_trial() -> str | None:
+def _restored_state() -> dict | None:
+    """The state of a one-seed trial's latest checkpoint, or ``None`` for a fresh start."""
+    states = _restored_states({"trial": {}})
+    return states[0] if states else None
+
+
+def start_trial(config: dict | None = None) -> str | None:
     """The device a trial trains on, or None when it finished before (it was re-reported).
 
     Torch uses as many threads as the trial requested CPUs; the device is CUDA when
     the trial was given a GPU (fraction).
     """
-    if _resume_finished():
+    if _resume_finished(config):
         return None
     cpus, gpus = trial_resources()
     torch.set_num_threads(max(1, math.floor(cpus)))
@@ -128,50 +183,84 @@ def start_trial() -> str | None:
 
 
 def train_trial(config: dict) -> None:
-    """Train the model of one trial config (from :meth:`SearchSpace.trials`, key ``"trial"``); see :func:`start_trial`."""
-    trial = config["trial"]
-    device = start_trial()
+    """Train the model(s) of one trial config: ``{"trial": t}`` or a group's ``{"trial": [t, ...]}``.
+
+    Torch uses as many threads as the trial requested CPUs; the device is CUDA when
+    the trial was given a GPU (fraction). A group trains as one batched model where
+    :func:`~tune_node.seed_groups.groupable` allows, else seed after seed.
+    """
+    trials = trial_seeds(config)
+    device = start_trial(config)
     if device is None:
         return
-    train_config = train_config_from_trial(trial, device=device)
-    data = load_dataset(train_config.dataset, train_config.seed, train_config.data_root, train_config.download)
-    resume_from = _restored_state()
-    last = {"state": (lambda: resume_from) if resume_from is not None else None}
+    train_configs = [train_config_from_trial(t, device=device) for t in trials]
+    data = [load_dataset(c.dataset, c.seed, c.data_root, c.download) for c in train_configs]
+    subdirs = [seed_subdir(config, t) for t in trials]
+    resume_from = _restored_states(config)
+    n, iterations = len(trials), train_configs[0].iterations
+    pending: dict[int, tuple[Progress, object]] = {}
+    last: dict = {"state_fns": [(lambda s=s: s) for s in resume_from] if resume_from is not None else None}
 
-    def on_report(progress: Progress, state_fn) -> None:
-        last["state"] = state_fn
-        if progress.iteration < train_config.iterations:
-            _report_with_checkpoint(_progress_metrics(progress), state_fn())
+    def on_report(i: int, progress: Progress, state_fn) -> None:
+        # A group reports its seeds one after another at the same iteration: report once all are in.
+        pending[i] = (progress, state_fn)
+        if len(pending) < n:
+            return
+        progresses = [pending[j][0] for j in range(n)]
+        last["state_fns"] = [pending[j][1] for j in range(n)]
+        pending.clear()
+        if progress.iteration < iterations:
+            metrics = _trial_metrics(config, [_progress_metrics(p) for p in progresses])
+            _report_with_checkpoint(metrics, None, states={d: fn() for d, fn in zip(subdirs, last["state_fns"])})
         else:
-            last["progress"] = progress  # the final report follows, with the test matrix
+            last["progresses"] = progresses  # the final report follows, with the test matrix
 
-    result = train(train_config, on_report=on_report, resume_from=resume_from, data=data)
-    rows = result.cross_solver_table(data)
+    cpu_start = time.process_time()
+    results = train_seed_group(train_configs, on_report=on_report, resume_from=resume_from, data=data)
+    train_cpu_time = time.process_time() - cpu_start
     try:
         trial_id = tune.get_context().get_trial_id()
     except Exception:
         trial_id = None
-    final = {
-        "trial_id": trial_id,
-        "config": trial,
-        "device": device,
-        "train_accuracy": result.train_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "iterations": result.iterations,
-        "total_nfe_forward": result.total_nfe_forward,
-        "total_nfe_backward": result.total_nfe_backward,
-        "wall_time": result.wall_time,
-        "cross_solver": rows,
-    }
-    metrics = _progress_metrics(last["progress"]) if "progress" in last else {"timesteps_total": result.iterations, "iteration": result.iterations}
-    finer = [r["accuracy"] for r in rows if not r["is_train_solver"]]
-    metrics.update(
-        train_accuracy=result.train_accuracy,  # now over the whole train set
-        test_accuracy=result.test_accuracy,
-        nfe_per_iteration=result.nfe_per_iteration,
-        nfe_forward_per_iteration=result.total_nfe_forward / max(1, result.iterations),
-        cross_solver_min_accuracy=min(finer) if finer else result.test_accuracy,
-        done_training=True,
-    )
-    final["metrics"] = metrics
-    _report_with_checkpoint(metrics, last["state"](), {FINAL_FILE: json.dumps(final, indent=1)})
+    files, per_seed = {}, []
+    for i, (t, result, d) in enumerate(zip(trials, results, data)):
+        rows = result.cross_solver_table(d)
+        if "progresses" in last:
+            metrics = _progress_metrics(last["progresses"][i])
+        else:  # restored from the last regular checkpoint: nothing left to train
+            metrics = {"timesteps_total": result.iterations, "iteration": result.iterations}
+        finer = [r["accuracy"] for r in rows if not r["is_train_solver"]]
+        metrics.update(
+            train_accuracy=result.train_accuracy,  # now over the whole train set
+            test_accuracy=result.test_accuracy,
+            nfe_per_iteration=result.nfe_per_iteration,
+            nfe_forward_per_iteration=result.total_nfe_forward / max(1, result.iterations),
+            cross_solver_min_accuracy=min(finer) if finer else result.test_accuracy,
+            done_training=True,
+        )
+        final = {
+            # A group's seeds share the Ray trial: each gets its own id in the results table.
+            "trial_id": trial_id if not is_group(config) or trial_id is None else f"{trial_id}_seed{t['seed']}",
+            "config": t,
+            "device": device,
+            "train_accuracy": result.train_accuracy,
+            "test_accuracy": result.test_accuracy,
+            "iterations": result.iterations,
+            "total_nfe_forward": result.total_nfe_forward,
+            "total_nfe_backward": result.total_nfe_backward,
+            "wall_time": result.wall_time,  # a group's: the whole group's training
+            "seeds_in_trial": n,
+            "cross_solver": rows,
+            "metrics": metrics,
+        }
+        files[str(Path(subdirs[i]) / FINAL_FILE)] = json.dumps(final, indent=1)
+        per_seed.append(metrics)
+    # CPU seconds of this process since it (re)started training, and of training alone: unlike
+    # wall time, blind to other jobs' load (benchmarks/estimate_grid.py reads them).
+    cpu_time = time.process_time() - cpu_start
+    for name in files:
+        final = json.loads(files[name])
+        final.update(cpu_time=cpu_time, train_cpu_time=train_cpu_time)
+        files[name] = json.dumps(final, indent=1)
+    states = {d: fn() for d, fn in zip(subdirs, last["state_fns"])}
+    _report_with_checkpoint(_trial_metrics(config, per_seed), None, files, states=states)

@@ -4,18 +4,21 @@
 trial directory, scalars under ``ray/tune/``, x axis = training iterations via
 ``timesteps_total``) with the hparams replaced by the trial's solver setting, so
 TensorBoard's HParams tab compares trials by dataset, method, steps or tolerance,
-gradient and seed. :class:`ProgressCallback` prints one line per finished trial
+gradient and seed. A seed-group trial (config ``{"trial": [...]}``) gets one run per
+seed instead, in ``<trial dir>/seed<N>/``, with the same tags as a one-seed trial.
+:class:`ProgressCallback` prints one line per finished seed (trial or group member)
 and a status line every ``every`` seconds.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
-__all__ = ["TensorBoardCallback", "ProgressCallback", "trial_label", "HPARAM_KEYS"]
+__all__ = ["TensorBoardCallback", "ProgressCallback", "trial_label", "group_label", "HPARAM_KEYS"]
 
 HPARAM_KEYS = ("dataset", "method", "steps", "tol", "gradient", "seed", "lr", "iterations", "mode", "test_method", "k", "threshold")
 HPARAM_METRICS = ("test_accuracy", "train_accuracy", "nfe_per_iteration", "cross_solver_min_accuracy", "adaptation_nfe_per_iteration")
@@ -31,22 +34,88 @@ def trial_label(trial_config: dict) -> str:
     return f"{c['method']}({setting}{gradient}) seed {c['seed']}"
 
 
+def group_label(trial_configs: list[dict]) -> str:
+    """``euler(steps=4) seeds 0,1,2``-style name of a seed group (one seed: :func:`trial_label`)."""
+    if len(trial_configs) == 1:
+        return trial_label(trial_configs[0])
+    head = trial_label(trial_configs[0]).rsplit(" seed ", 1)[0]
+    return f"{head} seeds {','.join(str(c['seed']) for c in trial_configs)}"
+
+
+def _seed_configs(trial) -> list[dict]:
+    config = trial.config["trial"]
+    return list(config) if isinstance(config, list) else [config]
+
+
+def _is_group(trial) -> bool:
+    return isinstance(trial.config.get("trial"), list)
+
+
+def _hparams(writer, config: dict, result: dict) -> None:
+    from tensorboardX.summary import hparams
+
+    params = {k: config[k] for k in HPARAM_KEYS if config.get(k) is not None}
+    metrics = {f"ray/tune/{k}": result[f"ray/tune/{k}"] for k in HPARAM_METRICS if f"ray/tune/{k}" in result}
+    for summary in hparams(hparam_dict=params, metric_dict=metrics):
+        writer.file_writer.add_summary(summary)
+
+
 class TensorBoardCallback(TBXLoggerCallback):
-    """Ray's TensorBoardX logger with the trial's solver setting as hparams."""
+    """Ray's TensorBoardX logger with the trial's solver setting as hparams, one run per seed."""
+
+    def __init__(self):
+        super().__init__()
+        self._seed_writers: dict = {}  # group trial -> {seed: SummaryWriter}
+        self._seed_results: dict = {}  # group trial -> {seed: last logged scalars}
 
     def _try_log_hparams(self, trial, result: dict) -> None:
-        from tensorboardX.summary import hparams
+        _hparams(self._trial_writer[trial], trial.config.get("trial", {}), result)
 
-        config = trial.config.get("trial", {})
-        params = {k: config[k] for k in HPARAM_KEYS if config.get(k) is not None}
-        metrics = {f"ray/tune/{k}": result[f"ray/tune/{k}"] for k in HPARAM_METRICS if f"ray/tune/{k}" in result}
-        writer = self._trial_writer[trial]
-        for summary in hparams(hparam_dict=params, metric_dict=metrics):
-            writer.file_writer.add_summary(summary)
+    def log_trial_start(self, trial) -> None:
+        if not _is_group(trial):
+            return super().log_trial_start(trial)
+        for writer in self._seed_writers.pop(trial, {}).values():
+            writer.close()
+        trial.init_local_path()
+        self._seed_writers[trial] = {c["seed"]: self._summary_writer_cls(str(Path(trial.local_path) / f"seed{c['seed']}"), flush_secs=30)
+                                     for c in _seed_configs(trial)}
+        self._seed_results[trial] = {}
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if not _is_group(trial):
+            return super().log_trial_result(iteration, trial, result)
+        if trial not in self._seed_writers:
+            self.log_trial_start(trial)
+        for seed, writer in self._seed_writers[trial].items():
+            metrics = result.get("seeds", {}).get(str(seed))
+            if not metrics:
+                continue
+            step = metrics.get("timesteps_total", result.get("timesteps_total"))
+            scalars = {f"ray/tune/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, global_step=step)
+            writer.flush()
+            self._seed_results[trial][seed] = scalars
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        if not _is_group(trial):
+            return super().log_trial_end(trial, failed)
+        writers = self._seed_writers.pop(trial, {})
+        results = self._seed_results.pop(trial, {})
+        for config in _seed_configs(trial):
+            writer = writers.get(config["seed"])
+            if writer is None:
+                continue
+            if results.get(config["seed"]):
+                _hparams(writer, config, results[config["seed"]])
+            writer.close()
 
 
 class ProgressCallback(Callback):
-    """Concise progress on stdout: a line per finished or failed trial, a status line every ``every`` s."""
+    """Concise progress on stdout: a line per finished seed or failed trial, a status line every ``every`` s.
+
+    ``total`` counts seeds (a seed-group trial finishes several at once).
+    """
 
     def __init__(self, total: int, every: float = 30.0, out=print):
         self.total, self.every, self.out = total, every, out
@@ -66,17 +135,20 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # This trial's status becomes TERMINATED only after the callbacks ran.
-        done = sum(t.status == "TERMINATED" for t in trials if t is not trial) + 1
-        r = self.latest.get(trial.trial_id) or trial.last_result or {}
-        numbers = ""
-        if "test_accuracy" in r:
-            numbers = (f": test acc {r['test_accuracy']:.3f}, train acc {r.get('train_accuracy', float('nan')):.3f}, "
-                       f"lowest acc under other test solvers {r.get('cross_solver_min_accuracy', float('nan')):.3f}, "
-                       f"NFE/iter {r.get('nfe_per_iteration', float('nan')):.1f}")
-        self.out(f"[{self._elapsed()}] done {done}/{self.total}  {trial_label(trial.config['trial'])}{numbers}", flush=True)
+        done = sum(len(_seed_configs(t)) for t in trials if t is not trial and t.status == "TERMINATED")
+        result = self.latest.get(trial.trial_id) or trial.last_result or {}
+        for config in _seed_configs(trial):
+            r = result.get("seeds", {}).get(str(config["seed"]), {}) if _is_group(trial) else result
+            done += 1
+            numbers = ""
+            if "test_accuracy" in r:
+                numbers = (f": test acc {r['test_accuracy']:.3f}, train acc {r.get('train_accuracy', float('nan')):.3f}, "
+                           f"lowest acc under other test solvers {r.get('cross_solver_min_accuracy', float('nan')):.3f}, "
+                           f"NFE/iter {r.get('nfe_per_iteration', float('nan')):.1f}")
+            self.out(f"[{self._elapsed()}] done {done}/{self.total}  {trial_label(config)}{numbers}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.out(f"[{self._elapsed()}] FAILED {trial_label(trial.config['trial'])} (trial {trial.trial_id}); "
+        self.out(f"[{self._elapsed()}] FAILED {group_label(_seed_configs(trial))} (trial {trial.trial_id}); "
                  f"see {trial.local_path}/error.txt", flush=True)
 
     def on_step_end(self, iteration, trials, **info):
@@ -86,10 +158,10 @@ class ProgressCallback(Callback):
         self.last_status = now
         counts: dict[str, int] = {}
         for t in trials:
-            counts[t.status] = counts.get(t.status, 0) + 1
+            counts[t.status] = counts.get(t.status, 0) + len(_seed_configs(t))
         running = [
-            f"{trial_label(t.config['trial'])} it {self.latest.get(t.trial_id, {}).get('iteration', 0)}/{t.config['trial']['iterations']}"
+            f"{group_label(_seed_configs(t))} it {self.latest.get(t.trial_id, {}).get('iteration', 0)}/{_seed_configs(t)[0]['iterations']}"
             for t in trials if t.status == "RUNNING"
         ]
         status = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        self.out(f"[{self._elapsed()}] {status} of {self.total}" + (f"; running: {'; '.join(running)}" if running else ""), flush=True)
+        self.out(f"[{self._elapsed()}] {status} of {self.total} seeds" + (f"; running: {'; '.join(running)}" if running else ""), flush=True)
