@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import socket
 import sys
 from pathlib import Path
 
 from .cli import check_gpus, format_table
 from .datasets import SPHERE_DIMS
+from .experiment import print_dry_run, start_experiment
 from .search_space import SearchSpaceError, available_spaces, load_space, train_config_from_trial
 from .seed_groups import groupable
 from .solvers import METHODS
@@ -97,6 +95,18 @@ def _check_resources(args) -> str | None:
     return None
 
 
+def check_arguments(args) -> str | None:
+    """The first checks of an experiment CLI (grid, adaptation): --quick against --space, then resources.
+
+    A GPU request on a machine without CUDA exits at once (unless ``--dry-run``).
+    """
+    if args.quick and args.space not in (None, "quick"):
+        return f"--quick means --space quick; drop one of --quick and --space {args.space}"
+    if not args.dry_run:
+        check_gpus(args.gpus)  # exits at once, non-zero, when CUDA is missing
+    return _check_resources(args)
+
+
 def _seed_groups_problem(args) -> str | None:
     if args.seeds_per_trial is not None and args.seeds_per_trial < 1:
         return f"--seeds-per-trial must be >= 1, got {args.seeds_per_trial}"
@@ -150,46 +160,12 @@ def _ray_config(unit: list[dict]):
     return unit[0] if len(unit) == 1 else unit
 
 
-def _check_address(address: str | None) -> str | None:
-    """Fail fast on an unreachable host:port instead of letting Ray retry for minutes."""
-    if address in (None, "auto", "local") or address.startswith("ray://"):
-        return None
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return f"--address must be host:port, auto or ray://host:port, got {address!r}"
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            return None
-    except OSError as err:
-        return f"no Ray cluster reachable at --address {address} ({err}); start one with `ray start --head` or omit --address for a local Ray"
-
-
 def _trial_dirname(trial) -> str:
     c = trial.config["trial"]
     seeds = f"seed{c['seed']}" if isinstance(c, dict) else "seeds" + "_".join(str(t["seed"]) for t in c)
     c = c if isinstance(c, dict) else c[0]
     setting = f"tol{c['tol']:g}" if c.get("tol") is not None else f"steps{c['steps']}"
     return f"{c['method']}_{setting}_{c['gradient']}_{seeds}_{trial.trial_id}"
-
-
-def _init_ray(args) -> str | None:
-    import ray
-
-    if ray.is_initialized():
-        return None
-    # Workers import the same tune_node as this driver (a source checkout included).
-    package_root = str(Path(__file__).resolve().parent.parent)
-    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    # Worker logs would repeat every checkpoint's path; failures still show (error.txt, progress lines).
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    try:
-        if args.address:
-            ray.init(address=args.address, **kwargs)
-        else:
-            ray.init(num_cpus=args.cpus, num_gpus=int(args.gpus) if args.gpus else 0, **kwargs)
-    except ConnectionError as err:
-        return f"no Ray cluster reachable at --address {args.address}: {err}"
-    return None
 
 
 def _plan_line(units: list[list[dict]]) -> str:
@@ -208,11 +184,7 @@ def _format_nfe(nfe: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick and args.space not in (None, "quick"):
-        return _fail(f"--quick means --space quick; drop one of --quick and --space {args.space}")
-    if not args.dry_run:
-        check_gpus(args.gpus)  # exits at once, non-zero, when CUDA is missing
-    problem = _check_resources(args) or _seed_groups_problem(args)
+    problem = check_arguments(args) or _seed_groups_problem(args)
     if problem:
         return _fail(problem)
     storage = Path(args.storage).resolve()
@@ -244,63 +216,27 @@ def main(argv: list[str] | None = None) -> int:
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
-        print(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
-              f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU")
         rows = [{"ray trial": group_label(u), "seeds": len(u), "iterations": u[0]["iterations"], "lr": u[0]["lr"],
                  "batch": u[0]["batch_size"], "optimizer": u[0]["optimizer"], "train NFE": _format_nfe(estimated_nfe(u)),
                  "cpu": resources["cpu"], "gpu": resources["gpu"]} for u in units]
-        print(format_table(rows))
-        if args.gpus > 0:
-            try:
-                check_gpus(args.gpus)
-            except SystemExit as err:
-                print(f"note: a real run would stop here: {str(err).removeprefix('error: ')}")
-        return 0
-    if not args.resume and (experiment_dir / GRID_FILE).exists():
-        return _fail(f"experiment {name!r} already exists in {storage}; add --resume to continue it or pick another --name")
-    problem = _check_address(args.address)
-    if problem:
-        return _fail(problem)
-    problem = _init_ray(args)
+        return print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
+                             f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+    index = {id(t): i for i, t in enumerate(trials)}
+    problem = start_experiment(
+        args, storage, name, GRID_FILE, len(trials),
+        record=lambda: {"space": space_name, "space_file": space.path, "trials": trials,
+                        "units": [[index[id(t)] for t in u] for u in units]},
+        announce=lambda: f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; "
+                         f"{_plan_line(units)}; each Ray trial requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU")
     if problem:
         return _fail(problem)
 
-    from ray import tune
-
+    from .experiment import fit
     from .results import write_results
     from .trainable import train_trial
-    from .tune_callbacks import ProgressCallback, TensorBoardCallback
 
-    # Tune warns on every forced state snapshot that checkpoint rotation causes; it is cheap here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ray's new console output would point TensorBoard at a driver folder without the trial runs;
-    # ProgressCallback reports progress instead.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(train_trial, resources)
-    if args.resume:
-        print(f"resuming {experiment_dir} ({len(trials)} trials; finished ones are not rerun)", flush=True)
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        index = {id(t): i for i, t in enumerate(trials)}
-        (experiment_dir / GRID_FILE).write_text(json.dumps({"space": space_name, "space_file": space.path, "trials": trials,
-                                                            "units": [[index[id(t)] for t in u] for u in units]}, indent=1))
-        print(f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; {_plan_line(units)}; "
-              f"each Ray trial requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU", flush=True)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([_ray_config(u) for u in units])},
-            tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                callbacks=[TensorBoardCallback(), ProgressCallback(len(trials))],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=1),
-                verbose=0,
-            ),
-        )
-    grid = tuner.fit()
+    grid = fit(train_trial, [_ray_config(u) for u in units], name=name, storage=storage, resume=args.resume,
+               resources=resources, dirname=_trial_dirname, progress_total=len(trials))
     table, csv = write_results(experiment_dir)
     finished = table["trial_id"].nunique() if len(table) else 0
     print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")

@@ -163,6 +163,25 @@ def _restored_states(config: dict) -> list[dict] | None:
         return [load_checkpoint(Path(directory) / seed_subdir(config, t) / CHECKPOINT_FILE) for t in trial_seeds(config)]
 
 
+def _restored_state() -> dict | None:
+    """The state of a one-seed trial's latest checkpoint, or ``None`` for a fresh start."""
+    states = _restored_states({"trial": {}})
+    return states[0] if states else None
+
+
+def start_trial(config: dict | None = None) -> str | None:
+    """The device a trial trains on, or None when it finished before (it was re-reported).
+
+    Torch uses as many threads as the trial requested CPUs; the device is CUDA when
+    the trial was given a GPU (fraction).
+    """
+    if _resume_finished(config):
+        return None
+    cpus, gpus = trial_resources()
+    torch.set_num_threads(max(1, math.floor(cpus)))
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 def train_trial(config: dict) -> None:
     """Train the model(s) of one trial config: ``{"trial": t}`` or a group's ``{"trial": [t, ...]}``.
 
@@ -171,11 +190,9 @@ def train_trial(config: dict) -> None:
     :func:`~tune_node.seed_groups.groupable` allows, else seed after seed.
     """
     trials = trial_seeds(config)
-    if _resume_finished(config):
+    device = start_trial(config)
+    if device is None:
         return
-    cpus, gpus = trial_resources()
-    torch.set_num_threads(max(1, math.floor(cpus)))
-    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
     train_configs = [train_config_from_trial(t, device=device) for t in trials]
     data = [load_dataset(c.dataset, c.seed, c.data_root, c.download) for c in train_configs]
     subdirs = [seed_subdir(config, t) for t in trials]

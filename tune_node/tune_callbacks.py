@@ -20,13 +20,15 @@ from ray.tune.logger import TBXLoggerCallback
 
 __all__ = ["TensorBoardCallback", "ProgressCallback", "trial_label", "group_label", "HPARAM_KEYS"]
 
-HPARAM_KEYS = ("dataset", "method", "steps", "tol", "gradient", "seed", "lr", "iterations")
-HPARAM_METRICS = ("test_accuracy", "train_accuracy", "nfe_per_iteration", "cross_solver_min_accuracy")
+HPARAM_KEYS = ("dataset", "method", "steps", "tol", "gradient", "seed", "lr", "iterations", "mode", "test_method", "k", "threshold")
+HPARAM_METRICS = ("test_accuracy", "train_accuracy", "nfe_per_iteration", "cross_solver_min_accuracy", "adaptation_nfe_per_iteration")
 
 
 def trial_label(trial_config: dict) -> str:
-    """``euler(steps=4) seed 0``-style name of one trial config."""
+    """``euler(steps=4) seed 0``-style name of one trial config; ``euler/midpoint step adaptation seed 0`` for adaptation."""
     c = trial_config
+    if c.get("mode") is not None:  # an adaptation trial (tune_node.adapt)
+        return f"{c['method']}/{c['test_method']} {c['mode']} adaptation seed {c['seed']}"
     setting = f"tol={c['tol']:g}" if c.get("tol") is not None else f"steps={c['steps']}"
     gradient = "" if c.get("gradient", "backprop") == "backprop" else f", {c['gradient']}"
     return f"{c['method']}({setting}{gradient}) seed {c['seed']}"

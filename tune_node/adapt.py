@@ -1,0 +1,204 @@
+"""Step and tolerance adaptation as Ray Tune trials, one per seed: ``python -m tune_node.adapt``.
+
+Trains each seed with the paper's adaptation (Algorithm 2: step size of Euler or
+Midpoint; Algorithm 3: tolerance of Fehlberg21 or Dopri54), taking the dataset and
+training hyper-parameters from a search space, writes
+``<storage>/<name>/adaptation.csv`` (one row per seed) and
+``adaptation_history.csv`` (one row per check), and prints accuracy and NFE per
+iteration with the checks' share of the cost. Examples::
+
+    python -m tune_node.adapt --quick                          # laptop: Sphere2, Euler/Midpoint, 2 seeds
+    python -m tune_node.adapt --space sphere2_fixed --train-solver euler --test-solver rk4 --gpus 1
+    python -m tune_node.adapt --space sphere2_adaptive --mode tolerance --train-solver fehlberg2
+    python -m tune_node.adapt --name adapt_quick_euler_midpoint --resume   # after a crash
+
+Every check of the arguments runs before Ray starts; ``--dry-run`` prints the
+trials and their resource requests and starts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .adapt_trainable import TRAIN_KEYS, starting_setting
+from .adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
+from .experiment import print_dry_run, start_experiment
+from .grid import _fail, check_arguments
+from .grid import build_parser as _grid_parser
+from .search_space import SearchSpaceError, load_space
+from .solvers import GRADIENT_MODES, METHODS
+from .training import TrainConfig
+from .tune_callbacks import trial_label
+
+__all__ = ["main", "build_parser", "resolve_solvers", "ADAPT_FILE"]
+
+ADAPT_FILE = "adapt.json"  # what the experiment was started with, for --resume and for readers
+MODES = ("step", "tolerance")
+DEFAULTS = {"threshold": 0.1, "k": 50, "initial_tol": 1e-6, "gradient": "backprop"}
+
+
+def _set_help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
+    for action in parser._actions:
+        if option in action.option_strings:
+            action.help = text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The grid's options (space, seeds, resources, output) plus the adaptation's."""
+    parser = _grid_parser()
+    parser.prog, parser.description = "python -m tune_node.adapt", __doc__.splitlines()[0]
+    _set_help(parser, "--space", "search space giving the dataset and training hyper-parameters (its [[solvers]] are "
+                                 "not used; default: quick)")
+    _set_help(parser, "--quick", "same as --space quick: Sphere2, 400 iterations at lr 3e-3, 2 seeds (about a minute)")
+    _set_help(parser, "--name", "experiment name (default: adapt_<space>_<train solver>_<test solver>)")
+    _set_help(parser, "--threshold", f"largest batch-accuracy difference between train and test solver counted as "
+                                     f"agreement (default {DEFAULTS['threshold']})")
+    group = parser.add_argument_group("adaptation")
+    group.add_argument("--mode", choices=MODES, default=None,
+                       help="step: adapt the step size (Algorithm 2); tolerance: the tolerance (Algorithm 3); "
+                            "default: what the train solver needs")
+    group.add_argument("--train-solver", default=None, help="euler or midpoint (step mode, default euler); "
+                                                            "fehlberg2 or dopri5 (tolerance mode, default fehlberg2)")
+    group.add_argument("--test-solver", default=None, help="euler -> midpoint (default) or rk4; midpoint -> rk4; "
+                                                           "fehlberg2 or dopri5 -> dopri5")
+    group.add_argument("--k", type=int, default=None, help=f"iterations between checks (default {DEFAULTS['k']})")
+    group.add_argument("--initial-tol", type=float, default=None, help=f"tolerance mode: starting tolerance (default {DEFAULTS['initial_tol']:g})")
+    group.add_argument("--gradient", choices=GRADIENT_MODES, default=None, help="gradient mode of the train solver (default backprop)")
+    parser.set_defaults(threshold=None)  # None: not given, so --resume can refuse it
+    return parser
+
+
+def resolve_solvers(mode: str | None, train: str | None, test: str | None) -> tuple[str, str, str]:
+    """``(mode, train method, test method)`` from the options, defaults filled in.
+
+    Raises ValueError naming the bad value and what is allowed: an unknown solver, a
+    train solver the mode cannot adapt, a test solver not more accurate than the train
+    solver or not paired with it in the paper (Appendix C).
+    """
+    adaptable = {**{m: "step" for m in STEP_TEST_METHODS}, **{m: "tolerance" for m in TOLERANCE_TEST_METHODS}}
+    train = train or ("fehlberg2" if mode == "tolerance" else "euler")
+    if train not in METHODS:
+        raise ValueError(f"unknown --train-solver {train!r}; allowed: euler, midpoint (step mode), fehlberg2, dopri5 (tolerance mode)")
+    if train not in adaptable:
+        raise ValueError(f"--train-solver {train} cannot be adapted; step mode trains euler or midpoint, tolerance mode fehlberg2 or dopri5")
+    if mode is not None and mode != adaptable[train]:
+        kind = "fixed-step" if adaptable[train] == "step" else "adaptive"
+        raise ValueError(f"--mode {mode} does not fit --train-solver {train} ({kind}): step mode adapts euler or midpoint, "
+                         f"tolerance mode fehlberg2 or dopri5; use --mode {adaptable[train]}")
+    mode = adaptable[train]
+    allowed = (STEP_TEST_METHODS if mode == "step" else TOLERANCE_TEST_METHODS)[train]
+    test = test or allowed[0]
+    if test not in METHODS:
+        raise ValueError(f"unknown --test-solver {test!r}; allowed for --train-solver {train}: {', '.join(allowed)}")
+    if test not in allowed:
+        if METHODS[test].order <= METHODS[train].order and mode == "step":
+            why = f"is not more accurate than --train-solver {train} (order {METHODS[test].order} <= {METHODS[train].order})"
+        else:
+            why = f"is not a test solver for --train-solver {train} in {mode} mode"
+        raise ValueError(f"--test-solver {test} {why}; allowed: {', '.join(allowed)}")
+    return mode, train, test
+
+
+def _adaptation_settings(args) -> dict:
+    """The adaptation part of every trial config, validated by building a controller (ValueError if bad)."""
+    mode, train, test = resolve_solvers(args.mode, args.train_solver, args.test_solver)
+    given = {k: getattr(args, k) for k in DEFAULTS}
+    s = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}, "mode": mode, "method": train, "test_method": test}
+    common = {"test_method": test, "k": s["k"], "threshold": s["threshold"], "gradient": s["gradient"]}
+    if mode == "step":
+        StepAdaptation(train, 1.0, **common)
+    else:
+        ToleranceAdaptation(train, s["initial_tol"], **common)
+    return s
+
+
+def adaptation_trials(space, settings: dict, name: str, data_root: str, download: bool) -> list[dict]:
+    """One JSON-friendly trial config per seed of ``space``: its dataset and training, ``settings``' adaptation."""
+    setting = starting_setting(settings["mode"], settings["method"], settings["gradient"], settings["initial_tol"])
+    trials = []
+    for seed in space.seeds:
+        config = TrainConfig(dataset=space.dataset, solver=setting, seed=seed, data_root=data_root, download=download, **space.training)
+        trials.append({"experiment": name, "dataset": space.dataset, "steps": None, "tol": None, **settings,
+                       **{k: getattr(config, k) for k in TRAIN_KEYS}})
+    return trials
+
+
+def _trial_dirname(trial) -> str:
+    c = trial.config["trial"]
+    return f"{c['method']}_{c['test_method']}_{c['mode']}_seed{c['seed']}_{trial.trial_id}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = check_arguments(args)
+    if problem:
+        return _fail(problem)
+    try:
+        settings = _adaptation_settings(args)
+    except ValueError as err:
+        return _fail(str(err))
+    storage = Path(args.storage).resolve()
+    space_name = args.space or "quick"
+    name = args.name or f"adapt_{Path(space_name).stem}_{settings['method']}_{settings['test_method']}"
+    experiment_dir = storage / name
+
+    if args.resume:
+        overrides = ("seeds", "iterations", "lr", "report_every", "mode", "train_solver", "test_solver", "k", "threshold",
+                     "initial_tol", "gradient")
+        changed = [f"--{k.replace('_', '-')}" for k in overrides if getattr(args, k) is not None]
+        if changed:
+            return _fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
+        saved_file = experiment_dir / ADAPT_FILE
+        if not saved_file.is_file():
+            return _fail(f"nothing to resume: no adaptation experiment {name!r} in {storage} (missing {saved_file})")
+        saved = json.loads(saved_file.read_text())
+        trials, space_name = saved["trials"], saved["space"]
+    else:
+        try:
+            space = load_space(space_name).with_overrides(seeds=args.seeds, iterations=args.iterations, lr=args.lr,
+                                                          report_every=args.report_every)
+            trials = adaptation_trials(space, settings, name, str(Path(args.data_root).resolve()), args.download)
+        except (SearchSpaceError, ValueError) as err:
+            return _fail(str(err))
+        space_name = space.name
+
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
+    if args.dry_run:
+        rows = [{"trial": trial_label(t), "iterations": t["iterations"], "lr": t["lr"], "batch": t["batch_size"],
+                 "k": t["k"], "threshold": t["threshold"], "cpu": resources["cpu"], "gpu": resources["gpu"]} for t in trials]
+        return print_dry_run(f"{len(trials)} adaptation trials ({space_name!r}) -> {experiment_dir}; each requests "
+                             f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+    problem = start_experiment(
+        args, storage, name, ADAPT_FILE, len(trials),
+        record=lambda: {"space": space_name, "space_file": space.path, "trials": trials},
+        announce=lambda: f"{len(trials)} adaptation trials ({trial_label(trials[0]).rsplit(' seed', 1)[0]}, dataset and "
+                         f"training of {space_name!r}) -> {experiment_dir}; each requests {resources['cpu']:g} CPU, "
+                         f"{resources['gpu']:g} GPU")
+    if problem:
+        return _fail(problem)
+
+    from .adapt_trainable import adapt_trial
+    from .adaptation_results import HISTORY_CSV, SUMMARY_CSV, describe, write_tables
+    from .experiment import fit
+
+    results = fit(adapt_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname)
+    summary, history = write_tables(experiment_dir)
+    print(f"\n{len(summary)}/{len(trials)} trials finished; results: {experiment_dir / SUMMARY_CSV} (one row per seed), "
+          f"{experiment_dir / HISTORY_CSV} (one row per check)")
+    if len(summary):
+        print(describe(summary, history))
+    print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
+    print(f"Table 1 against a grid: python -m analysis.table1 GRID_DIR {experiment_dir}")
+    if len(summary) < len(trials):
+        print(f"{len(trials) - len(summary)} trials did not finish ({len(results.errors)} failed); continue with: "
+              f"python -m tune_node.adapt --storage {args.storage} --name {name} --resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
