@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .adapt_trainable import adapt_trial
     from .adaptation_results import HISTORY_CSV, SUMMARY_CSV, describe, write_tables
-    from .experiment import fit
+    from .experiment import finish, fit
 
     results = fit(adapt_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname)
     summary, history = write_tables(experiment_dir)
@@ -191,13 +191,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{experiment_dir / HISTORY_CSV} (one row per check)")
     if len(summary):
         print(describe(summary, history))
-    print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
     print(f"Table 1 against a grid: python -m analysis.table1 GRID_DIR {experiment_dir}")
-    if len(summary) < len(trials):
-        print(f"{len(trials) - len(summary)} trials did not finish ({len(results.errors)} failed); continue with: "
-              f"python -m tune_node.adapt --storage {args.storage} --name {name} --resume", file=sys.stderr)
-        return 1
-    return 0
+    return finish(experiment_dir, len(summary), len(trials), len(results.errors), "tune_node.adapt", args.storage, name)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Callable
 
 from .cli import check_gpus, format_table
 
-__all__ = ["fit", "print_dry_run", "start_experiment", "check_address", "init_ray"]
+__all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray"]
 
 
 def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
@@ -132,3 +133,14 @@ def start_experiment(args, storage: Path, name: str, record_file: str, trials: i
         (experiment_dir / record_file).write_text(json.dumps(record(), indent=1))
         print(announce(), flush=True)
     return None
+
+
+def finish(experiment_dir: Path, finished: int, total: int, failed: int, cli: str, storage: str, name: str) -> int:
+    """The closing lines of an experiment CLI: where TensorBoard reads, and how to resume
+    what did not finish. Returns the exit status (1 when trials are missing)."""
+    print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
+    if finished < total:
+        print(f"{total - finished} trials did not finish ({failed} failed); continue with: "
+              f"python -m {cli} --storage {storage} --name {name} --resume", file=sys.stderr)
+        return 1
+    return 0

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem)
 
-    from .experiment import fit
+    from .experiment import finish, fit
     from .results import write_results
     from .trainable import train_trial
 
@@ -247,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncritical step per train solver (threshold {args.threshold:g}; accuracy: test set, train solver, "
               f"mean +- std over seeds; rule: python -m analysis.critical_step --help):")
         print(format_table(display_rows(summary)))
-    print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
-    if finished < len(trials):
-        print(f"{len(trials) - finished} trials did not finish ({len(grid.errors)} failed); "
-              f"continue with: python -m tune_node.grid --storage {args.storage} --name {name} --resume", file=sys.stderr)
-        return 1
-    return 0
+    return finish(experiment_dir, finished, len(trials), len(grid.errors), "tune_node.grid", args.storage, name)
 
 
 if __name__ == "__main__":
