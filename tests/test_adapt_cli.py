@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +16,7 @@ import torch
 from analysis.critical_step import critical_steps
 from analysis.table1 import build_table1
 from analysis.table1 import main as table1_main
-from test_grid import ENV, assert_no_iteration_trained_twice, ray_cluster  # noqa: F401  (ray_cluster: a fixture)
+from test_grid import ENV, assert_no_iteration_trained_twice
 from tune_node.adapt import ADAPT_FILE, main
 from tune_node.adapt_trainable import controller_for, train_config_from_adapt_trial
 from tune_node.adaptation_results import HISTORY_COLUMNS, HISTORY_CSV, SUMMARY_COLUMNS, SUMMARY_CSV
@@ -37,7 +36,7 @@ def run_cli(cli, argv) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(ray_cluster, tmp_path_factory):  # noqa: F811
+def tiny_runs(ray_cluster, tmp_path_factory):
     """A real tiny grid and a real tiny adaptation run, sharing one Ray session."""
     storage = tmp_path_factory.mktemp("runs")
     grid = run_cli(grid_main, ["--space", "tiny", "--storage", str(storage), "--name", "grid"])
@@ -172,7 +171,7 @@ def test_gpus_without_cuda_stops_at_once(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_interrupted_adaptation_resumes_exactly(ray_cluster, tmp_path):  # noqa: F811
+def test_interrupted_adaptation_resumes_exactly(ray_cluster, tmp_path):
     """SIGINT a run after its first checkpoints, resume it: the interrupted seed ends as an uninterrupted run."""
     argv = ["--space", "tiny", "--seeds", "0,1", "--iterations", "60", "--report-every", "10", "--k", "10",
             "--storage", str(tmp_path), "--name", "interrupted"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tune_node.datasets import DATASETS, concentric_spheres, load_dataset, xor_points
+from tune_node.datasets import DATASETS, load_dataset, xor_points
 
 
 @pytest.mark.parametrize("name,dim", [("sphere2", 2), ("sphere3", 3), ("sphere10", 10), ("sphere900", 900)])

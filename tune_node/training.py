@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from .datasets import DATASETS, Dataset, check_dataset_name, dataset_family, load_dataset
+from .datasets import Dataset, check_dataset_name, dataset_family, load_dataset
 from .evaluation import accuracy, cross_solver_table
 from .models import NeuralODEClassifier, build_model
 from .solvers import SolverSetting

@@ -1,0 +1,13 @@
+"""Fixtures shared by the test modules that run real Ray Tune experiments."""
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray for one test module; its address, for subprocesses that join it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
