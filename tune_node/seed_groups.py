@@ -24,7 +24,7 @@ from .datasets import Dataset, dataset_family, load_dataset
 from .evaluation import accuracy
 from .models import build_model
 from .solvers import SolverSetting
-from .training import BatchSampler, Progress, TrainConfig, TrainResult, make_optimizer, train
+from .training import BatchSampler, Progress, TrainConfig, TrainResult, make_optimizer, train, training_state
 
 __all__ = ["groupable", "train_seed_group"]
 
@@ -124,19 +124,9 @@ def _train_stacked(configs, datasets, on_report, resume_from) -> list[TrainResul
         return m
 
     def state(i: int, iteration: int) -> dict:
-        return {
-            "config": configs[i].to_dict(),
-            "input_shape": list(input_shape),
-            "iteration": iteration,
-            "model": model.model_state_dict(i),
-            "optimizer": _seed_optimizer_state(optimizer.state_dict(), i),
-            "sampler": copy.deepcopy(samplers[i].state_dict()),
-            "setting": setting.to_dict(),
-            "totals": dict(totals[i]),
-            "history": copy.deepcopy(histories[i]),
-            "elapsed": time.perf_counter() - start,
-            "controller": None,
-        }
+        return training_state(configs[i], input_shape, iteration, model.model_state_dict(i),
+                              _seed_optimizer_state(optimizer.state_dict(), i), samplers[i].state_dict(), setting,
+                              totals[i], histories[i], time.perf_counter() - start)
 
     model.train()
     for iteration in range(first, config.iterations + 1):

@@ -30,6 +30,7 @@ __all__ = [
     "train",
     "save_checkpoint",
     "load_checkpoint",
+    "training_state",
 ]
 
 # Appendix D. MNIST uses SGD 1e-2 with fixed-step solvers and Adam 1e-4 with adaptive ones.
@@ -245,6 +246,26 @@ def restore_model(state: dict, device: str = "cpu") -> tuple[NeuralODEClassifier
     return model.to(device), SolverSetting.from_dict(state["setting"]), config
 
 
+def training_state(config: TrainConfig, input_shape, iteration: int, model_state: dict, optimizer_state: dict,
+                   sampler_state: dict, setting: SolverSetting, totals: dict, history: list, elapsed: float,
+                   controller_state: dict | None = None) -> dict:
+    """The checkpoint format that :func:`train` resumes from, as a snapshot (deep copy):
+    ``state_dict()``s alias live tensors that training keeps updating."""
+    return copy.deepcopy({
+        "config": config.to_dict(),
+        "input_shape": list(input_shape),
+        "iteration": iteration,
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "sampler": sampler_state,
+        "setting": setting.to_dict(),
+        "totals": dict(totals),
+        "history": list(history),
+        "elapsed": elapsed,
+        "controller": controller_state,
+    })
+
+
 ReportFn = Callable[[Progress, Callable[[], dict]], None]
 
 
@@ -293,20 +314,9 @@ def train(
             controller.load_state_dict(resume_from["controller"])
 
     def state(iteration: int) -> dict:
-        # A snapshot: state_dict()s alias the live tensors that training keeps updating.
-        return copy.deepcopy({
-            "config": config.to_dict(),
-            "input_shape": list(data.input_shape),
-            "iteration": iteration,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "setting": setting.to_dict(),
-            "totals": dict(totals),
-            "history": list(history),
-            "elapsed": time.perf_counter() - start,
-            "controller": controller.state_dict() if controller is not None else None,
-        })
+        return training_state(config, data.input_shape, iteration, model.state_dict(), optimizer.state_dict(),
+                              sampler.state_dict(), setting, totals, history, time.perf_counter() - start,
+                              controller.state_dict() if controller is not None else None)
 
     model.train()
     for iteration in range(first, config.iterations + 1):
