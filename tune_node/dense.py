@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .dense_solve import dense_rk_solve
 from .integrate import PreparedField, Solution, integrate
 from .solvers import SolverSetting
 
@@ -110,11 +111,16 @@ def dense_field(W1, c1, W2, c2, W3, c3):
 
 def prepare_dense(weights, z0: torch.Tensor) -> PreparedField:
     """The dense field for states shaped like ``z0 (..., C, D)``, weights as in
-    :func:`dense_conv_weights`; states travel flattened to ``(..., C*D)``."""
+    :func:`dense_conv_weights`; states travel flattened to ``(..., C*D)``. Fixed-step
+    solves that record gradients go through :func:`~tune_node.dense_solve.dense_rk_solve`."""
     shape = z0.shape
-    f = dense_field(*dense_conv_weights(*weights, shape[-1]))
+    dense = dense_conv_weights(*weights, shape[-1])
     flat = (*shape[:-2], shape[-2] * shape[-1])
-    return PreparedField(f, encode=lambda z: z.reshape(flat), decode=lambda z: z.reshape(shape))
+
+    def solve(z, tableau, steps, T):
+        return dense_rk_solve(dense, z, tableau, steps, T)
+
+    return PreparedField(dense_field(*dense), encode=lambda z: z.reshape(flat), decode=lambda z: z.reshape(shape), solve=solve)
 
 
 class _StackedField(nn.Module):

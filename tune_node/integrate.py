@@ -33,6 +33,10 @@ class PreparedField:
     f: Callable[[torch.Tensor], torch.Tensor]
     encode: Callable[[torch.Tensor], torch.Tensor]
     decode: Callable[[torch.Tensor], torch.Tensor]
+    #: Optional fused fixed-step solver ``solve(z0, tableau, steps, T) -> z_T`` on encoded
+    #: states, equal to :func:`rk_solve` on ``f`` up to rounding; used while gradients
+    #: are recorded (its backward pass is its own).
+    solve: Callable[[torch.Tensor, ButcherTableau, int, float], torch.Tensor] | None = None
 
 
 @dataclass
@@ -151,7 +155,8 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
     Guarantees: fixed-step solves take exactly ``setting.steps`` steps of size
     ``T / steps`` and evaluate the field ``steps * stages`` times; adaptive solves use
     ``rtol = atol = setting.tol``. With backprop, a field offering ``prepare(z0)``
-    (see :class:`PreparedField`) is integrated in its prepared form; adjoint solves
+    (see :class:`PreparedField`) is integrated in its prepared form, by its fused
+    solver where it has one and gradients are recorded; adjoint solves
     always call the field itself, as the adjoint differentiates each call.
     """
     counter = NFECounter()
@@ -165,6 +170,10 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
         prepared = PreparedField(vector_field, _identity, _identity)
 
     if setting.gradient == "backprop" and not setting.is_adaptive:
+        if prepared.solve is not None and not record_path and torch.is_grad_enabled():
+            z = prepared.solve(prepared.encode(z0), spec.tableau, setting.steps, T)
+            counter.forward += setting.steps * spec.tableau.stages
+            return Solution(prepared.decode(z), setting, counter, None)
         field_fn = prepared.f
 
         def f(z):
