@@ -79,13 +79,19 @@ def _require(df: pd.DataFrame, columns, what: str) -> None:
 def grid_costs(grid: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, train_method, gradient): trials, training NFE (forward + backward) and summed wall time.
 
-    ``grid`` has one row per trial and test setting; each trial counts once.
+    ``grid`` has one row per trial and test setting; each trial counts once. The seeds
+    of a seed-group trial (ids ``<Ray trial id>_seed<N>``) carry the group's wall time,
+    which counts once per group.
     """
     _require(grid, GRID_COLUMNS, "grid results")
     trials = grid.drop_duplicates("trial_id")
-    trials = trials.assign(nfe=trials["total_nfe_forward"] + trials["total_nfe_backward"])
-    return (trials.groupby(KEY, as_index=False)
-            .agg(grid_trials=("trial_id", "size"), grid_total_nfe=("nfe", "sum"), grid_wall_time=("wall_time", "sum")))
+    trials = trials.assign(nfe=trials["total_nfe_forward"] + trials["total_nfe_backward"],
+                           ray_trial=trials["trial_id"].astype(str).str.replace(r"_seed\d+$", "", regex=True))
+    counts = (trials.groupby(KEY, as_index=False)
+              .agg(grid_trials=("trial_id", "size"), grid_total_nfe=("nfe", "sum")))
+    walls = (trials.drop_duplicates("ray_trial").groupby(KEY, as_index=False)
+             .agg(grid_wall_time=("wall_time", "sum")))
+    return counts.merge(walls, on=KEY)
 
 
 def adaptation_summary(adapt: pd.DataFrame) -> pd.DataFrame:

@@ -65,23 +65,11 @@ def makespan(durations: list[float], slots: int) -> float:
     return max(free)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default="sphere2_fixed")
-    parser.add_argument("--iterations", type=int, default=200, help="iterations of the short run (default 200)")
-    parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--storage", default=None, help="where the short run goes (default: a temporary folder)")
-    parser.add_argument("--json", default=None, help="also write the numbers to this file")
-    args = parser.parse_args(argv)
-    space = load_space(args.space)
-    full = space.trials()[0]["iterations"]
-    storage = Path(args.storage or tempfile.mkdtemp(prefix="estimate_grid_"))
-    argv = ["--space", args.space, "--iterations", str(args.iterations), "--storage", str(storage), "--name", "estimate",
-            "--cpus", str(args.cpus)]
-    load_start = os.getloadavg()
-    wall = run_grid(argv)
-    load_end = os.getloadavg()
-    exp = storage / "estimate"
+def read_trials(exp: Path, full: int) -> list[dict]:
+    """Per Ray trial of the finished experiment ``exp``, in the grid's start order: its
+    label, seeds, NFE per iteration, Ray's total time, the group's training wall and
+    CPU time (``final.json``), the cost per NFE per seed, and ``full_*_s``: the trial
+    extrapolated to ``full`` iterations (equal to the measured times when it ran ``full``)."""
     order = json.loads((exp / "grid.json").read_text())
     trials = []
     for trial_dir in sorted(p for p in exp.iterdir() if (p / "result.json").is_file()):
@@ -107,6 +95,26 @@ def main(argv=None) -> int:
     key = lambda c: (c["method"], c["steps"], c["tol"], c["gradient"], c["seed"])  # noqa: E731
     position = {key(order["trials"][u[0]]): i for i, u in enumerate(order["units"])}
     trials.sort(key=lambda t: position[key(t["config"])])
+    return trials
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default="sphere2_fixed")
+    parser.add_argument("--iterations", type=int, default=200, help="iterations of the short run (default 200)")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--storage", default=None, help="where the short run goes (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    space = load_space(args.space)
+    full = space.trials()[0]["iterations"]
+    storage = Path(args.storage or tempfile.mkdtemp(prefix="estimate_grid_"))
+    argv = ["--space", args.space, "--iterations", str(args.iterations), "--storage", str(storage), "--name", "estimate",
+            "--cpus", str(args.cpus)]
+    load_start = os.getloadavg()
+    wall = run_grid(argv)
+    load_end = os.getloadavg()
+    trials = read_trials(storage / "estimate", full)
     cli_overhead = wall - makespan([t["total_s"] for t in trials], args.cpus)
     estimate_wall = makespan([t["full_wall_s"] for t in trials], args.cpus) + cli_overhead
     estimate_cpu = makespan([t["full_cpu_s"] for t in trials], args.cpus) + cli_overhead

@@ -137,12 +137,22 @@ def test_two_solves_alive_at_once_keep_their_own_activations():
 def test_integrate_counts_the_fused_solves_evaluations(method):
     model = build_model("sphere", (1, 2), seed=0)
     x = torch.randn(4, 1, 2)
-    setting = SolverSetting.fixed(method, 5)
+    steps = dense.FUSED_MIN_EVALUATIONS  # enough evaluations for the fused solve
+    setting = SolverSetting.fixed(method, steps)
     sol = integrate(model.field, x, setting)
     assert any("DenseRKSolve" in name for name in graph_node_names(sol.z.grad_fn))
     sol.z.sum().backward()
-    assert sol.nfe_forward == sol.nfe_backward == 5 * METHODS[method].stages_per_step
+    assert sol.nfe_forward == sol.nfe_backward == steps * METHODS[method].stages_per_step
     with torch.no_grad():
         plain = integrate(model.field, x, setting)
     assert plain.nfe_forward == sol.nfe_forward
     torch.testing.assert_close(plain.z, sol.z.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_short_solves_keep_the_autograd_loop():
+    model = build_model("sphere", (1, 2), seed=0)
+    x = torch.randn(4, 1, 2)
+    short = SolverSetting.fixed("euler", dense.FUSED_MIN_EVALUATIONS - 1)
+    long = SolverSetting.fixed("euler", dense.FUSED_MIN_EVALUATIONS)
+    assert not any("DenseRKSolve" in n for n in graph_node_names(integrate(model.field, x, short).z.grad_fn))
+    assert any("DenseRKSolve" in n for n in graph_node_names(integrate(model.field, x, long).z.grad_fn))

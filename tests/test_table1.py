@@ -63,6 +63,17 @@ def test_grid_costs_count_each_trial_once():
     assert costs.loc[("cifar10", "euler"), "grid_total_nfe"] == 2 * 2 * 10 * 16
 
 
+def test_grid_costs_count_a_seed_groups_wall_time_once():
+    # Seeds 0 and 1 of each setting trained together in one Ray trial: the group's time once.
+    grid = grid_table()
+    grid = grid.assign(trial_id=grid["trial_id"].str.replace(r"-(\d)$", r"_seed\1", regex=True),
+                       wall_time=grid["wall_time"].where(grid["seed"] == 0, grid["wall_time"] - 1))
+    costs = grid_costs(grid).set_index(["dataset", "train_method"])
+    assert costs.loc[("sphere2", "euler"), "grid_trials"] == 4
+    assert costs.loc[("sphere2", "euler"), "grid_wall_time"] == 100 + 200
+    assert costs.loc[("sphere2", "euler"), "grid_total_nfe"] == 2 * 2 * 10 * (64 + 128)
+
+
 def test_table1_numbers_from_hand_made_tables():
     table = build_table1(grid_table(), adaptation_table(), critical)
     # RK4 has no adaptation counterpart and MNIST no grid: only matched groups remain.

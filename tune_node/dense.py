@@ -25,7 +25,7 @@ from .dense_solve import dense_rk_solve
 from .integrate import PreparedField, Solution, integrate
 from .solvers import SolverSetting
 
-__all__ = ["DENSE_MAX_DIM", "dense_conv_weights", "dense_field", "prepare_dense", "StackedSphereClassifier"]
+__all__ = ["DENSE_MAX_DIM", "FUSED_MIN_EVALUATIONS", "dense_conv_weights", "dense_field", "prepare_dense", "StackedSphereClassifier"]
 
 # Signal lengths up to which the dense form is used automatically. Measured on CPU
 # (`python benchmarks/bench_sphere.py --crossover`: one thread, batch 128, forward and
@@ -33,6 +33,14 @@ __all__ = ["DENSE_MAX_DIM", "dense_conv_weights", "dense_field", "prepare_dense"
 # Conv1d at D=2, ~4x at D=3, ~1.8x at D=5, ~1.2x at D=8..10, even at D=12 and slower
 # beyond (its cost grows as D^2, the conv's as D); Sphere900 keeps the conv.
 DENSE_MAX_DIM = 10
+
+# Solves of at least this many evaluations use the fused solve
+# (:func:`~tune_node.dense_solve.dense_rk_solve`); shorter ones the autograd loop, as the
+# fused solve's set-up per solve outweighs its gain there. Measured with
+# `python benchmarks/bench_sphere.py` (Sphere2, batch 128): at 4 evaluations (Euler, 4 steps)
+# the fused solve was 1.2x (5 seeds) to 1.5x (one seed) slower, at 16 (RK4, 4 steps) 1.15x
+# to 1.2x faster, at 256 to 1024 about 1.25x faster.
+FUSED_MIN_EVALUATIONS = 16
 
 
 def _dense_by_einsum(w1, b1, w2, b2, w3, b3, length: int) -> list[torch.Tensor]:
@@ -112,12 +120,15 @@ def dense_field(W1, c1, W2, c2, W3, c3):
 def prepare_dense(weights, z0: torch.Tensor) -> PreparedField:
     """The dense field for states shaped like ``z0 (..., C, D)``, weights as in
     :func:`dense_conv_weights`; states travel flattened to ``(..., C*D)``. Fixed-step
-    solves that record gradients go through :func:`~tune_node.dense_solve.dense_rk_solve`."""
+    solves that record gradients and take at least :data:`FUSED_MIN_EVALUATIONS`
+    evaluations go through :func:`~tune_node.dense_solve.dense_rk_solve`."""
     shape = z0.shape
     dense = dense_conv_weights(*weights, shape[-1])
     flat = (*shape[:-2], shape[-2] * shape[-1])
 
     def solve(z, tableau, steps, T):
+        if steps * tableau.stages < FUSED_MIN_EVALUATIONS:
+            return None
         return dense_rk_solve(dense, z, tableau, steps, T)
 
     return PreparedField(dense_field(*dense), encode=lambda z: z.reshape(flat), decode=lambda z: z.reshape(shape), solve=solve)

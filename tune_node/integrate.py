@@ -35,7 +35,7 @@ class PreparedField:
     decode: Callable[[torch.Tensor], torch.Tensor]
     #: Optional fused fixed-step solver ``solve(z0, tableau, steps, T) -> z_T`` on encoded
     #: states, equal to :func:`rk_solve` on ``f`` up to rounding; used while gradients
-    #: are recorded (its backward pass is its own).
+    #: are recorded (its backward pass is its own). It returns None to decline a solve.
     solve: Callable[[torch.Tensor, ButcherTableau, int, float], torch.Tensor] | None = None
 
 
@@ -172,8 +172,9 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
     if setting.gradient == "backprop" and not setting.is_adaptive:
         if prepared.solve is not None and not record_path and torch.is_grad_enabled():
             z = prepared.solve(prepared.encode(z0), spec.tableau, setting.steps, T)
-            counter.forward += setting.steps * spec.tableau.stages
-            return Solution(prepared.decode(z), setting, counter, None)
+            if z is not None:
+                counter.forward += setting.steps * spec.tableau.stages
+                return Solution(prepared.decode(z), setting, counter, None)
         field_fn = prepared.f
 
         def f(z):
