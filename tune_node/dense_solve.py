@@ -27,22 +27,20 @@ from .solvers import ButcherTableau
 
 __all__ = ["dense_rk_solve"]
 
-# Activation buffers between solves, keyed by shape, dtype and device. A solve takes a
-# set (or allocates one) in its forward pass and gives it back at the end of its
-# backward pass, so two solves alive at once never share one.
-_free_buffers: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+# Activation buffers between solves, keyed by shape, dtype and device: at most one free
+# set per key. A solve takes the set (or allocates one) in its forward pass and gives
+# it back at the end of its backward pass, so two solves alive at once never share one.
+_free_buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _MAX_KEYS = 4
 
 _threshold_backward_into = torch.ops.aten.threshold_backward.grad_input
 
 
 def _take_buffers(evals: int, z0: torch.Tensor, hidden: int) -> tuple[tuple, tuple[torch.Tensor, ...]]:
-    # Indexing and transposing these once per solve (unbind) rather than per
-    # evaluation saves a few dispatches per evaluation, which small fields notice.
     key = (evals, tuple(z0.shape), hidden, z0.dtype, z0.device)
-    free = _free_buffers.get(key)
-    if free:
-        return key, free.pop()
+    free = _free_buffers.pop(key, None)
+    if free is not None:
+        return key, free
     *lead, width = z0.shape
     zs = z0.new_empty(evals, *lead, width)  # stage inputs
     h1s = z0.new_empty(evals, *lead, hidden)  # hidden activations after ReLU
@@ -56,13 +54,7 @@ def _take_buffers(evals: int, z0: torch.Tensor, hidden: int) -> tuple[tuple, tup
 def _give_back(key: tuple, buffers: tuple[torch.Tensor, ...]) -> None:
     if key not in _free_buffers and len(_free_buffers) >= _MAX_KEYS:
         _free_buffers.pop(next(iter(_free_buffers)))
-    _free_buffers.setdefault(key, [])[:] = [buffers]
-
-
-def _coefficients(tableau: ButcherTableau, h: float):
-    a = [[(j, h * aij) for j, aij in enumerate(row) if aij != 0.0] for row in tableau.a]
-    b = [(i, h * bi) for i, bi in enumerate(tableau.b) if bi != 0.0]
-    return a, b
+    _free_buffers[key] = buffers
 
 
 class _DenseRKSolve(torch.autograd.Function):
@@ -71,6 +63,8 @@ class _DenseRKSolve(torch.autograd.Function):
         stages = len(a)
         key, buffers = _take_buffers(steps * stages, z0, W2.shape[-1])
         zs, h1s, h2s, ks = buffers[:4]
+        # Indexing and transposing the buffers once per solve (unbind) rather than per
+        # evaluation saves a few dispatches per evaluation, which small fields notice.
         h2s_t, ks_t = h2s.transpose(-1, -2).unbind(0), ks.transpose(-1, -2).unbind(0)
         zs, h1s, h2s, ks = zs.unbind(0), h1s.unbind(0), h2s.unbind(0), ks.unbind(0)
         c1, c2 = c1.unsqueeze(-2), c2.unsqueeze(-2)
@@ -80,7 +74,7 @@ class _DenseRKSolve(torch.autograd.Function):
         evals = steps * stages
         zs[0].copy_(z0)
         e = 0
-        for n in range(steps):
+        for _ in range(steps):
             k = []
             for i, row in enumerate(a):
                 zi = zs[e]
@@ -184,6 +178,6 @@ def dense_rk_solve(weights, z0: torch.Tensor, tableau: ButcherTableau, steps: in
     if single:
         W1, c1, W2, c2, W3, c3 = (w.unsqueeze(0) for w in (W1, c1, W2, c2, W3, c3))
         z0 = z0.unsqueeze(0)
-    a, b = _coefficients(tableau, T / steps)
+    a, b = tableau.step_coefficients(T / steps)
     z = _DenseRKSolve.apply(z0, W1, c1, W2, c2, W3, c3, a, b, steps)
     return z.squeeze(0) if single else z

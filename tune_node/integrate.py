@@ -115,8 +115,7 @@ def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float 
     fused ``z + c * k`` per nonzero tableau coefficient and nothing else.
     """
     h = T / steps
-    a = [[(j, h * aij) for j, aij in enumerate(row) if aij != 0.0] for row in tableau.a]
-    b = [(i, h * bi) for i, bi in enumerate(tableau.b) if bi != 0.0]
+    a, b = tableau.step_coefficients(h)
     z = z0
     path = [z0] if record_path else None
     if tableau.stages == 1:  # Euler: b == (1,)

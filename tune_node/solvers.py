@@ -66,6 +66,14 @@ class ButcherTableau:
     def stages(self) -> int:
         return len(self.b)
 
+    def step_coefficients(self, h: float) -> tuple[list[list[tuple[int, float]]], list[tuple[int, float]]]:
+        """The nonzero coefficients of one step of size ``h``, as ``(index, h * value)``
+        pairs: per stage its ``a`` row, and the ``b`` weights. What an explicit
+        Runge-Kutta loop multiplies by, zero terms left out."""
+        a = [[(j, h * aij) for j, aij in enumerate(row) if aij != 0.0] for row in self.a]
+        b = [(i, h * bi) for i, bi in enumerate(self.b) if bi != 0.0]
+        return a, b
+
 
 def _f(*values) -> tuple[float, ...]:
     return tuple(float(Fraction(v)) for v in values)
