@@ -97,8 +97,6 @@ def init_ray(args) -> str | None:
     return None
 
 
-
-
 def print_dry_run(header: str, rows: list[dict], gpus: float) -> int:
     """A dry run's output: ``header``, one row per trial, and whether a GPU request would fail here. Returns 0."""
     print(header)

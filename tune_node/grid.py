@@ -34,6 +34,7 @@ from .experiment import print_dry_run, start_experiment
 from .search_space import SearchSpaceError, available_spaces, load_space, train_config_from_trial
 from .seed_groups import groupable
 from .solvers import METHODS
+from .trainable import is_group, trial_seeds
 from .tune_callbacks import group_label
 
 __all__ = ["main", "build_parser", "plan_trials", "estimated_nfe", "GRID_FILE"]
@@ -161,9 +162,9 @@ def _ray_config(unit: list[dict]):
 
 
 def _trial_dirname(trial) -> str:
-    c = trial.config["trial"]
-    seeds = f"seed{c['seed']}" if isinstance(c, dict) else "seeds" + "_".join(str(t["seed"]) for t in c)
-    c = c if isinstance(c, dict) else c[0]
+    seed_configs = trial_seeds(trial.config)
+    c = seed_configs[0]
+    seeds = "seeds" + "_".join(str(t["seed"]) for t in seed_configs) if is_group(trial.config) else f"seed{c['seed']}"
     setting = f"tol{c['tol']:g}" if c.get("tol") is not None else f"steps{c['steps']}"
     return f"{c['method']}_{setting}_{c['gradient']}_{seeds}_{trial.trial_id}"
 

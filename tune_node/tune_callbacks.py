@@ -18,6 +18,8 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
+from .trainable import is_group, trial_seeds
+
 __all__ = ["TensorBoardCallback", "ProgressCallback", "trial_label", "group_label", "HPARAM_KEYS"]
 
 HPARAM_KEYS = ("dataset", "method", "steps", "tol", "gradient", "seed", "lr", "iterations", "mode", "test_method", "k", "threshold")
@@ -42,15 +44,6 @@ def group_label(trial_configs: list[dict]) -> str:
     return f"{head} seeds {','.join(str(c['seed']) for c in trial_configs)}"
 
 
-def _seed_configs(trial) -> list[dict]:
-    config = trial.config["trial"]
-    return list(config) if isinstance(config, list) else [config]
-
-
-def _is_group(trial) -> bool:
-    return isinstance(trial.config.get("trial"), list)
-
-
 def _hparams(writer, config: dict, result: dict) -> None:
     from tensorboardX.summary import hparams
 
@@ -72,17 +65,17 @@ class TensorBoardCallback(TBXLoggerCallback):
         _hparams(self._trial_writer[trial], trial.config.get("trial", {}), result)
 
     def log_trial_start(self, trial) -> None:
-        if not _is_group(trial):
+        if not is_group(trial.config):
             return super().log_trial_start(trial)
         for writer in self._seed_writers.pop(trial, {}).values():
             writer.close()
         trial.init_local_path()
         self._seed_writers[trial] = {c["seed"]: self._summary_writer_cls(str(Path(trial.local_path) / f"seed{c['seed']}"), flush_secs=30)
-                                     for c in _seed_configs(trial)}
+                                     for c in trial_seeds(trial.config)}
         self._seed_results[trial] = {}
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-        if not _is_group(trial):
+        if not is_group(trial.config):
             return super().log_trial_result(iteration, trial, result)
         if trial not in self._seed_writers:
             self.log_trial_start(trial)
@@ -98,11 +91,11 @@ class TensorBoardCallback(TBXLoggerCallback):
             self._seed_results[trial][seed] = scalars
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
-        if not _is_group(trial):
+        if not is_group(trial.config):
             return super().log_trial_end(trial, failed)
         writers = self._seed_writers.pop(trial, {})
         results = self._seed_results.pop(trial, {})
-        for config in _seed_configs(trial):
+        for config in trial_seeds(trial.config):
             writer = writers.get(config["seed"])
             if writer is None:
                 continue
@@ -135,10 +128,10 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # This trial's status becomes TERMINATED only after the callbacks ran.
-        done = sum(len(_seed_configs(t)) for t in trials if t is not trial and t.status == "TERMINATED")
+        done = sum(len(trial_seeds(t.config)) for t in trials if t is not trial and t.status == "TERMINATED")
         result = self.latest.get(trial.trial_id) or trial.last_result or {}
-        for config in _seed_configs(trial):
-            r = result.get("seeds", {}).get(str(config["seed"]), {}) if _is_group(trial) else result
+        for config in trial_seeds(trial.config):
+            r = result.get("seeds", {}).get(str(config["seed"]), {}) if is_group(trial.config) else result
             done += 1
             numbers = ""
             if "test_accuracy" in r:
@@ -148,7 +141,7 @@ class ProgressCallback(Callback):
             self.out(f"[{self._elapsed()}] done {done}/{self.total}  {trial_label(config)}{numbers}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.out(f"[{self._elapsed()}] FAILED {group_label(_seed_configs(trial))} (trial {trial.trial_id}); "
+        self.out(f"[{self._elapsed()}] FAILED {group_label(trial_seeds(trial.config))} (trial {trial.trial_id}); "
                  f"see {trial.local_path}/error.txt", flush=True)
 
     def on_step_end(self, iteration, trials, **info):
@@ -158,9 +151,9 @@ class ProgressCallback(Callback):
         self.last_status = now
         counts: dict[str, int] = {}
         for t in trials:
-            counts[t.status] = counts.get(t.status, 0) + len(_seed_configs(t))
+            counts[t.status] = counts.get(t.status, 0) + len(trial_seeds(t.config))
         running = [
-            f"{group_label(_seed_configs(t))} it {self.latest.get(t.trial_id, {}).get('iteration', 0)}/{_seed_configs(t)[0]['iterations']}"
+            f"{group_label(trial_seeds(t.config))} it {self.latest.get(t.trial_id, {}).get('iteration', 0)}/{trial_seeds(t.config)[0]['iterations']}"
             for t in trials if t.status == "RUNNING"
         ]
         status = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
