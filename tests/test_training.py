@@ -23,7 +23,7 @@ def test_same_seed_bit_identical_weights_different_seed_differs():
 
 def test_paper_initialisation_zero_biases():
     m = build_model("sphere", (1, 2), seed=0)
-    assert all(float(p.abs().sum()) == 0 for n, p in m.named_parameters() if n.endswith("bias"))
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in m.named_parameters() if n.endswith("bias"))
 
 
 def test_reports_every_k_with_nfe_and_setting():

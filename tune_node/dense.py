@@ -21,11 +21,11 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .dense_solve import dense_rk_solve
+from .dense_solve import PythonLoops, dense_rk_solve, solve_loops
 from .integrate import PreparedField, Solution, integrate
 from .solvers import SolverSetting
 
-__all__ = ["DENSE_MAX_DIM", "FUSED_MIN_EVALUATIONS", "dense_conv_weights", "dense_field", "prepare_dense", "StackedSphereClassifier"]
+__all__ = ["DENSE_MAX_DIM", "FUSED_MIN_EVALUATIONS", "fused_min_evaluations", "dense_conv_weights", "dense_field", "prepare_dense", "StackedSphereClassifier"]
 
 # Signal lengths up to which the dense form is used automatically. Measured on CPU
 # (`python benchmarks/bench_sphere.py --crossover`: one thread, batch 128, forward and
@@ -36,11 +36,18 @@ DENSE_MAX_DIM = 10
 
 # Solves of at least this many evaluations use the fused solve
 # (:func:`~tune_node.dense_solve.dense_rk_solve`); shorter ones the autograd loop, as the
-# fused solve's set-up per solve outweighs its gain there. Measured with
-# `python benchmarks/bench_sphere.py` (Sphere2, batch 128): at 4 evaluations (Euler, 4 steps)
-# the fused solve was 1.2x (5 seeds) to 1.5x (one seed) slower, at 16 (RK4, 4 steps) 1.15x
-# to 1.2x faster, at 256 to 1024 about 1.25x faster.
-FUSED_MIN_EVALUATIONS = 16
+# fused solve's set-up per solve outweighs its gain there. Measured (Sphere2, batch 128,
+# forward and backward of one solve, interleaved): with the Python loops, at 4 evaluations
+# the fused solve was 1.2x (5 seeds) to 1.5x (one seed) slower, at 16 1.15x to 1.2x
+# faster; with the C++ loops (tune_node.native) equal at 2, 1.1x faster at 4 (Euler 4
+# steps, RK4 1 step), 1.2-1.4x at 8 to 16.
+FUSED_MIN_EVALUATIONS = {"python": 16, "cpp": 4}
+
+
+def fused_min_evaluations() -> int:
+    """The fewest evaluations a solve needs to take the fused path, for the loops
+    :func:`~tune_node.dense_solve.solve_loops` picks here."""
+    return FUSED_MIN_EVALUATIONS["python" if solve_loops() is PythonLoops else "cpp"]
 
 
 def _dense_by_einsum(w1, b1, w2, b2, w3, b3, length: int) -> list[torch.Tensor]:
@@ -120,14 +127,14 @@ def dense_field(W1, c1, W2, c2, W3, c3):
 def prepare_dense(weights, z0: torch.Tensor) -> PreparedField:
     """The dense field for states shaped like ``z0 (..., C, D)``, weights as in
     :func:`dense_conv_weights`; states travel flattened to ``(..., C*D)``. Fixed-step
-    solves that record gradients and take at least :data:`FUSED_MIN_EVALUATIONS`
+    solves that record gradients and take at least :func:`fused_min_evaluations`
     evaluations go through :func:`~tune_node.dense_solve.dense_rk_solve`."""
     shape = z0.shape
     dense = dense_conv_weights(*weights, shape[-1])
     flat = (*shape[:-2], shape[-2] * shape[-1])
 
     def solve(z, tableau, steps, T):
-        if steps * tableau.stages < FUSED_MIN_EVALUATIONS:
+        if steps * tableau.stages < fused_min_evaluations():
             return None
         return dense_rk_solve(dense, z, tableau, steps, T)
 

@@ -1,6 +1,6 @@
 """Running trial configs as one Ray Tune experiment, shared by the grid and adaptation CLIs.
 
-:func:`start_experiment` checks and starts Ray and records a new experiment; :func:`fit` starts (or restores) the Tuner with the project's conventions: one
+:func:`start_experiment` checks and starts Ray, prepares the C++ solver loops and records a new experiment; :func:`fit` starts (or restores) the Tuner with the project's conventions: one
 grid-search entry per trial config under the key ``"trial"``, TensorBoard runs
 with hparams, concise progress lines, two checkpoints kept per trial, one retry.
 """
@@ -12,12 +12,14 @@ import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
+from . import native
 from .cli import check_gpus, format_table
 
-__all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray"]
+__all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops"]
 
 
 def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
@@ -97,6 +99,16 @@ def init_ray(args) -> str | None:
     return None
 
 
+def prepare_native_loops() -> None:
+    """Builds (or loads the cached build of) :mod:`tune_node.native`'s C++ loops here,
+    so that trials on this machine load them instead of racing to build them."""
+    start = time.perf_counter()
+    loops = native.dense_loops()
+    seconds = time.perf_counter() - start
+    if loops is not None and seconds > 5:
+        print(f"built the C++ solver loops in {seconds:.0f} s (cached for later runs)", flush=True)
+
+
 def print_dry_run(header: str, rows: list[dict], gpus: float) -> int:
     """A dry run's output: ``header``, one row per trial, and whether a GPU request would fail here. Returns 0."""
     print(header)
@@ -114,7 +126,7 @@ def start_experiment(args, storage: Path, name: str, record_file: str, trials: i
     """Everything between the checked arguments and :func:`fit`; returns an error message or None.
 
     Refuses to start over an existing experiment without ``args.resume``, fails fast on
-    an unreachable ``args.address``, starts or joins Ray, then writes ``record()`` as
+    an unreachable ``args.address``, starts or joins Ray, builds or loads the C++ solver loops (:func:`prepare_native_loops`), then writes ``record()`` as
     JSON to ``storage / name / record_file`` (new experiments; ``--resume`` reads it)
     and prints ``announce()``, or announces the resume of its ``trials`` trials.
     """
@@ -124,6 +136,7 @@ def start_experiment(args, storage: Path, name: str, record_file: str, trials: i
     problem = check_address(args.address) or init_ray(args)  # Ray starts only for a reachable address
     if problem:
         return problem
+    prepare_native_loops()
     if args.resume:
         print(f"resuming {experiment_dir} ({trials} trials; finished ones are not rerun)", flush=True)
     else:
