@@ -5,11 +5,13 @@ the hand-written backward sums the same terms in another order). The C++ loops o
 tune_node.native and the Python loops give the same bits.
 """
 
+import warnings
+
 import pytest
 import torch
 
 from tune_node import dense, native
-from tune_node.dense_solve import PythonLoops, dense_rk_solve
+from tune_node.dense_solve import PythonLoops, dense_rk_solve, solve_loops
 from tune_node.integrate import integrate, rk_solve
 from tune_node.models import build_model
 from tune_node.solvers import METHODS, SolverSetting
@@ -191,7 +193,6 @@ def test_cpp_loops_give_the_python_loops_bits(method, dtype):
 
 @needs_native
 def test_dense_rk_solve_uses_the_cpp_loops_where_built():
-    from tune_node.dense_solve import solve_loops
     assert solve_loops() is NATIVE
 
 
@@ -199,7 +200,6 @@ def test_native_loops_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(native, "_loaded", native._UNSET)
     monkeypatch.setenv("TUNE_NODE_NATIVE", "0")
     assert native.dense_loops() is None
-    from tune_node.dense_solve import solve_loops
     assert solve_loops() is PythonLoops
 
 
@@ -214,7 +214,6 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with pytest.warns(RuntimeWarning, match="c\\+\\+: command not found"):
         assert native.dense_loops() is None
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.dense_loops() is None  # no second warning, no second attempt

@@ -1,7 +1,7 @@
 // The loops of tune_node.dense_solve in C++: the same ATen calls in the same order as
 // the Python loops there (so the results are the same bit for bit), without the
 // Python interpreter's cost per call, which is a large share of a small field's
-// evaluation. Built on first use by tune_node.dense_solve_ext.
+// evaluation. Built on first use by tune_node.native.
 #include <torch/extension.h>
 
 #include <optional>
