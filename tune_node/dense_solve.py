@@ -185,10 +185,11 @@ class _DenseRKSolve(torch.autograd.Function):
             raise RuntimeError("dense_rk_solve runs one backward pass per solve (retain_graph is not supported)")
         W1, c1, W2, W3 = ctx.saved_tensors
         zs, h1, h2s, _, *bias_sums = ctx.buffers
-        gW1, gW2 = torch.zeros_like(W1), torch.zeros_like(W2)
-        # Accumulated transposed, the fast orientation, and contiguous: zeros_like would
-        # keep W3's strides, and MKL accumulates into that layout ~6x slower (~50 us per
-        # 5-seed evaluation, an eighth of the whole solve).
+        # Gradient accumulators are contiguous whatever the weights' strides (zeros_like
+        # would keep those of a dense view): MKL accumulates into a transposed layout ~6x
+        # slower (~50 us per 5-seed evaluation for W3's, an eighth of the whole solve).
+        # W3's is accumulated transposed, the fast orientation.
+        gW1, gW2 = W1.new_zeros(W1.shape), W2.new_zeros(W2.shape)
         gW3t = W3.new_zeros(*W3.shape[:-2], W3.shape[-1], W3.shape[-2])
         gz = ctx.loops.backward_loop(grad_z, W1, c1, W2, W3, zs, h1, h2s, *bias_sums, gW1, gW2, gW3t,
                                      ctx.a, ctx.b, ctx.steps)
