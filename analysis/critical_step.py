@@ -8,10 +8,12 @@ summary as one.
 The rule (Ott et al. 2021, Section 2.4), step by step:
 
 1. **Seeds that did not train are excluded.** A trial (one seed at one training
-   setting) did not train when its final train accuracy (whole train set, train
-   solver) is below ``chance + margin``; chance is 1/classes (0.5 for the spheres,
-   0.1 for MNIST and CIFAR10), ``margin`` defaults to 0.1. Excluded trials are
-   counted, never silently dropped.
+   setting) did not train when it diverged (its loss stopped being finite:
+   ``status`` ``diverged`` in the results table) or when its final train accuracy
+   (whole train set, train solver) is below ``chance + margin``; chance is
+   1/classes (0.5 for the spheres, 0.1 for MNIST and CIFAR10), ``margin`` defaults
+   to 0.1. Excluded trials are counted, never silently dropped: the summary gives
+   the excluded and the diverged ones, and names every setting left undetermined.
 2. **Test solvers of equal or smaller error.** A test setting qualifies for a
    training setting when its global error order is not larger. Fixed step:
    ``h_test ** p_test <= h_train ** p_train`` with ``h = 1 / steps`` (T = 1) and ``p``
@@ -23,7 +25,8 @@ The rule (Ott et al. 2021, Section 2.4), step by step:
 3. **Solver-independent setting.** On the means over the included seeds: every
    qualifying test setting's accuracy is within ``threshold`` (0.1, the paper's) of
    the train solver's accuracy, ``|mean acc(test) - mean acc(train)| <= threshold``.
-   A setting without included seeds is undetermined and counts as not independent.
+   A setting without included seeds is undetermined and counts as not independent
+   (so it can move the critical setting finer); ``undetermined`` names it and why.
 4. **Critical setting.** Order the training settings from coarsest (fewest steps,
    largest tolerance) to finest. The critical setting is the coarsest one from which
    every finer setting is solver-independent too; a solver-dependent setting finer
@@ -68,6 +71,7 @@ TEST = ["test_method", "test_steps", "test_tol"]
 SUMMARY_COLUMNS = [
     "dataset", "train_method", "gradient", "status", "critical_steps", "critical_tol",
     "nfe_dependent", "nfe_critical", "accuracy_mean", "accuracy_std", "seeds", "excluded_seeds", "excluded_trials",
+    "diverged_trials", "undetermined",
 ]
 
 
@@ -88,7 +92,9 @@ def trial_table(results: pd.DataFrame, margin: float = 0.1) -> pd.DataFrame:
     per_trial = [c for c in results.columns if c not in TEST + ["factor", "accuracy", "nfe", "is_train_solver"]]
     trials = results.drop_duplicates("trial_id")[per_trial].reset_index(drop=True)
     chance = trials["dataset"].map(chance_accuracy)
-    trials["trained"] = trials["train_accuracy"] >= chance + margin
+    # Tables from before divergence was recorded have no status: every trial there trained to its end.
+    trials["diverged"] = trials["status"].eq("diverged") if "status" in trials else False
+    trials["trained"] = (trials["train_accuracy"] >= chance + margin) & ~trials["diverged"]
     return trials
 
 
@@ -110,6 +116,7 @@ def qualifying_tests(rows: pd.DataFrame) -> pd.Series:
 def _setting_rows(results: pd.DataFrame, threshold: float, margin: float) -> list[dict]:
     trials = trial_table(results, margin)
     trained_ids = set(trials.loc[trials["trained"], "trial_id"])
+    diverged_ids = set(trials.loc[trials["diverged"], "trial_id"])
     rows = []
     for keys, group in results.groupby(GROUP + SETTING, dropna=False, sort=False):
         dataset, method, gradient, steps, tol = (_key(k) for k in keys)
@@ -119,7 +126,7 @@ def _setting_rows(results: pd.DataFrame, threshold: float, margin: float) -> lis
         group_trials = trials[trials["trial_id"].isin(ids & trained_ids)]
         row = {
             "dataset": dataset, "train_method": method, "gradient": gradient, "train_steps": steps, "train_tol": tol,
-            "seeds": n_in, "excluded_seeds": len(ids) - n_in,
+            "seeds": n_in, "excluded_seeds": len(ids) - n_in, "diverged_seeds": len(ids & diverged_ids),
             "nfe_forward_per_iteration": group_trials["nfe_forward_per_iteration"].mean() if n_in else float("nan"),
             "accuracy_mean": float("nan"), "accuracy_std": float("nan"),
             "worst_test": None, "max_difference": float("nan"), "independent": False,
@@ -172,7 +179,8 @@ def critical_steps(results: pd.DataFrame, threshold: float = 0.1, margin: float 
         row = dict(zip(GROUP, keys))
         row.update(status="none", critical_steps=None, critical_tol=None, nfe_dependent=float("nan"),
                    nfe_critical=float("nan"), accuracy_mean=float("nan"), accuracy_std=float("nan"), seeds=0,
-                   excluded_seeds=0, excluded_trials=int(group["excluded_seeds"].sum()))
+                   excluded_seeds=0, excluded_trials=int(group["excluded_seeds"].sum()),
+                   diverged_trials=int(group["diverged_seeds"].sum()), undetermined=_undetermined(group))
         if critical is not None:
             c = group.loc[critical]
             row.update(status="found" if critical > 0 else "coarsest", critical_steps=c["train_steps"], critical_tol=c["train_tol"],
@@ -185,6 +193,17 @@ def critical_steps(results: pd.DataFrame, threshold: float = 0.1, margin: float 
     summary["critical_steps"] = summary["critical_steps"].astype("Int64")
     summary["critical_tol"] = summary["critical_tol"].astype("float64")
     return summary
+
+
+def _undetermined(group: pd.DataFrame) -> str:
+    """The settings of a group without an included seed, each with why (``""`` if none)."""
+    parts = []
+    for r in group[group["seeds"] == 0].itertuples():
+        setting = f"tol {r.train_tol:g}" if pd.notna(r.train_tol) else f"{int(r.train_steps)} steps"
+        untrained = r.excluded_seeds - r.diverged_seeds
+        why = [f"{r.diverged_seeds} diverged"] * bool(r.diverged_seeds) + [f"{untrained} below chance + margin"] * bool(untrained)
+        parts.append(f"{setting} ({', '.join(why) or 'no seeds'})")
+    return "; ".join(parts)
 
 
 def display_rows(summary: pd.DataFrame) -> list[dict]:
@@ -203,8 +222,12 @@ def display_rows(summary: pd.DataFrame) -> list[dict]:
         rows.append({
             "dataset": r.dataset, "train method": r.train_method, "gradient": r.gradient, "critical": critical,
             "fwd NFE/iter": nfe, "accuracy": acc, "seeds": r.seeds,
-            "excluded": f"{r.excluded_seeds} ({r.excluded_trials} in group)",
+            "excluded": f"{r.excluded_seeds} ({r.excluded_trials} in group"
+                        + (f", {r.diverged_trials} diverged)" if r.diverged_trials else ")"),
+            **({"undetermined": r.undetermined} if r.undetermined else {}),
         })
+    if any("undetermined" in r for r in rows):  # one column for all rows, or none
+        rows = [{**r, "undetermined": r.get("undetermined", "-")} for r in rows]
     return rows
 
 

@@ -129,6 +129,9 @@ def adapt_trial(config: dict) -> None:
         "cross_solver_min_accuracy": min(finer) if finer else result.test_accuracy,
         "done_training": True,
     }
+    if result.diverged is not None:
+        metrics.update(timesteps_total=result.diverged.iteration, iteration=result.diverged.iteration,
+                       diverged_at_iteration=result.diverged.iteration)
     final = {
         "trial_id": trial_id,
         "config": trial,
@@ -138,4 +141,6 @@ def adapt_trial(config: dict) -> None:
         "cross_solver": rows,
         "metrics": metrics,
     }
-    _report_with_checkpoint(metrics, last["state"](), {FINAL_FILE: json.dumps(final, indent=1)})
+    # A diverged run's weights are not finite: its final checkpoint keeps final.json alone.
+    state = last["state"]() if last["state"] is not None and result.diverged is None else None
+    _report_with_checkpoint(metrics, state, {FINAL_FILE: json.dumps(final, indent=1)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ __all__ = ["SUMMARY_COLUMNS", "HISTORY_COLUMNS", "SUMMARY_CSV", "HISTORY_CSV", "
 SUMMARY_COLUMNS = (
     "experiment", "trial_id", "dataset", "mode", "train_method", "test_method", "gradient", "seed", "iterations",
     "test_accuracy", "nfe_per_iteration", "train_nfe_forward", "train_nfe_backward", "check_nfe", "total_nfe",
-    "wall_time", "final_steps", "final_tol",
+    "wall_time", "final_steps", "final_tol", "status", "diverged_iteration", "diverged_reason",
 )
 HISTORY_COLUMNS = (
     "trial_id", "seed", "iteration", "step_size", "tol", "steps", "test_steps", "test_tol", "train_solver_accuracy",
@@ -59,6 +60,10 @@ def summary_row(result: TrainResult, controller, experiment: str, trial_id: str)
         "wall_time": result.wall_time,
         "final_steps": s.steps,
         "final_tol": s.tol,
+        # "diverged": the loss stopped being finite at diverged_iteration; accuracies are NaN.
+        "status": "trained" if result.diverged is None else "diverged",
+        "diverged_iteration": None if result.diverged is None else result.diverged.iteration,
+        "diverged_reason": None if result.diverged is None else result.diverged.reason,
     }
 
 
@@ -86,7 +91,8 @@ def collect(experiment_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Reads the ``final.json`` each finished trial of :mod:`tune_node.adapt_trainable`
     leaves in its newest final checkpoint; unfinished trials have no rows, so this
-    works on an interrupted experiment too. Columns are :data:`SUMMARY_COLUMNS` and
+    works on an interrupted experiment too, and an unreadable ``final.json`` is
+    skipped with a warning naming it. Columns are :data:`SUMMARY_COLUMNS` and
     :data:`HISTORY_COLUMNS`; rows sorted by seed (and iteration).
     """
     from .results import _final_files  # imports Ray; the row functions above do not need it
@@ -96,9 +102,15 @@ def collect(experiment_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(f"experiment directory {str(experiment_dir)!r} does not exist")
     summaries, histories = [], []
     for path in _final_files(experiment_dir):
-        final = json.loads(path.read_text())
-        summaries.append(final["summary"])
-        histories += final["history"]
+        try:
+            final = json.loads(path.read_text())
+            summary, history = dict(final["summary"]), list(final["history"])
+        except (OSError, ValueError, KeyError, TypeError) as err:  # one bad file costs only its trial
+            warnings.warn(f"skipped the unreadable {path} ({type(err).__name__}: {err}); that trial has no rows",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        summaries.append(summary)
+        histories += history
     summary = pd.DataFrame(summaries, columns=list(SUMMARY_COLUMNS)).sort_values(["seed"], kind="stable")
     history = pd.DataFrame(histories, columns=list(HISTORY_COLUMNS)).sort_values(["seed", "iteration"], kind="stable")
     return summary.reset_index(drop=True), history.reset_index(drop=True)

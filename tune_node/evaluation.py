@@ -24,6 +24,7 @@ __all__ = [
     "accuracy",
     "test_matrix",
     "cross_solver_table",
+    "unevaluated_table",
 ]
 
 FIXED_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -81,7 +82,9 @@ def test_matrix(train: SolverSetting) -> list[TestCase]:
     for method in TEST_METHODS[train.method]:
         if train.is_adaptive:
             for factor in TOLERANCE_FACTORS:
-                cases.append(TestCase(factor, SolverSetting.adaptive(method, train.tol * factor, train.gradient, train.T)))
+                # A cap raised for training holds for its tests too (a test at tol/10 needs more steps).
+                cases.append(TestCase(factor, SolverSetting(method, tol=train.tol * factor, gradient=train.gradient, T=train.T,
+                                                            max_steps=train.max_steps)))
         else:
             for factor in FIXED_FACTORS:
                 cases.append(TestCase(factor, SolverSetting.fixed(method, _scaled_steps(train.steps, factor), train.gradient, train.T)))
@@ -115,6 +118,14 @@ def cross_solver_table(model, x: torch.Tensor, y: torch.Tensor, train: SolverSet
             }
         )
     return rows
+
+
+def unevaluated_table(train: SolverSetting) -> list[dict]:
+    """The rows of :func:`cross_solver_table` for a model that is not evaluated (its training
+    diverged): the same test settings, ``accuracy`` NaN and ``nfe`` 0."""
+    return [{"test_method": case.setting.method, "test_steps": case.setting.steps, "test_tol": case.setting.tol,
+             "factor": case.factor, "accuracy": float("nan"), "nfe": 0,
+             "is_train_solver": case.setting.method == train.method and case.factor == 1.0} for case in test_matrix(train)]
 
 
 # Named for what they are, not pytest tests: keep pytest from collecting them on import.

@@ -4,6 +4,13 @@ Fixed-step methods with backprop run this module's own explicit Runge-Kutta loop
 exactly ``steps`` steps of size ``h = T / steps``, nothing else per step. Adaptive
 methods, and every method in adjoint mode, run through torchdiffeq. Every solve
 counts its function evaluations exactly, forward and backward separately.
+
+Adaptive solves are capped at ``setting.max_adaptive_steps`` step attempts
+(:data:`~tune_node.solvers.DEFAULT_MAX_ADAPTIVE_STEPS` unless the setting's
+``max_steps`` says otherwise), in the adjoint's backward solve too. A solve that
+reaches the cap raises :class:`SolverStepLimitError`; one whose step size underflows
+raises :class:`StepSizeUnderflowError`. Both are RuntimeErrors naming the method,
+tolerance and evaluations spent, in place of torchdiffeq's bare AssertionErrors.
 """
 
 from __future__ import annotations
@@ -15,9 +22,60 @@ import torch
 import torchdiffeq
 from torch import nn
 
-from .solvers import ButcherTableau, SolverSetting
+from .solvers import DEFAULT_MAX_ADAPTIVE_STEPS, ButcherTableau, SolverSetting
 
-__all__ = ["NFECounter", "PreparedField", "Solution", "integrate", "rk_solve"]
+__all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "StepSizeUnderflowError", "integrate", "rk_solve"]
+
+# The messages of torchdiffeq's adaptive Runge-Kutta loop (rk_common.py) that this
+# module turns into its own errors; any other AssertionError passes through unchanged.
+_TORCHDIFFEQ_STEP_LIMIT = "max_num_steps exceeded"
+_TORCHDIFFEQ_UNDERFLOW = "underflow in dt"
+
+
+class SolverStepLimitError(RuntimeError):
+    """An adaptive solve reached its cap on step attempts (``max_steps``) before ``T``.
+
+    The message names the method, tolerance, cap, the function evaluations spent and
+    how to raise the cap. ``setting``, ``nfe`` and ``phase`` (``"forward"`` or
+    ``"backward"``: the adjoint's solve) are kept as attributes.
+    """
+
+    def __init__(self, setting: SolverSetting, nfe: int, phase: str = "forward"):
+        self.setting, self.nfe, self.phase = setting, nfe, phase
+        where = "the adjoint's backward solve" if phase == "backward" else "one solve"
+        super().__init__(
+            f"{setting.method} (tol={setting.tol:g}) needed more than max_steps={setting.max_adaptive_steps} step attempts "
+            f"in {where} of [0, {setting.T:g}] (NFE reached: {nfe}); the field is too stiff for this tolerance or "
+            f"diverged. To allow more, raise the cap: SolverSetting(..., max_steps=N) or the 'max_steps' key of a search "
+            f"space's [[solvers]] table (default without it: DEFAULT_MAX_ADAPTIVE_STEPS = {DEFAULT_MAX_ADAPTIVE_STEPS})"
+        )
+
+
+class StepSizeUnderflowError(RuntimeError):
+    """An adaptive solve's step size fell below what the time's float precision resolves.
+
+    The message names the method, tolerance, the function evaluations spent and the
+    likely causes. ``setting``, ``nfe`` and ``phase`` are kept as attributes.
+    """
+
+    def __init__(self, setting: SolverSetting, nfe: int, phase: str = "forward", detail: str = ""):
+        self.setting, self.nfe, self.phase = setting, nfe, phase
+        where = "the adjoint's backward solve" if phase == "backward" else "the solve"
+        super().__init__(
+            f"{setting.method} (tol={setting.tol:g}): the step size underflowed in {where} of [0, {setting.T:g}] "
+            f"(NFE reached: {nfe}; torchdiffeq: {detail}): the tolerance is too small for the float precision of the "
+            f"state and time, or the solution diverged (blew up); allowed: a larger tol, or a model that stays finite"
+        )
+
+
+def _solver_error(err: AssertionError, setting: SolverSetting, nfe: int, phase: str) -> RuntimeError | None:
+    """The error of this module standing for torchdiffeq's ``err``, or None if it is another assertion."""
+    message = str(err)
+    if message.startswith(_TORCHDIFFEQ_STEP_LIMIT):
+        return SolverStepLimitError(setting, nfe, phase)
+    if message.startswith(_TORCHDIFFEQ_UNDERFLOW):
+        return StepSizeUnderflowError(setting, nfe, phase, message)
+    return None
 
 
 @dataclass(frozen=True)
@@ -55,12 +113,36 @@ class NFECounter:
 
 
 class _CountingField(nn.Module):
-    """``f(t, z) = field(z)`` for torchdiffeq, counting calls into an :class:`NFECounter`."""
+    """``f(t, z) = field(z)`` for torchdiffeq, counting calls into an :class:`NFECounter`.
 
-    def __init__(self, vector_field: Callable[[torch.Tensor], torch.Tensor], counter: NFECounter):
+    With ``backward_cap`` (a setting, adaptive adjoint solves only) it also counts the
+    step attempts of the adjoint's backward solve through torchdiffeq's
+    ``callback_step_adjoint`` hook and raises :class:`SolverStepLimitError` on the
+    attempt after the setting's cap, before that attempt evaluates anything.
+    """
+
+    def __init__(self, vector_field: Callable[[torch.Tensor], torch.Tensor], counter: NFECounter,
+                 backward_cap: SolverSetting | None = None):
         super().__init__()
         self.vector_field = vector_field
         self.counter = counter
+        self.backward_cap = backward_cap
+        self.backward_attempts = 0
+        self.backward_nfe_start = 0
+
+    def start_backward(self, grad):
+        """Tensor hook on the solution: a new backward solve begins, so its attempts
+        (and the evaluations an error reports) count from 0."""
+        self.backward_attempts = 0
+        self.backward_nfe_start = self.counter.backward
+        return None
+
+    def callback_step_adjoint(self, t0, y0, dt):
+        if self.backward_cap is None:
+            return
+        self.backward_attempts += 1
+        if self.backward_attempts > self.backward_cap.max_adaptive_steps:
+            raise SolverStepLimitError(self.backward_cap, self.counter.backward - self.backward_nfe_start, "backward")
 
     def forward(self, t, z):
         if self.counter.in_backward:
@@ -153,10 +235,18 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
 
     Guarantees: fixed-step solves take exactly ``setting.steps`` steps of size
     ``T / steps`` and evaluate the field ``steps * stages`` times; adaptive solves use
-    ``rtol = atol = setting.tol``. With backprop, a field offering ``prepare(z0)``
+    ``rtol = atol = setting.tol`` and make at most ``setting.max_adaptive_steps`` step
+    attempts, forward and (adjoint) backward. With backprop, a field offering ``prepare(z0)``
     (see :class:`PreparedField`) is integrated in its prepared form, by its fused
     solver where it has one and gradients are recorded; adjoint solves
     always call the field itself, as the adjoint differentiates each call.
+
+    Raises:
+        SolverStepLimitError: an adaptive solve needs more attempts than the cap; from
+            ``backward()`` too when the adjoint's backward solve does.
+        StepSizeUnderflowError: an adaptive forward solve's step size underflowed. In the
+            adjoint's backward solve torchdiffeq's own AssertionError ('underflow in dt')
+            surfaces from ``backward()`` unchanged: it is raised inside autograd, out of reach.
     """
     counter = NFECounter()
     spec = setting.spec
@@ -184,13 +274,17 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
         path = None if path is None else [prepared.decode(p) for p in path]
         return Solution(prepared.decode(z), setting, counter, path)
 
-    counted = _CountingField(prepared.f, counter)
+    adaptive_adjoint = setting.is_adaptive and setting.gradient == "adjoint"
+    counted = _CountingField(prepared.f, counter, backward_cap=setting if adaptive_adjoint else None)
     z0 = prepared.encode(z0)
 
     t = torch.tensor([0.0, T], dtype=z0.dtype, device=z0.device)
     kwargs = {"method": spec.torchdiffeq_name}
     if setting.is_adaptive:
         kwargs.update(rtol=setting.tol, atol=setting.tol)
+        # torchdiffeq refuses attempt max_num_steps + 1 of a solve (n counts attempts
+        # of its one interval [0, T]): the cap's exact meaning.
+        kwargs["options"] = {"max_num_steps": setting.max_adaptive_steps}
     else:
         steps = setting.steps
         # The grid as given: exactly `steps` equal steps between the requested times
@@ -202,8 +296,27 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
         else:
             kwargs["adjoint_rtol"] = setting.tol
             kwargs["adjoint_atol"] = setting.tol
-        z = torchdiffeq.odeint_adjoint(counted, z0, t, adjoint_params=tuple(vector_field.parameters()), **kwargs)[-1]
+            # The backward solve runs inside autograd, where torchdiffeq's AssertionError
+            # could not be caught and renamed here: counted.callback_step_adjoint enforces
+            # the cap itself and raises SolverStepLimitError. torchdiffeq's own limit sits
+            # one attempt above it, a backstop should that hook ever not be called.
+            kwargs["adjoint_options"] = {"max_num_steps": setting.max_adaptive_steps + 1}
+        try:
+            z = torchdiffeq.odeint_adjoint(counted, z0, t, adjoint_params=tuple(vector_field.parameters()), **kwargs)[-1]
+        except AssertionError as err:
+            converted = _solver_error(err, setting, counter.forward, "forward")
+            if converted is None:
+                raise
+            raise converted from err
+        if adaptive_adjoint and z.requires_grad:
+            z.register_hook(counted.start_backward)
     else:
-        z = prepared.decode(torchdiffeq.odeint(counted, z0, t, **kwargs)[-1])
+        try:
+            z = prepared.decode(torchdiffeq.odeint(counted, z0, t, **kwargs)[-1])
+        except AssertionError as err:
+            converted = _solver_error(err, setting, counter.forward, "forward")
+            if converted is None:
+                raise
+            raise converted from err
     counter.in_backward = True
     return Solution(z, setting, counter, None)

@@ -24,10 +24,13 @@ A search space is a TOML file; the ones shipped with tune-node live in the
     [[solvers]]
     method = "dopri5"
     tol = [1e-3, 1e-4]              # adaptive methods: tolerances
+    max_steps = 20000               # adaptive methods, optional: step attempts per solve
+                                    # (default: solvers.DEFAULT_MAX_ADAPTIVE_STEPS)
     lr = 1e-4                       # a solver table may override training keys
 
 The trials are every (solver setting, seed) pair. Loading checks everything and
-raises :class:`SearchSpaceError` naming the file and the problem.
+raises :class:`SearchSpaceError` naming the file and the problem; booleans are
+never numbers, and an empty list of steps, tolerances or gradients is an error.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ __all__ = ["SearchSpaceError", "SearchSpace", "available_spaces", "load_space", 
 
 TOP_KEYS = {"description", "dataset", "seeds", "training", "solvers"}
 TRAINING_KEYS = {"iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size"}
-SOLVER_KEYS = {"method", "steps", "tol", "gradient"} | TRAINING_KEYS
+SOLVER_KEYS = {"method", "steps", "tol", "gradient", "max_steps"} | TRAINING_KEYS
 
 
 class SearchSpaceError(ValueError):
@@ -62,13 +65,18 @@ def available_spaces() -> list[str]:
 
 
 def parse_seeds(value) -> list[int]:
-    """Seeds from a count (``5`` -> 0..4), a list, or a string ``"5"`` / ``"0,1,2"``."""
+    """Seeds from a count (``5`` -> 0..4), a list, or a string ``"5"`` / ``"0,1,2"``.
+
+    Raises ValueError naming the value for anything else: booleans, an empty entry
+    in a string list (``"3,"``, ``"1,,2"``), repeated or negative seeds.
+    """
     if isinstance(value, str):
         text = value.strip()
         try:
-            value = [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
+            # Every comma-separated entry must be a number: "3," is a typo, not [3].
+            value = [int(s) for s in text.split(",")] if "," in text else int(text)
         except ValueError:
-            raise ValueError(f"seeds must be a count like 5 or a list like 0,1,2; got {text!r}") from None
+            raise ValueError(f"seeds must be a count like 5 or a list like 0,1,2 (no empty entries); got {text!r}") from None
     if isinstance(value, bool):
         raise ValueError(f"seeds must be a count or a list of integers, got {value!r}")
     if isinstance(value, int):
@@ -122,6 +130,9 @@ class SearchSpace:
                     "steps": setting.steps,
                     "tol": setting.tol,
                     "gradient": setting.gradient,
+                    # Only when given: configs (and the trial names and results made from
+                    # them) of spaces without max_steps stay as they were.
+                    **({"max_steps": setting.max_steps} if setting.max_steps is not None else {}),
                     "seed": seed,
                     "iterations": config.iterations,
                     "lr": config.lr,
@@ -151,8 +162,10 @@ class SearchSpace:
 
 
 def train_config_from_trial(trial: dict, device: str = "cpu") -> TrainConfig:
-    """The :class:`TrainConfig` of one trial config from :meth:`SearchSpace.trials`."""
-    setting = SolverSetting(trial["method"], steps=trial["steps"], tol=trial["tol"], gradient=trial["gradient"])
+    """The :class:`TrainConfig` of one trial config from :meth:`SearchSpace.trials`
+    (``max_steps`` is optional: absent means the default cap)."""
+    setting = SolverSetting(trial["method"], steps=trial["steps"], tol=trial["tol"], gradient=trial["gradient"],
+                            max_steps=trial.get("max_steps"))
     keys = ("seed", "iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size", "data_root", "download")
     return TrainConfig(dataset=trial["dataset"], solver=setting, device=device, **{k: trial[k] for k in keys})
 
@@ -229,19 +242,29 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
             raise ValueError(f"{what}: {method} is {'adaptive' if adaptive else 'fixed-step'}: give {key!r}, not {other!r}")
         if key not in table:
             raise ValueError(f"{what}: {method} needs {key!r}")
+        if "max_steps" in table and not adaptive:
+            raise ValueError(f"{what}: {method} is fixed-step: 'max_steps' is for adaptive methods only "
+                             f"({', '.join(m for m in METHODS if METHODS[m].adaptive)}), got max_steps={table['max_steps']!r}")
+        values = _as_list(table[key])
+        if not values:
+            raise ValueError(f"{what}: {key} = [] gives no {method} setting; allowed: one value or a non-empty list")
         gradients = _as_list(table.get("gradient", "backprop"))
+        if not gradients:
+            raise ValueError(f"{what}: gradient = [] gives no setting; allowed: {', '.join(GRADIENT_MODES)} or a non-empty list of them")
         for g in gradients:
             if g not in GRADIENT_MODES:
                 raise ValueError(f"{what}: unknown gradient {g!r}; allowed: {', '.join(GRADIENT_MODES)}")
         overrides = {k: v for k, v in table.items() if k in TRAINING_KEYS}
         for gradient in gradients:
-            for value in _as_list(table[key]):
+            for value in values:
                 try:
-                    setting = SolverSetting(method, **{key: value}, gradient=gradient)
+                    setting = SolverSetting(method, **{key: value}, gradient=gradient, max_steps=table.get("max_steps"))
                 except ValueError as err:
                     raise ValueError(f"{what}: {err}") from None
                 solvers.append((setting, overrides))
-    if len({s for s, _ in solvers}) != len(solvers):
+    # max_steps is left out of the comparison: two trials differing only in their cap
+    # would share one name and one row key in the results.
+    if len({(s.method, s.steps, s.tol, s.gradient) for s, _ in solvers}) != len(solvers):
         raise ValueError("a solver setting appears twice")
     space = SearchSpace(
         name=path.stem,

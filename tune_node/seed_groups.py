@@ -13,6 +13,7 @@ resumes with either function.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable
 
@@ -24,7 +25,7 @@ from .datasets import Dataset, dataset_family, load_dataset
 from .evaluation import accuracy
 from .models import build_model
 from .solvers import SolverSetting
-from .training import BatchSampler, Progress, TrainConfig, TrainResult, make_optimizer, train, training_state
+from .training import BatchSampler, Divergence, Progress, TrainConfig, TrainResult, make_optimizer, train, training_state
 
 __all__ = ["groupable", "train_seed_group"]
 
@@ -77,7 +78,10 @@ def train_seed_group(
     Settings :func:`groupable` rejects (adaptive, adjoint, images, long spheres)
     train seed after seed with ``train``. Grouped, each seed's weights equal those
     of its own ``train`` run up to floating-point rounding; ``wall_time`` and
-    ``elapsed`` are the group's.
+    ``elapsed`` are the group's. A seed whose loss stops being finite is marked as
+    diverged at that iteration (as ``train`` does) while the others train on: seeds
+    share no weights, so its non-finite values stay in its own slice; once every seed
+    has diverged, training stops.
     """
     _check_group(configs)
     if resume_from is not None and len(resume_from) != len(configs):
@@ -129,19 +133,27 @@ def _train_stacked(configs, datasets, on_report, resume_from) -> list[TrainResul
                               totals[i], histories[i], time.perf_counter() - start)
 
     model.train()
+    diverged: list[Divergence | None] = [None] * n
     for iteration in range(first, config.iterations + 1):
         idx = torch.stack([s.next() for s in samplers]).to(device)
         x, y = x_train[rows, idx], y_train[rows, idx]
         logits, sol = model(x, setting)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
+        if not bool(torch.isfinite(losses).all()):
+            for i, loss in enumerate(losses.detach().tolist()):
+                if diverged[i] is None and not math.isfinite(loss):
+                    diverged[i] = Divergence(iteration, f"loss is {loss}")
+            if all(diverged):
+                break
         optimizer.zero_grad(set_to_none=True)
         # Seeds share no weights: the sum's gradient is each seed's own loss gradient.
         losses.sum().backward()
         optimizer.step()
         nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
-        for t in totals:
-            t["fwd"] += nfe_fwd
-            t["bwd"] += nfe_bwd
+        for t, d in zip(totals, diverged):
+            if d is None:  # a diverged seed's cost ends where its training did
+                t["fwd"] += nfe_fwd
+                t["bwd"] += nfe_bwd
 
         if iteration % config.report_every == 0 or iteration == config.iterations:
             test_now = config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations)
@@ -161,12 +173,16 @@ def _train_stacked(configs, datasets, on_report, resume_from) -> list[TrainResul
     results = []
     for i, (c, d) in enumerate(zip(configs, datasets)):
         m = seed_model(i)
-        test_acc, _ = accuracy(m, d.x_test, d.y_test, setting, c.eval_batch_size)
-        train_acc, _ = accuracy(m, d.x_train, d.y_train, setting, c.eval_batch_size)
+        if diverged[i] is None:
+            test_acc, _ = accuracy(m, d.x_test, d.y_test, setting, c.eval_batch_size)
+            train_acc, _ = accuracy(m, d.x_train, d.y_train, setting, c.eval_batch_size)
+        else:
+            test_acc = train_acc = float("nan")
         results.append(TrainResult(
-            config=c, model=m, setting=setting, iterations=c.iterations, test_accuracy=test_acc,
-            train_accuracy=train_acc, total_nfe_forward=totals[i]["fwd"], total_nfe_backward=totals[i]["bwd"],
-            check_nfe=0, wall_time=time.perf_counter() - start, history=histories[i],
+            config=c, model=m, setting=setting, iterations=c.iterations if diverged[i] is None else diverged[i].iteration - 1,
+            test_accuracy=test_acc, train_accuracy=train_acc, total_nfe_forward=totals[i]["fwd"],
+            total_nfe_backward=totals[i]["bwd"], check_nfe=0, wall_time=time.perf_counter() - start,
+            history=histories[i], diverged=diverged[i],
         ))
     return results
 

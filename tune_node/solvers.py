@@ -9,6 +9,7 @@ mode. Integration itself lives in :mod:`tune_node.integrate`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
@@ -20,11 +21,23 @@ __all__ = [
     "ADAPTIVE_METHODS",
     "GRADIENT_MODES",
     "SolverSetting",
+    "MAX_FIXED_STEPS",
+    "DEFAULT_MAX_ADAPTIVE_STEPS",
     "get_method",
     "test_solver_for",
 ]
 
 GRADIENT_MODES = ("backprop", "adjoint")
+#: The most fixed steps a setting may ask for: beyond it one solve of ``[0, T]``
+#: (with its recorded graph or path) needs absurd memory and time.
+MAX_FIXED_STEPS = 100_000
+#: Step attempts (accepted or rejected) one adaptive solve may make when a setting's
+#: ``max_steps`` is None; a solve that needs more raises
+#: :class:`~tune_node.integrate.SolverStepLimitError` instead of running on.
+DEFAULT_MAX_ADAPTIVE_STEPS = 5000
+# torchdiffeq holds the cap in an int32 tensor, and the adjoint's backward solve is
+# given one attempt more (see tune_node.integrate), so this is the largest cap allowed.
+_LARGEST_MAX_STEPS = 2**31 - 2
 
 
 @dataclass(frozen=True)
@@ -149,19 +162,34 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown solver method {name!r}; allowed: {', '.join(METHODS)}") from None
 
 
+def _is_real(value) -> bool:
+    # bool is an Integral (True == 1), but a flag given where a number belongs is a mistake.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SolverSetting:
     """How to integrate: a method and its accuracy parameter, and how to differentiate.
 
     Arguments:
         method: a name from :data:`METHODS`.
-        steps: number of equal steps over ``[0, T]`` (fixed-step methods only), >= 1.
-        tol: ``rtol = atol`` (adaptive methods only), > 0.
+        steps: number of equal steps over ``[0, T]`` (fixed-step methods only), an
+            integer in ``1..MAX_FIXED_STEPS`` (numpy integers and integral floats are
+            stored as ``int``).
+        tol: ``rtol = atol`` (adaptive methods only), a finite real number > 0.
         gradient: ``"backprop"`` (through the solver's operations) or ``"adjoint"``.
-        T: final time; the paper uses 1.
+        T: final time, a finite real number > 0; the paper uses 1.
+        max_steps: keyword only, adaptive methods only: the most step attempts
+            (accepted or rejected) one solve may make, an integer >= 1; None means
+            :data:`DEFAULT_MAX_ADAPTIVE_STEPS`. The adjoint's backward solve gets
+            the same cap.
 
     Guarantees: a constructed setting is valid; bad values raise ValueError naming
-    the value and what is allowed.
+    the value and what is allowed. Booleans are refused wherever a number belongs.
     """
 
     method: str
@@ -169,26 +197,46 @@ class SolverSetting:
     tol: float | None = None
     gradient: str = "backprop"
     T: float = field(default=1.0)
+    max_steps: int | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
         m = get_method(self.method)
         if self.gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {self.gradient!r}; allowed: {', '.join(GRADIENT_MODES)}")
-        if not (isinstance(self.T, (int, float)) and self.T > 0):
-            raise ValueError(f"final time T must be > 0, got {self.T!r}")
+        if not (_is_real(self.T) and math.isfinite(self.T) and self.T > 0):
+            raise ValueError(f"final time T must be a finite number > 0, got {self.T!r}")
         if m.adaptive:
             if self.steps is not None:
                 raise ValueError(f"{self.method} is adaptive: give tol, not steps (got steps={self.steps!r})")
-            if self.tol is None or not isinstance(self.tol, (int, float)) or not self.tol > 0 or math.isinf(self.tol):
-                raise ValueError(f"{self.method} needs a tolerance tol > 0, got tol={self.tol!r}")
+            if not (_is_real(self.tol) and math.isfinite(self.tol) and self.tol > 0):
+                raise ValueError(f"{self.method} needs a tolerance tol > 0, got tol={self.tol!r}; allowed: a finite real number > 0")
             object.__setattr__(self, "tol", float(self.tol))
+            if self.max_steps is not None:
+                if not (_is_integer(self.max_steps) and 1 <= self.max_steps <= _LARGEST_MAX_STEPS):
+                    raise ValueError(f"{self.method} needs max_steps to be an integer in 1..{_LARGEST_MAX_STEPS} "
+                                     f"(or None: {DEFAULT_MAX_ADAPTIVE_STEPS}), got max_steps={self.max_steps!r}")
+                object.__setattr__(self, "max_steps", int(self.max_steps))
         else:
             if self.tol is not None:
                 raise ValueError(f"{self.method} is fixed-step: give steps, not tol (got tol={self.tol!r})")
+            if self.max_steps is not None:
+                raise ValueError(f"{self.method} is fixed-step: max_steps is for adaptive methods only "
+                                 f"({', '.join(ADAPTIVE_METHODS)}), got max_steps={self.max_steps!r}")
             if isinstance(self.steps, float) and self.steps.is_integer():
                 object.__setattr__(self, "steps", int(self.steps))
-            if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            if not _is_integer(self.steps) or self.steps < 1:
                 raise ValueError(f"{self.method} needs an integer number of steps >= 1, got steps={self.steps!r}")
+            if self.steps > MAX_FIXED_STEPS:
+                raise ValueError(f"{self.method} needs steps <= MAX_FIXED_STEPS = {MAX_FIXED_STEPS}, got steps={self.steps!r}")
+            object.__setattr__(self, "steps", int(self.steps))
+
+    @property
+    def max_adaptive_steps(self) -> int | None:
+        """The step-attempt cap an adaptive solve runs under (``max_steps`` or the
+        default); None for fixed-step settings."""
+        if not self.is_adaptive:
+            return None
+        return DEFAULT_MAX_ADAPTIVE_STEPS if self.max_steps is None else self.max_steps
 
     @classmethod
     def fixed(cls, method: str, steps: int, gradient: str = "backprop", T: float = 1.0) -> "SolverSetting":
@@ -232,11 +280,30 @@ class SolverSetting:
         return f"{self.spec.paper_name}({p}{g})"
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "steps": self.steps, "tol": self.tol, "gradient": self.gradient, "T": self.T}
+        """A plain dict that :meth:`from_dict` reads back. ``max_steps`` is present only
+        when set, so settings without it give the same dict (and checkpoints, trial
+        configs and result tables the same bits) as before it existed."""
+        d = {"method": self.method, "steps": self.steps, "tol": self.tol, "gradient": self.gradient, "T": self.T}
+        if self.max_steps is not None:
+            d["max_steps"] = self.max_steps
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SolverSetting":
-        return cls(method=d["method"], steps=d.get("steps"), tol=d.get("tol"), gradient=d.get("gradient", "backprop"), T=d.get("T", 1.0))
+        """The setting of a :meth:`to_dict` dict; only ``method`` is required.
+
+        Raises ValueError naming a missing ``method`` or unknown keys, and the allowed keys.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a solver setting dict is needed, got {type(d).__name__} {d!r}")
+        allowed = ("method", "steps", "tol", "gradient", "T", "max_steps")
+        unknown = sorted(set(d) - set(allowed), key=str)
+        if unknown:
+            raise ValueError(f"unknown solver setting key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+        if "method" not in d:
+            raise ValueError(f"solver setting {d!r} lacks the required key 'method'; allowed keys: {', '.join(allowed)}")
+        return cls(method=d["method"], steps=d.get("steps"), tol=d.get("tol"), gradient=d.get("gradient", "backprop"),
+                   T=d.get("T", 1.0), max_steps=d.get("max_steps"))
 
 
 # Default test method per train method for the adaptation check (Appendix C).

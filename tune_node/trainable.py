@@ -101,7 +101,8 @@ def _report_with_checkpoint(metrics: dict, state: dict | None, extra_files: dict
     with tempfile.TemporaryDirectory(prefix="tune_node_ckpt_") as tmp:
         if source is not None:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
-        for subdir, s in (states or ({"": state} if source is None else {})).items():
+        chosen = states if states is not None else ({"": state} if source is None and state is not None else {})
+        for subdir, s in chosen.items():
             save_checkpoint(Path(tmp) / subdir / CHECKPOINT_FILE, s)
         for name, content in (extra_files or {}).items():
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +228,12 @@ def train_trial(config: dict) -> None:
         rows = result.cross_solver_table(d)
         if "progresses" in last:
             metrics = _progress_metrics(last["progresses"][i])
+        elif result.diverged is not None:  # stopped before the end: its last iteration is the diverged one
+            metrics = {"timesteps_total": result.diverged.iteration, "iteration": result.diverged.iteration}
         else:  # restored from the last regular checkpoint: nothing left to train
             metrics = {"timesteps_total": result.iterations, "iteration": result.iterations}
+        if result.diverged is not None:
+            metrics["diverged_at_iteration"] = result.diverged.iteration
         finer = [r["accuracy"] for r in rows if not r["is_train_solver"]]
         metrics.update(
             train_accuracy=result.train_accuracy,  # now over the whole train set
@@ -250,6 +255,9 @@ def train_trial(config: dict) -> None:
             "total_nfe_backward": result.total_nfe_backward,
             "wall_time": result.wall_time,  # a group's: the whole group's training
             "seeds_in_trial": n,
+            # "diverged": its loss stopped being finite (see "diverged"); no checkpoint.pt is kept.
+            "status": "trained" if result.diverged is None else "diverged",
+            "diverged": None if result.diverged is None else result.diverged.to_dict(),
             "cross_solver": rows,
             "metrics": metrics,
         }
@@ -260,5 +268,7 @@ def train_trial(config: dict) -> None:
     cpu_time = time.process_time() - cpu_start
     files = {name: json.dumps({**final, "cpu_time": cpu_time, "train_cpu_time": train_cpu_time}, indent=1)
              for name, final in finals.items()}
-    states = {d: fn() for d, fn in zip(subdirs, last["state_fns"])}
+    # A diverged seed's weights are not finite: nothing worth reloading.
+    states = {d: fn() for d, fn, result in zip(subdirs, last["state_fns"] or [None] * n, results)
+              if fn is not None and result.diverged is None}
     _report_with_checkpoint(_trial_metrics(config, per_seed), None, files, states=states)

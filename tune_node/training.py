@@ -8,6 +8,8 @@ one thread give bit-identical weights.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,8 +18,9 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from .datasets import Dataset, check_dataset_name, dataset_family, load_dataset
-from .evaluation import accuracy, cross_solver_table
+from .datasets import TRAIN_SIZES, Dataset, check_dataset_name, dataset_family, load_dataset
+from .evaluation import accuracy, cross_solver_table, test_matrix, unevaluated_table
+from .integrate import SolverStepLimitError, StepSizeUnderflowError
 from .models import NeuralODEClassifier, build_model
 from .solvers import SolverSetting
 
@@ -26,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "Progress",
     "TrainResult",
+    "Divergence",
     "SolverController",
     "train",
     "save_checkpoint",
@@ -56,7 +60,14 @@ class TrainConfig:
         test_every: iterations between full test-set evaluations in reports; 0 = only at the end.
         eval_batch_size: batch size of evaluation passes.
         data_root, download: where torchvision's files are and whether to fetch them.
-        device: torch device string.
+        device: torch device string: ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
+
+    Guarantees: a constructed config is valid, checked before any data is loaded:
+    integer fields are integers (numpy integers stored as ``int``; booleans refused),
+    ``seed >= 0``, ``lr`` is a finite real > 0, ``batch_size`` is at most the dataset's
+    training set (:data:`~tune_node.datasets.TRAIN_SIZES`), the device parses (and CUDA
+    exists if asked for), and the solver's test matrix can be built. Bad values raise
+    ValueError naming the value and what is allowed.
     """
 
     dataset: str
@@ -85,16 +96,36 @@ class TrainConfig:
                 setattr(self, name, value)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        for name in ("iterations", "batch_size", "report_every", "eval_batch_size"):
+        # bool is an Integral, but True where a count belongs is a mistake, not 1.
+        minimum = {"seed": 0, "iterations": 1, "batch_size": 1, "report_every": 1, "eval_batch_size": 1, "test_every": 0}
+        for name, least in minimum.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.test_every, int) or self.test_every < 0:
-            raise ValueError(f"test_every must be an integer >= 0, got {self.test_every!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available; use device='cpu'")
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            setattr(self, name, int(value))
+        train_size = TRAIN_SIZES[self.dataset]
+        if self.batch_size > train_size:
+            raise ValueError(f"batch_size {self.batch_size} is larger than the {self.dataset} training set; "
+                             f"allowed: 1..{train_size}")
+        if not (isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}; allowed: a finite real number > 0")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"unknown device {self.device!r}; allowed: 'cpu', 'cuda', 'cuda:N'") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested but CUDA is not available; use device='cpu'")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device {self.device!r} requested but there are {torch.cuda.device_count()} CUDA "
+                                 f"device(s); allowed: 'cpu', 'cuda', 'cuda:0'..'cuda:{torch.cuda.device_count() - 1}'")
+        try:
+            # Evaluation after training builds these settings (steps x 2, tol x 0.1):
+            # one that cannot exist would lose the trained model's results.
+            test_matrix(self.solver)
+        except ValueError as err:
+            raise ValueError(f"train solver {self.solver.label()} cannot be evaluated after training: "
+                             f"its test settings are invalid ({err})") from None
 
     @staticmethod
     def paper_defaults(dataset: str, solver: SolverSetting) -> dict:
@@ -155,9 +186,37 @@ class SolverController(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Why training stopped early: the first iteration whose loss was not finite.
+
+    ``reason`` says what was seen (``"loss is nan"``, or the solver error that a model
+    with non-finite weights ran into).
+    """
+
+    iteration: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"iteration": self.iteration, "reason": self.reason}
+
+
+def solver_failure_divergence(model: torch.nn.Module, iteration: int, err: Exception) -> Divergence | None:
+    """A :class:`Divergence` when ``err`` (a solver's step-limit or underflow error) met a model
+    whose weights are no longer finite: the adaptive solver failed because training diverged.
+    None when the weights are finite: then the error is the solver's own, and stands."""
+    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return None
+    return Divergence(iteration, f"weights are not finite; the solver then failed: {err}")
+
+
 @dataclass
 class TrainResult:
-    """The outcome of :func:`train`."""
+    """The outcome of :func:`train`.
+
+    A run that diverged (:attr:`diverged` set) stopped at that iteration; its
+    accuracies are NaN and its model's weights are not finite.
+    """
 
     config: TrainConfig
     model: NeuralODEClassifier
@@ -170,6 +229,7 @@ class TrainResult:
     check_nfe: int
     wall_time: float
     history: list[dict]
+    diverged: Divergence | None = None
 
     @property
     def nfe_per_iteration(self) -> float:
@@ -182,18 +242,27 @@ class TrainResult:
         return (self.total_nfe_forward + self.check_nfe) / max(1, self.iterations)
 
     def cross_solver_table(self, data: Dataset | None = None) -> list[dict]:
-        """The paper's test matrix for this model at its final train setting."""
+        """The paper's test matrix for this model at its final train setting (accuracy NaN
+        and no evaluation when the run diverged)."""
+        if self.diverged is not None:
+            return unevaluated_table(self.setting)
         data = data or load_dataset(self.config.dataset, self.config.seed, self.config.data_root, self.config.download)
         data = data.to(self.config.device)
         return cross_solver_table(self.model, data.x_test, data.y_test, self.setting, self.config.eval_batch_size)
 
 
 class BatchSampler:
-    """Seeded batches without replacement; a fresh permutation every epoch, last partial batch dropped."""
+    """Seeded batches without replacement; a fresh permutation every epoch, last partial batch dropped.
+
+    ``batch_size`` must be in ``1..n`` (ValueError naming both otherwise), so every
+    batch has exactly ``batch_size`` examples.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int):
-        if batch_size > n:
-            batch_size = n
+        # A batch larger than the training set was once clamped silently: the run then
+        # trained with another batch size than its config (and results) said.
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size {batch_size!r} does not fit a training set of {n} examples; allowed: 1..{n}")
         self.n, self.batch_size = n, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.perm = torch.empty(0, dtype=torch.int64)
@@ -289,7 +358,9 @@ def train(
         data: the loaded dataset, to skip loading it again.
 
     Accuracy in reports is the current batch's; ``test_accuracy`` is exact over the
-    whole test set.
+    whole test set. A loss that is not finite stops training at that iteration, before
+    its optimizer step: the result's ``diverged`` says where and why, and nothing more
+    is reported or evaluated.
     """
     start = time.perf_counter()
     device = torch.device(config.device)
@@ -319,12 +390,22 @@ def train(
                               controller.state_dict() if controller is not None else None)
 
     model.train()
+    diverged = None
     for iteration in range(first, config.iterations + 1):
         idx = sampler.next().to(device)
         x, y = data.x_train[idx], data.y_train[idx]
         used = setting
-        logits, sol = model(x, used)
+        try:
+            logits, sol = model(x, used)
+        except (SolverStepLimitError, StepSizeUnderflowError) as err:
+            diverged = solver_failure_divergence(model, iteration, err)
+            if diverged is None:
+                raise
+            break
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            diverged = Divergence(iteration, f"loss is {float(loss.detach())}")
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
@@ -356,9 +437,13 @@ def train(
             if on_report is not None:
                 on_report(progress, lambda it=iteration: state(it))
 
-    iterations_done = config.iterations
-    test_acc, _ = accuracy(model, data.x_test, data.y_test, setting, config.eval_batch_size)
-    train_acc, _ = accuracy(model, data.x_train, data.y_train, setting, config.eval_batch_size)
+    # A diverged run completed the iterations before the one whose loss was not finite.
+    iterations_done = config.iterations if diverged is None else diverged.iteration - 1
+    if diverged is None:
+        test_acc, _ = accuracy(model, data.x_test, data.y_test, setting, config.eval_batch_size)
+        train_acc, _ = accuracy(model, data.x_train, data.y_train, setting, config.eval_batch_size)
+    else:
+        test_acc = train_acc = float("nan")
     return TrainResult(
         config=config,
         model=model,
@@ -371,4 +456,5 @@ def train(
         check_nfe=totals["check"],
         wall_time=time.perf_counter() - start,
         history=history,
+        diverged=diverged,
     )
