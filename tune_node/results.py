@@ -7,6 +7,14 @@ is per seed either way: ``trial_id`` is then the Ray trial's id plus ``_seed<N>`
 and ``wall_time`` the group's (its seeds trained together). Unfinished trials have
 no rows, so the table can be (re)built at any time, also from an interrupted
 experiment. Columns are :data:`COLUMNS`, in that order.
+
+A trial whose loss stopped being finite has ``status`` ``"diverged"``, the iteration
+and the reason in ``diverged_iteration`` and ``diverged_reason``, NaN accuracies and
+no checkpoint (``status`` is ``"trained"`` otherwise). A ``final.json`` that cannot be
+read (truncated, corrupt) costs only its own trial's rows: the table holds every
+readable trial and names the others (a warning each, and ``table.attrs["unreadable"]``).
+The CLI writes tables only into a grid experiment's folder, and rebuilds
+``adaptation.csv`` and ``adaptation_history.csv`` in an adaptation experiment's.
 """
 
 from __future__ import annotations
@@ -14,19 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
 from .trainable import CHECKPOINT_FILE, FINAL_FILE
 
-__all__ = ["COLUMNS", "collect", "write_results", "RESULTS_CSV", "RESULTS_PARQUET"]
+__all__ = ["COLUMNS", "collect", "write_results", "read_results", "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError"]
 
 COLUMNS = [
     "experiment", "trial_id", "dataset", "train_method", "train_steps", "train_tol", "gradient", "seed",
     "iterations", "lr", "train_accuracy", "test_accuracy", "nfe_per_iteration", "nfe_forward_per_iteration",
     "total_nfe_forward", "total_nfe_backward", "wall_time", "checkpoint",
     "test_method", "test_steps", "test_tol", "factor", "accuracy", "nfe", "is_train_solver",
+    "status", "diverged_iteration", "diverged_reason",
 ]
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -57,51 +67,88 @@ def collect(experiment_dir: str | Path) -> pd.DataFrame:
 
     Guarantees: columns exactly :data:`COLUMNS`; rows sorted by trial settings, seed
     and test setting; ``checkpoint`` is the absolute path of the trial's final
-    ``checkpoint.pt``. An experiment without finished trials gives an empty table.
+    ``checkpoint.pt`` (empty for a diverged trial, which keeps none). An experiment
+    without finished trials gives an empty table. Unreadable ``final.json`` files are
+    skipped with a warning naming each; ``table.attrs["unreadable"]`` lists them.
     """
     experiment_dir = Path(experiment_dir)
     if not experiment_dir.is_dir():
         raise FileNotFoundError(f"experiment directory {str(experiment_dir)!r} does not exist")
-    rows = []
+    rows, unreadable = [], []
     for path in _final_files(experiment_dir):
-        final = json.loads(path.read_text())
-        c = final["config"]
-        iterations = max(1, final["iterations"])
-        trial = {
-            "experiment": c["experiment"],
-            "trial_id": final["trial_id"] or _trial_dir_name(path),
-            "dataset": c["dataset"],
-            "train_method": c["method"],
-            "train_steps": c["steps"],
-            "train_tol": c["tol"],
-            "gradient": c["gradient"],
-            "seed": c["seed"],
-            "iterations": final["iterations"],
-            "lr": c["lr"],
-            "train_accuracy": final["train_accuracy"],
-            "test_accuracy": final["test_accuracy"],
-            "nfe_per_iteration": (final["total_nfe_forward"] + final["total_nfe_backward"]) / iterations,
-            "nfe_forward_per_iteration": final["total_nfe_forward"] / iterations,
-            "total_nfe_forward": final["total_nfe_forward"],
-            "total_nfe_backward": final["total_nfe_backward"],
-            "wall_time": final["wall_time"],
-            "checkpoint": str((path.parent / CHECKPOINT_FILE).resolve()),
-        }
-        for test in final["cross_solver"]:
-            rows.append({**trial, **{k: test[k] for k in ("test_method", "test_steps", "test_tol", "factor", "accuracy", "nfe", "is_train_solver")}})
+        try:
+            rows += _trial_rows(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            unreadable.append(str(path))
+            warnings.warn(f"skipped the unreadable {path} ({type(err).__name__}: {err}); that trial has no rows",
+                          RuntimeWarning, stacklevel=2)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    for column in ("train_steps", "test_steps"):
+    for column in ("train_steps", "test_steps", "diverged_iteration"):
         table[column] = table[column].astype("Int64")
     for column in ("train_tol", "test_tol"):
         table[column] = table[column].astype("float64")
     table["is_train_solver"] = table["is_train_solver"].astype(bool)
     keys = ["dataset", "train_method", "gradient", "train_steps", "train_tol", "seed", "test_method", "test_steps", "test_tol", "factor"]
-    return table.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
+    table = table.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
+    table.attrs["unreadable"] = unreadable
+    return table
+
+
+def _trial_rows(path: Path) -> list[dict]:
+    """The rows of one trial's ``final.json`` (raises on a file that is not one)."""
+    final = json.loads(path.read_text())
+    c = final["config"]
+    iterations = max(1, final["iterations"])
+    diverged = final.get("diverged")  # absent in trials from before divergence was recorded
+    checkpoint = path.parent / CHECKPOINT_FILE
+    trial = {
+        "experiment": c["experiment"],
+        "trial_id": final["trial_id"] or _trial_dir_name(path),
+        "dataset": c["dataset"],
+        "train_method": c["method"],
+        "train_steps": c["steps"],
+        "train_tol": c["tol"],
+        "gradient": c["gradient"],
+        "seed": c["seed"],
+        "iterations": final["iterations"],
+        "lr": c["lr"],
+        "train_accuracy": final["train_accuracy"],
+        "test_accuracy": final["test_accuracy"],
+        "nfe_per_iteration": (final["total_nfe_forward"] + final["total_nfe_backward"]) / iterations,
+        "nfe_forward_per_iteration": final["total_nfe_forward"] / iterations,
+        "total_nfe_forward": final["total_nfe_forward"],
+        "total_nfe_backward": final["total_nfe_backward"],
+        "wall_time": final["wall_time"],
+        "checkpoint": str(checkpoint.resolve()) if diverged is None else None,
+        "status": final.get("status", "trained"),
+        "diverged_iteration": None if diverged is None else diverged["iteration"],
+        "diverged_reason": None if diverged is None else diverged["reason"],
+    }
+    return [{**trial, **{k: test[k] for k in ("test_method", "test_steps", "test_tol", "factor", "accuracy", "nfe", "is_train_solver")}}
+            for test in final["cross_solver"]]
+
+
+class NotAnExperimentError(ValueError):
+    """A folder that holds no grid experiment, where a results table was to be written."""
 
 
 def write_results(experiment_dir: str | Path) -> tuple[pd.DataFrame, Path]:
-    """Rebuild ``results.csv`` (and ``results.parquet``) in ``experiment_dir``; returns the table and the CSV path."""
+    """Rebuild ``results.csv`` (and ``results.parquet``) in ``experiment_dir``; returns the table and the CSV path.
+
+    Raises :class:`NotAnExperimentError`, writing nothing, when the folder is not a grid
+    experiment's (no ``grid.json``: an adaptation experiment, or any other folder).
+    """
+    from .experiment_folder import experiment_kind
+
     experiment_dir = Path(experiment_dir)
+    if not experiment_dir.is_dir():
+        raise FileNotFoundError(f"experiment directory {str(experiment_dir)!r} does not exist")
+    kind = experiment_kind(experiment_dir)
+    if kind != "grid":
+        what = {"adaptation": "an adaptation experiment", "unknown": "files of no tune-node experiment",
+                None: "no experiment"}.get(kind, f"a {kind} experiment")
+        raise NotAnExperimentError(f"{experiment_dir} holds {what}, not a grid experiment (no grid.json): "
+                                   f"no results table written there")
     table = collect(experiment_dir)
     csv = experiment_dir / RESULTS_CSV
     table.to_csv(csv, index=False)
@@ -125,16 +172,38 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune_node.results", description=__doc__.splitlines()[0])
-    parser.add_argument("experiment_dir", help="a grid experiment's directory, <storage>/<name>")
+    parser.add_argument("experiment_dir", help="an experiment's directory, <storage>/<name> (grid or adaptation)")
     args = parser.parse_args(argv)
+    from .experiment_folder import experiment_kind
+
+    experiment_dir = Path(args.experiment_dir)
+    if experiment_dir.is_dir() and experiment_kind(experiment_dir) == "adaptation":
+        from .adaptation_results import HISTORY_CSV, SUMMARY_CSV, write_tables
+
+        summary, history = write_tables(experiment_dir)
+        print(f"adaptation experiment: {len(summary)} trials finished -> {experiment_dir / SUMMARY_CSV}, "
+              f"{len(history)} checks -> {experiment_dir / HISTORY_CSV}")
+        return 0
     try:
-        table, csv = write_results(args.experiment_dir)
-    except FileNotFoundError as err:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            table, csv = write_results(experiment_dir)
+    except (FileNotFoundError, NotAnExperimentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    grid_file = Path(args.experiment_dir) / "grid.json"  # written by tune_node.grid at the start
-    planned = f" of {len(json.loads(grid_file.read_text())['trials'])}" if grid_file.is_file() else ""
-    print(f"{table['trial_id'].nunique()}{planned} trials finished, {len(table)} rows -> {csv}")
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    grid_file = experiment_dir / "grid.json"  # written by tune_node.grid at the start
+    try:
+        planned = f" of {len(json.loads(grid_file.read_text())['trials'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        planned = ""
+    diverged = table.loc[table["status"] == "diverged", "trial_id"].nunique()
+    print(f"{table['trial_id'].nunique()}{planned} trials finished"
+          + (f" ({diverged} diverged)" if diverged else "") + f", {len(table)} rows -> {csv}")
+    if table.attrs.get("unreadable"):
+        print(f"{len(table.attrs['unreadable'])} unreadable final.json left out (named above)", file=sys.stderr)
+        return 1
     return 0
 
 
