@@ -138,7 +138,8 @@ def test_table1_from_a_tiny_grid_and_adaptation(tiny_runs, tmp_path):
 
 
 def test_dry_run_lists_one_trial_per_seed_and_starts_nothing(tmp_path, capsys):
-    argv = ["--space", "tiny", "--seeds", "0,3,4", "--dry-run", "--storage", str(tmp_path), "--mode", "tolerance"]
+    # tiny trains 20 iterations: k must not exceed them (the default 50 would never check)
+    argv = ["--space", "tiny", "--seeds", "0,3,4", "--dry-run", "--storage", str(tmp_path), "--mode", "tolerance", "--k", "5"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "3 adaptation trials" in out and "1 CPU and 0 GPU" in out
@@ -168,9 +169,9 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys, argv, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_gpus_without_cuda_stops_at_once(tmp_path):
-    with pytest.raises(SystemExit, match="--gpus 2 requested, but CUDA is not available"):
-        main(["--gpus", "2", "--storage", str(tmp_path)])
+def test_gpus_without_cuda_stops_at_once(tmp_path, capsys):
+    assert main(["--gpus", "2", "--storage", str(tmp_path)]) == 2  # an input error: exit status 2, no traceback
+    assert "error: --gpus 2 requested, but CUDA is not available" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -13,20 +13,21 @@ iteration with the checks' share of the cost. Examples::
     python -m tune_node.adapt --name adapt_quick_euler_midpoint --resume   # after a crash
 
 Every check of the arguments runs before Ray starts; ``--dry-run`` prints the
-trials and their resource requests and starts nothing.
+trials and their resource requests and starts nothing. Locking and exit status as
+for the grid (:mod:`tune_node.grid`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .adapt_trainable import TRAIN_KEYS, starting_setting
 from .adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
-from .experiment import print_dry_run, start_experiment
-from .grid import _fail, check_arguments
+from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
+from .experiment_folder import ADAPT_FILE, check_existing, check_new, open_existing, open_new
+from .grid import _fail, check_arguments, data_problem, resume_space, space_problem
 from .grid import build_parser as _grid_parser
 from .search_space import SearchSpaceError, load_space
 from .solvers import GRADIENT_MODES, METHODS
@@ -35,7 +36,7 @@ from .tune_callbacks import trial_label
 
 __all__ = ["main", "build_parser", "resolve_solvers", "ADAPT_FILE"]
 
-ADAPT_FILE = "adapt.json"  # what the experiment was started with, for --resume and for readers
+# ADAPT_FILE (adapt.json, what the experiment was started with) lives in experiment_folder, beside GRID_FILE.
 MODES = ("step", "tolerance")
 DEFAULTS = {"threshold": 0.1, "k": 50, "initial_tol": 1e-6, "gradient": "backprop"}
 
@@ -105,6 +106,9 @@ def resolve_solvers(mode: str | None, train: str | None, test: str | None) -> tu
 def _adaptation_settings(args) -> dict:
     """The adaptation part of every trial config, validated by building a controller (ValueError if bad)."""
     mode, train, test = resolve_solvers(args.mode, args.train_solver, args.test_solver)
+    if mode == "step" and args.initial_tol is not None:
+        raise ValueError(f"--initial-tol is the starting tolerance of tolerance mode; step mode ({train}) starts from "
+                         f"one step and takes no tolerance: drop --initial-tol, or use --mode tolerance")
     given = {k: getattr(args, k) for k in DEFAULTS}
     s = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}, "mode": mode, "method": train, "test_method": test}
     common = {"test_method": test, "k": s["k"], "threshold": s["threshold"], "gradient": s["gradient"]}
@@ -131,6 +135,7 @@ def _trial_dirname(trial) -> str:
     return f"{c['method']}_{c['test_method']}_{c['mode']}_seed{c['seed']}_{trial.trial_id}"
 
 
+@experiment_cli
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -143,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err))
     storage = Path(args.storage).resolve()
     space_name = args.space or "quick"
-    name = args.name or f"adapt_{Path(space_name).stem}_{settings['method']}_{settings['test_method']}"
-    experiment_dir = storage / name
+    name = args.name if args.name is not None else f"adapt_{Path(space_name).stem}_{settings['method']}_{settings['test_method']}"
 
     if args.resume:
         overrides = ("seeds", "iterations", "lr", "report_every", "mode", "train_solver", "test_solver", "k", "threshold",
@@ -152,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         changed = [f"--{k.replace('_', '-')}" for k in overrides if getattr(args, k) is not None]
         if changed:
             return _fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
-        saved_file = experiment_dir / ADAPT_FILE
-        if not saved_file.is_file():
-            return _fail(f"nothing to resume: no adaptation experiment {name!r} in {storage} (missing {saved_file})")
-        saved = json.loads(saved_file.read_text())
-        trials, space_name = saved["trials"], saved["space"]
+        experiment_dir, saved = check_existing(storage, name, "adaptation")
+        problem = space_problem(resume_space(args), saved, name)
+        if problem:
+            return _fail(problem)
+        trials, space_name = saved["trials"], saved.get("space", "?")
     else:
         try:
             space = load_space(space_name).with_overrides(seeds=args.seeds, iterations=args.iterations, lr=args.lr,
@@ -164,7 +168,18 @@ def main(argv: list[str] | None = None) -> int:
             trials = adaptation_trials(space, settings, name, str(Path(args.data_root).resolve()), args.download)
         except (SearchSpaceError, ValueError) as err:
             return _fail(str(err))
+        if not trials:
+            return _fail(f"search space {space.name!r} ({space.path}) gives no seeds to adapt")
+        too_few = sorted({t["iterations"] for t in trials if t["iterations"] < settings["k"]})
+        if too_few:
+            given = "" if args.k is not None else " (the default)"
+            return _fail(f"--k {settings['k']}{given} exceeds the {too_few[0]} training iterations: no check would ever "
+                         f"run; use --k between 1 and {too_few[0]} (or more --iterations)")
         space_name = space.name
+        experiment_dir = check_new(storage, name, "adaptation")
+    problem = data_problem(trials)
+    if problem:
+        return _fail(problem)
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
@@ -172,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                  "k": t["k"], "threshold": t["threshold"], "cpu": resources["cpu"], "gpu": resources["gpu"]} for t in trials]
         return print_dry_run(f"{len(trials)} adaptation trials ({space_name!r}) -> {experiment_dir}; each requests "
                              f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+    # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
+    command = command_line("tune_node.adapt", argv)
+    folder = open_existing(storage, name, "adaptation", command)[0] if args.resume else open_new(storage, name, "adaptation", command)
     problem = start_experiment(
-        args, storage, name, ADAPT_FILE, len(trials),
+        args, folder, len(trials),
         record=lambda: {"space": space_name, "space_file": space.path, "trials": trials},
         announce=lambda: f"{len(trials)} adaptation trials ({trial_label(trials[0]).rsplit(' seed', 1)[0]}, dataset and "
                          f"training of {space_name!r}) -> {experiment_dir}; each requests {resources['cpu']:g} CPU, "
@@ -192,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(summary):
         print(describe(summary, history))
     print(f"Table 1 against a grid: python -m analysis.table1 GRID_DIR {experiment_dir}")
-    return finish(experiment_dir, len(summary), len(trials), len(results.errors), "tune_node.adapt", args.storage, name)
+    return finish(experiment_dir, len(summary), len(trials), results, "tune_node.adapt", storage, name)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,19 @@ Every check runs before any work starts and names the bad value and what is allo
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from .datasets import DATASETS
 from .solvers import GRADIENT_MODES, METHODS, SolverSetting
 
-__all__ = ["add_data_arguments", "add_solver_arguments", "solver_from_args", "check_gpus", "format_table"]
+__all__ = ["add_data_arguments", "add_solver_arguments", "solver_from_args", "check_gpus", "format_table", "UsageError"]
+
+
+class UsageError(ValueError):
+    """An input error found before any work starts. The CLIs print it as one ``error: ...``
+    line on stderr and exit with status 2 (argparse's status for usage errors)."""
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +49,15 @@ def solver_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def check_gpus(gpus: float) -> None:
-    """Refuse a GPU request on a machine without CUDA, before anything starts."""
-    if gpus < 0:
-        raise SystemExit(f"error: --gpus must be >= 0, got {gpus}")
+    """Refuse a bad GPU request, or one on a machine without CUDA, before anything starts.
+
+    Raises :class:`UsageError` (exit status 2 in the CLIs) naming the value and what is allowed.
+    """
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise UsageError(f"--gpus must be a finite number >= 0, got {gpus:g}")
     if gpus > 0 and not torch.cuda.is_available():
-        raise SystemExit(
-            f"error: --gpus {gpus:g} requested, but CUDA is not available on this machine "
+        raise UsageError(
+            f"--gpus {gpus:g} requested, but CUDA is not available on this machine "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False); run with --gpus 0 to use CPUs"
         )
 

@@ -18,19 +18,24 @@ TensorBoard runs still per seed (``--no-seed-groups``: one seed per trial). Tria
 start in order of decreasing estimated cost, so the longest do not start last.
 
 Every check of the arguments runs before Ray starts; ``--dry-run`` prints the
-trials, their seeds and resource requests and starts nothing.
+trials, their seeds and resource requests and starts nothing. A run holds its
+experiment folder's lock from before Ray starts to its end
+(:mod:`tune_node.experiment_folder`). Exit status: 0 done, 1 seeds did not finish,
+2 refused before any work (one ``error:`` line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from .cli import check_gpus, format_table
-from .datasets import SPHERE_DIMS
-from .experiment import print_dry_run, start_experiment
+from .cli import UsageError, check_gpus, format_table
+from .datasets import SPHERE_DIMS, check_data_available
+from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
+from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
 from .search_space import SearchSpaceError, available_spaces, load_space, train_config_from_trial
 from .seed_groups import groupable
 from .solvers import METHODS
@@ -39,7 +44,7 @@ from .tune_callbacks import group_label
 
 __all__ = ["main", "build_parser", "plan_trials", "estimated_nfe", "GRID_FILE"]
 
-GRID_FILE = "grid.json"  # what the experiment was started with, for --resume and for readers
+# GRID_FILE (grid.json, what the experiment was started with) lives in experiment_folder, beside ADAPT_FILE.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,15 +86,15 @@ def _fail(message: str) -> int:
 
 
 def _check_resources(args) -> str | None:
-    if args.cpus_per_trial <= 0:
-        return f"--cpus-per-trial must be > 0, got {args.cpus_per_trial:g}"
+    if not (math.isfinite(args.cpus_per_trial) and args.cpus_per_trial > 0):
+        return f"--cpus-per-trial must be a finite number > 0, got {args.cpus_per_trial:g}"
     if args.cpus is not None and args.cpus < 1:
         return f"--cpus must be >= 1, got {args.cpus}"
     if args.cpus is not None and args.cpus_per_trial > args.cpus:
         return f"--cpus-per-trial {args.cpus_per_trial:g} exceeds --cpus {args.cpus}: no trial could start"
     if args.gpus > 0:
         g = args.gpus_per_trial
-        if not (0 < g <= 1 or float(g).is_integer()):
+        if not (0 < g <= 1 or (math.isfinite(g) and g > 0 and float(g).is_integer())):
             return f"--gpus-per-trial must be a fraction in (0, 1] or a whole number, got {g:g}"
         if g > args.gpus:
             return f"--gpus-per-trial {g:g} exceeds --gpus {args.gpus:g}: no trial could start"
@@ -97,15 +102,77 @@ def _check_resources(args) -> str | None:
 
 
 def check_arguments(args) -> str | None:
-    """The first checks of an experiment CLI (grid, adaptation): --quick against --space, then resources.
+    """The first checks of an experiment CLI (grid, adaptation); returns the first problem or None.
 
-    A GPU request on a machine without CUDA exits at once (unless ``--dry-run``).
+    --quick against --space, the overrides' ranges, the GPU request (a machine without
+    CUDA refuses one, unless ``--dry-run``), resources, and options a joined Ray cluster
+    cannot take (:func:`~tune_node.experiment.check_cluster_options`).
     """
     if args.quick and args.space not in (None, "quick"):
         return f"--quick means --space quick; drop one of --quick and --space {args.space}"
+    for option in ("iterations", "report_every"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            return f"--{option.replace('_', '-')} must be an integer >= 1, got {value}"
+    if not (math.isfinite(args.gpus) and args.gpus >= 0):
+        return f"--gpus must be a finite number >= 0, got {args.gpus:g}"
     if not args.dry_run:
-        check_gpus(args.gpus)  # exits at once, non-zero, when CUDA is missing
-    return _check_resources(args)
+        try:
+            check_gpus(args.gpus)  # CUDA missing: refused at once
+        except UsageError as err:
+            return str(err)
+    return _check_resources(args) or check_cluster_options(args)
+
+
+def _threshold_problem(threshold: float) -> str | None:
+    if not 0 < threshold < 1:  # also refuses nan
+        return (f"--threshold must be in (0, 1): the accuracy drop that makes a setting solver-dependent "
+                f"(default 0.1), got {threshold:g}")
+    return None
+
+
+def space_problem(given: str | None, saved: dict, name: str) -> str | None:
+    """Why ``--space given`` does not fit the ``--resume`` of experiment ``name`` recorded as ``saved``
+    (None if it does: not given, or the same space by name or by path)."""
+    if given is None:
+        return None
+    try:
+        space = load_space(given)
+    except SearchSpaceError as err:
+        return str(err)
+    saved_file = saved.get("space_file")
+    if saved_file and Path(saved_file).is_file():
+        if Path(space.path).resolve() == Path(saved_file).resolve():
+            return None
+    elif space.name == saved.get("space"):  # the recorded file moved: the name is all there is to compare
+        return None
+    return (f"--space {given} is not the space experiment {name!r} was started with ({saved.get('space')!r}, file "
+            f"{saved_file}); --resume continues an experiment with its recorded trials: drop --space, or start a new "
+            f"experiment under another --name")
+
+
+def data_problem(trials: list[dict]) -> str | None:
+    """Whether the data of every trial can be loaded here (:func:`~tune_node.datasets.check_data_available`)."""
+    needed = dict.fromkeys((t.get("dataset"), t.get("data_root", "data"), bool(t.get("download"))) for t in trials)
+    for dataset, root, download in needed:
+        try:
+            check_data_available(dataset, root, download)
+        except (FileNotFoundError, ImportError, ValueError) as err:
+            return str(err)
+    return None
+
+
+def resume_space(args) -> str | None:
+    """The space ``--resume`` was given, if any (``--quick`` is ``quick``)."""
+    return args.space or ("quick" if args.quick else None)
+
+
+def default_name(space: str | None) -> str:
+    """The experiment name a grid takes by default: the space's name (a file's stem)."""
+    if space is None:
+        return "quick"
+    path = Path(space)
+    return path.stem if path.suffix == ".toml" or "/" in space or path.is_file() else space
 
 
 def _seed_groups_problem(args) -> str | None:
@@ -182,10 +249,11 @@ def _format_nfe(nfe: float) -> str:
     return f"{nfe / 1e6:.3g}M" if nfe >= 1e6 else f"{nfe / 1e3:.3g}k" if nfe >= 1e3 else f"{nfe:.0f}"
 
 
+@experiment_cli
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = check_arguments(args) or _seed_groups_problem(args)
+    problem = check_arguments(args) or _seed_groups_problem(args) or _threshold_problem(args.threshold)
     if problem:
         return _fail(problem)
     storage = Path(args.storage).resolve()
@@ -195,15 +263,17 @@ def main(argv: list[str] | None = None) -> int:
                    if getattr(args, k) is not None]
         if changed:
             return _fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
-        name = args.name or args.space or "quick"
-        experiment_dir = storage / name
-        grid_file = experiment_dir / GRID_FILE
-        if not grid_file.is_file():
-            return _fail(f"nothing to resume: no experiment {name!r} in {storage} (missing {grid_file})")
-        saved = json.loads(grid_file.read_text())
-        trials, space_name = saved["trials"], saved["space"]
-        # Experiments from before seed groups have no "units": one seed per trial.
-        units = [[trials[i] for i in unit] for unit in saved.get("units", [[i] for i in range(len(trials))])]
+        name = args.name if args.name is not None else default_name(args.space)
+        experiment_dir, saved = check_existing(storage, name, "grid")
+        problem = space_problem(resume_space(args), saved, name)
+        if problem:
+            return _fail(problem)
+        trials, space_name = saved["trials"], saved.get("space", "?")
+        try:
+            # Experiments from before seed groups have no "units": one seed per trial.
+            units = [[trials[i] for i in unit] for unit in saved.get("units", [[i] for i in range(len(trials))])]
+        except (IndexError, TypeError) as err:
+            return _fail(f"{experiment_dir / GRID_FILE} has malformed 'units' ({err}); the experiment cannot be resumed")
     else:
         try:
             space = load_space(args.space or "quick").with_overrides(
@@ -211,9 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
         except (SearchSpaceError, ValueError) as err:
             return _fail(str(err))
-        space_name, name = space.name, args.name or space.name
-        experiment_dir = storage / name
+        if not trials:
+            return _fail(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
+                         f"at least one step count or tolerance")
+        space_name, name = space.name, args.name if args.name is not None else space.name
+        experiment_dir = check_new(storage, name, "grid")
         units = plan_trials(trials, seed_groups=args.seed_groups is not False, seeds_per_trial=args.seeds_per_trial)
+    problem = data_problem(trials)
+    if problem:
+        return _fail(problem)
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
@@ -222,9 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                  "cpu": resources["cpu"], "gpu": resources["gpu"]} for u in units]
         return print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
                              f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+    # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
+    command = command_line("tune_node.grid", argv)
+    folder = open_existing(storage, name, "grid", command)[0] if args.resume else open_new(storage, name, "grid", command)
     index = {id(t): i for i, t in enumerate(trials)}
     problem = start_experiment(
-        args, storage, name, GRID_FILE, len(trials),
+        args, folder, len(trials),
         record=lambda: {"space": space_name, "space_file": space.path, "trials": trials,
                         "units": [[index[id(t)] for t in u] for u in units]},
         announce=lambda: f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; "
@@ -248,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncritical step per train solver (threshold {args.threshold:g}; accuracy: test set, train solver, "
               f"mean +- std over seeds; rule: python -m analysis.critical_step --help):")
         print(format_table(display_rows(summary)))
-    return finish(experiment_dir, finished, len(trials), len(grid.errors), "tune_node.grid", args.storage, name)
+    return finish(experiment_dir, finished, len(trials), grid, "tune_node.grid", storage, name)
 
 
 if __name__ == "__main__":
