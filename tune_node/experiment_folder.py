@@ -366,15 +366,21 @@ def _check_folder_path(path: Path) -> None:
                                     f"pick another --name or --storage")
 
 
-def check_new(storage: str | Path, name: str, kind: str) -> Path:
-    """The read-only checks of :func:`open_new` (for a dry run): returns the folder path, or raises
-    :class:`ExperimentFolderError`."""
+def _checked_path(storage: str | Path, name: str) -> tuple[Path, Path]:
+    """``(storage, storage / name)`` once the name is a plain folder name and the path no file."""
     problem = check_name(name)
     if problem:
         raise ExperimentFolderError(problem)
     storage = Path(storage)
     path = storage / name
     _check_folder_path(path)
+    return storage, path
+
+
+def check_new(storage: str | Path, name: str, kind: str) -> Path:
+    """The read-only checks of :func:`open_new` (for a dry run): returns the folder path, or raises
+    :class:`ExperimentFolderError`."""
+    storage, path = _checked_path(storage, name)
     if path.is_dir() and _entries(path):
         raise _refuse_new(path, kind, storage, name)
     return path
@@ -434,12 +440,7 @@ def _remove_created(created: list[Path]) -> None:
 
 def check_existing(storage: str | Path, name: str, kind: str) -> tuple[Path, dict]:
     """The read-only checks of :func:`open_existing` (for a dry run): ``(folder path, record)``."""
-    problem = check_name(name)
-    if problem:
-        raise ExperimentFolderError(problem)
-    storage = Path(storage)
-    path = storage / name
-    _check_folder_path(path)
+    storage, path = _checked_path(storage, name)
     held = experiment_kind(path)
     if held is None:
         raise ExperimentFolderError(f"nothing to resume: no experiment {name!r} in {storage} ({path} is "
