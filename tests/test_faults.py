@@ -277,3 +277,14 @@ def test_a_grid_killed_again_and_again_ends_as_an_uninterrupted_one(tmp_path):
         assert _steps(trial_dir) == expected, trial_dir.name
         progress = pd.read_csv(trial_dir / "progress.csv")
         assert progress.timesteps_total.tolist() == expected, trial_dir.name
+
+
+def test_a_failed_trial_line_points_at_the_storage_copy_of_its_error_file(tmp_path):
+    from tune_node.tune_callbacks import ProgressCallback
+
+    lines = []
+    trial = _Trial(tmp_path / "exp" / "euler_steps2_seed0_x", {"method": "euler", "steps": 2, "tol": None, "seed": 0})
+    trial.local_path = "/tmp/ray/session_x/artifacts/driver_artifacts/euler_steps2_seed0_x"  # Ray's staging folder
+    ProgressCallback(1, out=lambda text, flush=True: lines.append(text)).on_trial_error(0, [trial], trial)
+    assert lines and lines[0].endswith(f"see {tmp_path / 'exp' / 'euler_steps2_seed0_x' / 'error.txt'}")
+    assert "session_x" not in lines[0]
