@@ -25,9 +25,10 @@ from pathlib import Path
 
 from .adapt_trainable import TRAIN_KEYS, starting_setting
 from .adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
+from .cli import fail
 from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import ADAPT_FILE, check_existing, check_new, open_existing, open_new
-from .grid import _fail, check_arguments, data_problem, resume_space, space_problem
+from .grid import check_arguments, data_problem, resume_space, space_problem
 from .grid import build_parser as _grid_parser
 from .search_space import SearchSpaceError, load_space
 from .solvers import GRADIENT_MODES, METHODS
@@ -141,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     problem = check_arguments(args)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     try:
         settings = _adaptation_settings(args)
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     storage = Path(args.storage).resolve()
     space_name = args.space or "quick"
     name = args.name if args.name is not None else f"adapt_{Path(space_name).stem}_{settings['method']}_{settings['test_method']}"
@@ -155,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                      "initial_tol", "gradient")
         changed = [f"--{k.replace('_', '-')}" for k in overrides if getattr(args, k) is not None]
         if changed:
-            return _fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
+            return fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
         experiment_dir, saved = check_existing(storage, name, "adaptation")
         problem = space_problem(resume_space(args), saved, name)
         if problem:
-            return _fail(problem)
+            return fail(problem)
         trials, space_name = saved["trials"], saved.get("space", "?")
     else:
         try:
@@ -167,19 +168,19 @@ def main(argv: list[str] | None = None) -> int:
                                                           report_every=args.report_every)
             trials = adaptation_trials(space, settings, name, str(Path(args.data_root).resolve()), args.download)
         except (SearchSpaceError, ValueError) as err:
-            return _fail(str(err))
+            return fail(str(err))
         if not trials:
-            return _fail(f"search space {space.name!r} ({space.path}) gives no seeds to adapt")
+            return fail(f"search space {space.name!r} ({space.path}) gives no seeds to adapt")
         too_few = sorted({t["iterations"] for t in trials if t["iterations"] < settings["k"]})
         if too_few:
             given = "" if args.k is not None else " (the default)"
-            return _fail(f"--k {settings['k']}{given} exceeds the {too_few[0]} training iterations: no check would ever "
+            return fail(f"--k {settings['k']}{given} exceeds the {too_few[0]} training iterations: no check would ever "
                          f"run; use --k between 1 and {too_few[0]} (or more --iterations)")
         space_name = space.name
         experiment_dir = check_new(storage, name, "adaptation")
     problem = data_problem(trials)
     if problem:
-        return _fail(problem)
+        return fail(problem)
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"training of {space_name!r}) -> {experiment_dir}; each requests {resources['cpu']:g} CPU, "
                          f"{resources['gpu']:g} GPU")
     if problem:
-        return _fail(problem)
+        return fail(problem)
 
     from .adapt_trainable import adapt_trial
     from .adaptation_results import HISTORY_CSV, SUMMARY_CSV, describe, write_tables

@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 
 from .datasets import DATASETS
 from .solvers import GRADIENT_MODES, METHODS, SolverSetting
 
-__all__ = ["add_data_arguments", "add_solver_arguments", "solver_from_args", "check_gpus", "format_table", "UsageError"]
+__all__ = ["add_data_arguments", "add_solver_arguments", "solver_from_args", "check_gpus", "format_table", "UsageError", "fail"]
 
 
 class UsageError(ValueError):
     """An input error found before any work starts. The CLIs print it as one ``error: ...``
     line on stderr and exit with status 2 (argparse's status for usage errors)."""
+
+
+def fail(message) -> int:
+    """Report an input error the CLI way: one ``error: ...`` line on stderr; returns the exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import native
-from .cli import UsageError, check_gpus, format_table
+from .cli import UsageError, check_gpus, fail, format_table
 from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
 
 __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops",
@@ -192,12 +192,6 @@ def start_experiment(args, folder: ExperimentFolder, trials: int, record: Callab
 def command_line(module: str, argv: list[str] | None) -> str:
     """How this run was started, as a shell line (for the lock's holder record): ``python -m module args``."""
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
-
-
-def fail(message) -> int:
-    """Report an input error the CLI way: one ``error: ...`` line on stderr; returns the exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def experiment_cli(main: Callable) -> Callable:

@@ -32,7 +32,7 @@ import math
 import sys
 from pathlib import Path
 
-from .cli import UsageError, check_gpus, format_table
+from .cli import UsageError, check_gpus, fail, format_table
 from .datasets import SPHERE_DIMS, check_data_available
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
@@ -78,11 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--dry-run", action="store_true", help="print every trial's config and resource request; start nothing")
     out.add_argument("--threshold", type=float, default=0.1, help="accuracy drop that makes a setting solver-dependent (default 0.1)")
     return parser
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def _check_resources(args) -> str | None:
@@ -255,41 +250,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     problem = check_arguments(args) or _seed_groups_problem(args) or _threshold_problem(args.threshold)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     storage = Path(args.storage).resolve()
 
     if args.resume:
         changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "seed_groups", "seeds_per_trial")
                    if getattr(args, k) is not None]
         if changed:
-            return _fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
+            return fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
         name = args.name if args.name is not None else default_name(args.space)
         experiment_dir, saved = check_existing(storage, name, "grid")
         problem = space_problem(resume_space(args), saved, name)
         if problem:
-            return _fail(problem)
+            return fail(problem)
         trials, space_name = saved["trials"], saved.get("space", "?")
         try:
             # Experiments from before seed groups have no "units": one seed per trial.
             units = [[trials[i] for i in unit] for unit in saved.get("units", [[i] for i in range(len(trials))])]
         except (IndexError, TypeError) as err:
-            return _fail(f"{experiment_dir / GRID_FILE} has malformed 'units' ({err}); the experiment cannot be resumed")
+            return fail(f"{experiment_dir / GRID_FILE} has malformed 'units' ({err}); the experiment cannot be resumed")
     else:
         try:
             space = load_space(args.space or "quick").with_overrides(
                 seeds=args.seeds, iterations=args.iterations, lr=args.lr, report_every=args.report_every)
             trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
         except (SearchSpaceError, ValueError) as err:
-            return _fail(str(err))
+            return fail(str(err))
         if not trials:
-            return _fail(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
+            return fail(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
                          f"at least one step count or tolerance")
         space_name, name = space.name, args.name if args.name is not None else space.name
         experiment_dir = check_new(storage, name, "grid")
         units = plan_trials(trials, seed_groups=args.seed_groups is not False, seeds_per_trial=args.seeds_per_trial)
     problem = data_problem(trials)
     if problem:
-        return _fail(problem)
+        return fail(problem)
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
@@ -309,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         announce=lambda: f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; "
                          f"{_plan_line(units)}; each Ray trial requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU")
     if problem:
-        return _fail(problem)
+        return fail(problem)
 
     from .experiment import finish, fit
     from .results import write_results

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_data_arguments, add_solver_arguments, format_table, solver_from_args
+from .cli import add_data_arguments, add_solver_arguments, fail, format_table, solver_from_args
 from .datasets import check_data_available, load_dataset
 from .training import TrainConfig, save_checkpoint, train
-
-
-def _fail(message) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def device_problem(device: str) -> str | None:
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = ((f"--threads must be an integer >= 1, got {args.threads}" if args.threads < 1 else None)
                or device_problem(args.device) or (save_problem(args.save) if args.save else None))
     if problem:
-        return _fail(problem)
+        return fail(problem)
     try:
         config = TrainConfig(
             dataset=args.dataset, solver=setting, seed=args.seed, iterations=args.iterations, lr=args.lr,
@@ -100,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         check_data_available(config.dataset, config.data_root, config.download)
         data = load_dataset(config.dataset, config.seed, config.data_root, config.download)
     except (FileNotFoundError, ImportError) as err:
-        return _fail(err)
+        return fail(err)
     print(f"training {config.dataset} with {setting.label()}, seed {config.seed}, {config.iterations} iterations "
           f"({config.optimizer} lr={config.lr:g}, batch {config.batch_size})", flush=True)
     last_state = {}
