@@ -72,17 +72,10 @@ def trial_storage_dir(trial) -> Path:
     return Path(trial.local_path)
 
 
-def _scalars(metrics: dict, prefix: str = "ray/tune/") -> dict[str, float]:
-    """The finite real numbers of a result, flattened with ``/``, under ``prefix``."""
-    out = {}
-    for key, value in metrics.items():
-        if key in _NOT_SCALARS:
-            continue
-        if isinstance(value, dict):
-            out.update(_scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
-            out[f"{prefix}{key}"] = float(value)
-    return out
+def _scalars(metrics: dict) -> dict[str, float]:
+    """The finite real numbers of a result, flattened with ``/``, under ``ray/tune/``."""
+    return {f"ray/tune/{key}": float(value) for key, value in _flatten(metrics, skip=_NOT_SCALARS).items()
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 def _step(result: dict, fallback: dict | None = None) -> int | None:
@@ -275,13 +268,14 @@ class ProgressCSVCallback(CSVLoggerCallback):
             self._files.pop(trial)[0].close()
 
 
-def _flatten(result: dict, prefix: str = "") -> dict:
+def _flatten(result: dict, prefix: str = "", skip=frozenset({"config"})) -> dict:
+    """A result's values by ``/``-joined key path; keys in ``skip`` are left out at every depth."""
     out = {}
     for key, value in result.items():
-        if key == "config":
+        if key in skip:
             continue
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
+            out.update(_flatten(value, f"{prefix}{key}/", skip))
         else:
             out[f"{prefix}{key}"] = value
     return out
