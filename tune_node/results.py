@@ -138,17 +138,14 @@ def write_results(experiment_dir: str | Path) -> tuple[pd.DataFrame, Path]:
     Raises :class:`NotAnExperimentError`, writing nothing, when the folder is not a grid
     experiment's (no ``grid.json``: an adaptation experiment, or any other folder).
     """
-    from .experiment_folder import experiment_kind
+    from .experiment_folder import GRID_FILE, describe_contents, experiment_kind
 
     experiment_dir = Path(experiment_dir)
     if not experiment_dir.is_dir():
         raise FileNotFoundError(f"experiment directory {str(experiment_dir)!r} does not exist")
-    kind = experiment_kind(experiment_dir)
-    if kind != "grid":
-        what = {"adaptation": "an adaptation experiment", "unknown": "files of no tune-node experiment",
-                None: "no experiment"}.get(kind, f"a {kind} experiment")
-        raise NotAnExperimentError(f"{experiment_dir} holds {what}, not a grid experiment (no grid.json): "
-                                   f"no results table written there")
+    if experiment_kind(experiment_dir) != "grid":
+        raise NotAnExperimentError(f"{experiment_dir} holds {describe_contents(experiment_dir)}, not a grid experiment "
+                                   f"(no {GRID_FILE}): no results table written there")
     table = collect(experiment_dir)
     csv = experiment_dir / RESULTS_CSV
     table.to_csv(csv, index=False)
@@ -174,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune_node.results", description=__doc__.splitlines()[0])
     parser.add_argument("experiment_dir", help="an experiment's directory, <storage>/<name> (grid or adaptation)")
     args = parser.parse_args(argv)
-    from .experiment_folder import experiment_kind
+    from .experiment_folder import GRID_FILE, experiment_kind
 
     experiment_dir = Path(args.experiment_dir)
     if experiment_dir.is_dir() and experiment_kind(experiment_dir) == "adaptation":
@@ -193,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    grid_file = experiment_dir / "grid.json"  # written by tune_node.grid at the start
+    grid_file = experiment_dir / GRID_FILE  # written by tune_node.grid at the start
     try:
         planned = f" of {len(json.loads(grid_file.read_text())['trials'])}"
     except (OSError, ValueError, KeyError, TypeError):
