@@ -5,7 +5,8 @@ Both equations are unreadable in our copy of the paper's text, so the fields bel
 reconstructions; every choice is written down where it is made.
 
 Run ``python -m analysis.examples xor --out DIR`` or ``python -m analysis.examples
-appendix-a --out DIR`` to write the figures and print the numbers behind them.
+appendix-a --out DIR`` to write the figures and print the numbers behind them. This
+module only computes; the figures are drawn by :mod:`analysis.plots`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import linprog
 
-from .crossing import crossing_stats
+from .crossing import CrossingStats, crossing_stats
 
 __all__ = [
     "euler_paths",
@@ -31,6 +32,7 @@ __all__ = [
     "appendix_a_field",
     "appendix_a_ivps",
     "appendix_a_paths",
+    "appendix_a_crossing",
     "APPENDIX_A_STEPS",
 ]
 
@@ -198,6 +200,13 @@ def appendix_a_paths(step: float, extra_x0: float | None = None) -> tuple[np.nda
     return euler_paths(appendix_a_field, z0, step, APPENDIX_A_T), groups
 
 
+def appendix_a_crossing(step: float, extra_x0: float | None = None) -> tuple[np.ndarray, np.ndarray, CrossingStats]:
+    """:func:`appendix_a_paths`, and how many pairs of those paths cross (each of the at
+    most 153 pairs is tested)."""
+    paths, groups = appendix_a_paths(step, extra_x0)
+    return paths, groups, crossing_stats(paths)
+
+
 # ------------------------------------------------------------------------- CLI
 
 
@@ -207,22 +216,23 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="figures", help="folder for the figures (default: ./figures)")
     parser.add_argument("--no-svg", action="store_true", help="write PNG only")
     args = parser.parse_args(argv)
-    from . import figures  # plotting pulls in matplotlib; keep the computations importable without it
+    # Imported here, not at the top: plots imports this module for its data, and the
+    # computations stay importable without matplotlib.
+    from . import plots
 
     out = Path(args.out)
     if args.example == "xor":
         x, y = xor_data()
         for e in (-2.5, -3.5):
             print(f"XOR flow, Euler h = 10^{e}: linearly separable = {linearly_separable(XOR_FLOW.paths(10.0 ** e)[-1], y)}")
-        written = figures.save_figure(figures.xor_figure(), out, "xor", svg=not args.no_svg)
+        written = plots.save_figure(plots.xor_figure(), out, "xor", svg=not args.no_svg)
     else:
         for extra in (None, 1.4, 1.5):
             for h in APPENDIX_A_STEPS:
-                paths, groups = appendix_a_paths(h, extra)
-                stats = crossing_stats(paths)
+                stats = appendix_a_crossing(h, extra)[2]
                 who = "x(0)=0" if extra is None else f"x(0)=0 and {extra}"
                 print(f"Appendix A, IVPs {who}, Euler h = {h:g}: {stats.crossing}/{stats.tested} pairs cross")
-        written = figures.save_figure(figures.appendix_a_figure(), out, "appendix_a", svg=not args.no_svg)
+        written = plots.save_figure(plots.appendix_a_figure(), out, "appendix_a", svg=not args.no_svg)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -1,0 +1,121 @@
+"""The tables the figures are drawn from: the grid's results and the adaptation history
+read from disk, the critical settings, and the choice of trials worth a trajectory figure.
+
+Tables only (pandas); nothing here draws or loads a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import pandas as pd
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "HISTORY_COLUMNS",
+    "require_columns",
+    "load_results",
+    "load_adaptation_history",
+    "critical_from_summary",
+    "critical_from_results",
+    "critical_for",
+    "trajectory_trials",
+]
+
+RESULT_COLUMNS = (
+    "trial_id", "dataset", "train_method", "train_steps", "train_tol", "gradient", "seed",
+    "checkpoint", "test_method", "test_steps", "test_tol", "factor", "accuracy", "is_train_solver",
+)
+HISTORY_COLUMNS = ("trial_id", "seed", "iteration", "step_size", "tol", "steps", "check_nfe", "test_accuracy")
+
+
+def require_columns(df: pd.DataFrame, needed, what: str) -> None:
+    """Raise ValueError naming ``what`` and the missing columns unless ``df`` has all of ``needed``."""
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} lacks columns {missing}; it has {list(df.columns)}")
+
+
+def load_results(results_dir: str | Path) -> pd.DataFrame:
+    """The grid's results table under ``results_dir`` (``results.csv``, else
+    ``results.parquet``) or the file itself, validated."""
+    path = Path(results_dir)
+    if path.is_dir():
+        candidates = [path / "results.csv", path / "results.parquet"]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+    if not path.is_file():
+        raise FileNotFoundError(f"no grid results at {str(path)!r} (expected results.csv or results.parquet written by the grid)")
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    require_columns(df, RESULT_COLUMNS, str(path))
+    df["is_train_solver"] = df["is_train_solver"].astype(str).str.lower().eq("true")
+    return df
+
+
+def load_adaptation_history(where: str | Path) -> pd.DataFrame | None:
+    """Every ``adaptation_history.csv`` at or below ``where``, concatenated; None if there is none."""
+    where = Path(where)
+    files = [where] if where.is_file() else sorted(where.rglob("adaptation_history.csv"))
+    if not files:
+        return None
+    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    require_columns(df, HISTORY_COLUMNS, ", ".join(map(str, files)))
+    return df
+
+
+def critical_from_summary(summary: pd.DataFrame) -> dict:
+    """The ``critical`` mapping of :func:`analysis.plots.accuracy_figure` from a critical-step summary
+    (one row per ``dataset, train_method, gradient`` with ``critical_steps`` and/or
+    ``critical_tol``, as ``analysis.critical_step`` reports it); rows without a
+    critical setting are left out."""
+    require_columns(summary, ("dataset", "train_method", "gradient"), "critical-step summary")
+    critical = {}
+    for row in summary.to_dict("records"):
+        for column in ("critical_steps", "critical_tol"):
+            value = row.get(column)
+            if value is not None and not pd.isna(value):
+                critical[(row["dataset"], row["train_method"], row["gradient"])] = float(value)
+    return critical
+
+
+def critical_from_results(results: pd.DataFrame, log: Callable[[str], object] = print) -> dict | None:
+    """The critical settings of ``results`` as :func:`analysis.critical_step.critical_steps`
+    finds them, in the form of :func:`critical_from_summary`; None, with a note to ``log``,
+    when that module or function is not available."""
+    # analysis.critical_step belongs to the grid experiment; figures are drawn without it when absent.
+    try:
+        from . import critical_step
+    except ImportError:
+        log("no critical step marked: analysis.critical_step is not available")
+        return None
+    finder = getattr(critical_step, "critical_steps", None)
+    if finder is None:
+        log("no critical step marked: analysis.critical_step has no critical_steps()")
+        return None
+    return critical_from_summary(finder(results))
+
+
+def critical_for(critical: Mapping | None, dataset: str, method: str, gradient: str) -> float | None:
+    """The critical setting of one panel from a ``critical`` mapping, keyed by
+    ``(dataset, method, gradient)`` or else ``(dataset, method)``; None when it has none."""
+    if not critical:
+        return None
+    for key in ((dataset, method, gradient), (dataset, method)):
+        if key in critical and critical[key] is not None and not pd.isna(critical[key]):
+            return float(critical[key])
+    return None
+
+
+def trajectory_trials(results: pd.DataFrame) -> list:
+    """Trials worth a trajectory figure, as result rows: per 2-D dataset, fixed train
+    method and gradient, at the smallest seed, the trial trained with 2 steps (the
+    paper's h = 1/2; else the fewest steps) and the one trained with the most."""
+    fixed = results[results.train_steps.notna() & results.dataset.eq("sphere2")].drop_duplicates("trial_id")
+    chosen = []
+    for _, group in fixed.groupby(["dataset", "train_method", "gradient"]):
+        group = group[group.seed == group.seed.min()]
+        steps = sorted(group.train_steps.unique())
+        picks = [2.0 if 2.0 in steps else steps[0], steps[-1]]
+        for s in dict.fromkeys(picks):
+            chosen.append(group[group.train_steps == s].iloc[0])
+    return chosen
