@@ -4,7 +4,8 @@ A trained model is evaluated with every test solver of the paper's protocol
 (Section 2.4): Euler-trained models with Euler, Midpoint and RK4 at 0.5, 0.75, 1,
 1.5 and 2 times the training number of steps; RK4-trained with RK4; Fehlberg21-trained
 with Fehlberg21 and Dopri54 at 0.1, 1 and 10 times the training tolerance;
-Dopri54-trained with Dopri54.
+Dopri54-trained with Dopri54. Every registered method follows the same rule, see
+:func:`~tune_node.solvers.test_methods`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .solvers import SolverSetting
+from .solvers import TEST_METHODS, SolverSetting, test_methods
 
 __all__ = [
     "FIXED_FACTORS",
@@ -29,14 +30,8 @@ __all__ = [
 
 FIXED_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
 TOLERANCE_FACTORS = (0.1, 1.0, 10.0)
-# Test methods per train method: the train method itself and those of smaller error.
-TEST_METHODS = {
-    "euler": ("euler", "midpoint", "rk4"),
-    "midpoint": ("midpoint", "rk4"),
-    "rk4": ("rk4",),
-    "fehlberg2": ("fehlberg2", "dopri5"),
-    "dopri5": ("dopri5",),
-}
+# TEST_METHODS (test methods per train method: the train method itself and those of
+# smaller error) is derived in tune_node.solvers from the registered methods.
 
 
 @torch.no_grad()
@@ -72,14 +67,15 @@ def _scaled_steps(steps: int, factor: float) -> int:
 
 
 def test_matrix(train: SolverSetting) -> list[TestCase]:
-    """The paper's test settings for a model trained with ``train``, in a fixed order.
+    """The paper's test settings for a model trained with ``train``, in a fixed order:
+    per method of :func:`~tune_node.solvers.test_methods`, per factor.
 
     Fixed step: ``test steps = max(1, round(factor x train steps))``. Adaptive:
     ``test tol = factor x train tol``. Gradient mode is irrelevant at test time and
     kept as in ``train``.
     """
     cases = []
-    for method in TEST_METHODS[train.method]:
+    for method in test_methods(train.method):
         if train.is_adaptive:
             for factor in TOLERANCE_FACTORS:
                 # A cap raised for training holds for its tests too (a test at tol/10 needs more steps).

@@ -4,12 +4,20 @@ A *method* is what the paper calls a solver (Euler, Midpoint, RK4, Fehlberg21,
 Dopri54). A :class:`SolverSetting` is a method plus its accuracy parameter (a
 number of fixed steps over ``[0, T]`` or an adaptive tolerance) plus the gradient
 mode. Integration itself lives in :mod:`tune_node.integrate`.
+
+This module is the one registry of methods: :data:`METHODS`, filled by
+:func:`register_method`. Which methods test which (the cross-solver matrix, the
+default test method, the adaptations' pairs) is derived from the methods' order,
+kind (fixed-step or adaptive) and registration order by :func:`test_methods`,
+:func:`default_test_method` and :func:`adaptation_test_methods`. A fixed-step
+method is one :class:`Method` with a :class:`ButcherTableau`, registered here.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
@@ -24,7 +32,19 @@ __all__ = [
     "MAX_FIXED_STEPS",
     "DEFAULT_MAX_ADAPTIVE_STEPS",
     "get_method",
+    "register_method",
+    "fixed_methods",
+    "adaptive_methods",
+    "test_methods",
+    "default_test_method",
+    "adaptation_test_methods",
     "test_solver_for",
+    "DEFAULT_TEST_METHOD",
+    "TOLERANCE_DIVISOR",
+    "TEST_METHODS",
+    "STEP_TEST_METHODS",
+    "TOLERANCE_TEST_METHODS",
+    "ERROR_FACTOR",
 ]
 
 GRADIENT_MODES = ("backprop", "adjoint")
@@ -94,11 +114,11 @@ def _f(*values) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Method:
-    """A named ODE method.
+    """A named ODE method. Register one with :func:`register_method` to make it usable.
 
     Arguments:
         name: the name used in configs and on the command line.
-        paper_name: the name the paper uses.
+        paper_name: the name the paper uses (or a display name).
         order: global order of convergence.
         tableau: the Butcher tableau for fixed-step methods, None for adaptive ones.
         torchdiffeq_name: the torchdiffeq method that integrates it (adaptive ones
@@ -106,6 +126,11 @@ class Method:
         stages_per_step: function evaluations per step attempt (adaptive: net of FSAL).
         startup_nfe: evaluations spent once per solve before the first step
             (adaptive: the initial-step selection of torchdiffeq).
+        tolerance_divisor: adaptive methods only: a test solver checks this method's
+            tolerance ``tol`` at ``tol / tolerance_divisor`` (Appendix C.2).
+        as_test_method: whether the pairings derived for *other* methods (see
+            :func:`test_methods`) may pick this one. False keeps a method added after
+            the paper's out of their protocols, so their results stay as they were.
     """
 
     name: str
@@ -115,12 +140,198 @@ class Method:
     torchdiffeq_name: str
     stages_per_step: int
     startup_nfe: int = 0
+    tolerance_divisor: float | None = None
+    as_test_method: bool = True
 
     @property
     def adaptive(self) -> bool:
         return self.tableau is None
 
 
+#: Every registered method by name, in registration order. Add to it with
+#: :func:`register_method` only: the pairings below are rebuilt on registration.
+METHODS: dict[str, Method] = {}
+#: Names of the registered fixed-step and adaptive methods, in registration order.
+#: Rebound on registration: read them as ``solvers.FIXED_METHODS`` (or call
+#: :func:`fixed_methods`) rather than keeping a copy imported earlier.
+FIXED_METHODS: tuple[str, ...] = ()
+ADAPTIVE_METHODS: tuple[str, ...] = ()
+# The pairings as dicts, for code written before the functions below: derived from
+# METHODS and updated in place on registration, so imported references stay current.
+#: :func:`default_test_method` per method.
+DEFAULT_TEST_METHOD: dict[str, str] = {}
+#: ``Method.tolerance_divisor`` per adaptive method.
+TOLERANCE_DIVISOR: dict[str, float] = {}
+#: :func:`test_methods` per method (re-exported by :mod:`tune_node.evaluation`).
+TEST_METHODS: dict[str, tuple[str, ...]] = {}
+#: :func:`adaptation_test_methods` per step-adaptable (fixed-step) method and per
+#: adaptive method (re-exported by :mod:`tune_node.adaptation`).
+STEP_TEST_METHODS: dict[str, tuple[str, ...]] = {}
+TOLERANCE_TEST_METHODS: dict[str, tuple[str, ...]] = {}
+#: Step-size rule of the fixed-step test solver (see :func:`test_solver_for`).
+ERROR_FACTOR = 50.0
+
+_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def _check_method(method: Method) -> None:
+    """ValueError naming the first field of ``method`` that is invalid or inconsistent."""
+    if not isinstance(method, Method):
+        raise ValueError(f"a Method is needed, got {type(method).__name__} {method!r}")
+    name = method.name
+    if not (isinstance(name, str) and _NAME_PATTERN.fullmatch(name)):
+        raise ValueError(f"method name {name!r} is not allowed; allowed: a letter, then letters, digits or '_'")
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered; registered: {', '.join(METHODS)}")
+    if not (isinstance(method.paper_name, str) and method.paper_name):
+        raise ValueError(f"method {name}: paper_name must be a non-empty string, got {method.paper_name!r}")
+    if not (_is_integer(method.order) and method.order >= 1):
+        raise ValueError(f"method {name}: order must be an integer >= 1, got {method.order!r}")
+    if not (isinstance(method.torchdiffeq_name, str) and method.torchdiffeq_name):
+        raise ValueError(f"method {name}: torchdiffeq_name must be a non-empty string, got {method.torchdiffeq_name!r}")
+    if not isinstance(method.as_test_method, bool):
+        raise ValueError(f"method {name}: as_test_method must be True or False, got {method.as_test_method!r}")
+    t = method.tableau
+    if t is not None and not isinstance(t, ButcherTableau):
+        raise ValueError(f"method {name}: tableau must be a ButcherTableau (fixed-step) or None (adaptive), got {t!r}")
+    if t is not None:
+        if t.order != method.order:
+            raise ValueError(f"method {name}: order is {method.order!r} but its tableau's order is {t.order}; allowed: equal orders")
+        if method.stages_per_step != t.stages:
+            raise ValueError(f"method {name}: stages_per_step is {method.stages_per_step!r} but its tableau has "
+                             f"{t.stages} stages; allowed: {t.stages}")
+        if method.startup_nfe != 0:
+            # rk_solve spends nothing before the first step; the NFE accounting relies on it.
+            raise ValueError(f"method {name} is fixed-step: startup_nfe must be 0, got {method.startup_nfe!r}")
+        if method.tolerance_divisor is not None:
+            raise ValueError(f"method {name} is fixed-step: tolerance_divisor is for adaptive methods only "
+                             f"(tableau=None), got {method.tolerance_divisor!r}; allowed: None")
+        return
+    if not (_is_integer(method.stages_per_step) and method.stages_per_step >= 1):
+        raise ValueError(f"method {name} is adaptive: stages_per_step must be an integer >= 1, got {method.stages_per_step!r}")
+    if not (_is_integer(method.startup_nfe) and method.startup_nfe >= 0):
+        raise ValueError(f"method {name} is adaptive: startup_nfe must be an integer >= 0, got {method.startup_nfe!r}")
+    d = method.tolerance_divisor
+    if not (_is_real(d) and math.isfinite(d) and d > 1):
+        # > 1: the most accurate adaptive method is tested by itself at tol / divisor.
+        raise ValueError(f"method {name} is adaptive: tolerance_divisor must be a finite number > 1, got {d!r}")
+
+
+def _check_torchdiffeq_name(method: Method) -> None:
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS
+    except ImportError:  # another torchdiffeq layout: leave the check to the first solve
+        return
+    if method.torchdiffeq_name not in SOLVERS:
+        raise ValueError(f"method {method.name}: torchdiffeq_name {method.torchdiffeq_name!r} is not a torchdiffeq "
+                         f"method; allowed: {', '.join(SOLVERS)}")
+
+
+def register_method(method: Method, *, check_torchdiffeq: bool = True) -> Method:
+    """Add ``method`` to :data:`METHODS`, after the methods registered before it.
+
+    Arguments:
+        method: the method; its name must be new.
+        check_torchdiffeq: also check that torchdiffeq has ``method.torchdiffeq_name``
+            (imports torchdiffeq; the built-in methods skip it, which keeps this module
+            free of torch, and their names are checked by the tests).
+
+    Returns ``method``. Raises ValueError naming the bad value and what is allowed: a
+    duplicate name, or fields that disagree (a tableau whose order or stage count is
+    not the method's, a tolerance divisor on a fixed-step method, ...). Afterwards
+    :data:`FIXED_METHODS`, :data:`ADAPTIVE_METHODS` and the pairing dicts include it;
+    the pairings of methods registered earlier may gain it as a test method (unless
+    ``method.as_test_method`` is False).
+    """
+    _check_method(method)
+    if check_torchdiffeq:
+        _check_torchdiffeq_name(method)
+    METHODS[method.name] = method
+    _rebuild_pairings()
+    return method
+
+
+def fixed_methods() -> tuple[str, ...]:
+    """Names of the registered fixed-step methods, in registration order."""
+    return tuple(n for n, m in METHODS.items() if not m.adaptive)
+
+
+def adaptive_methods() -> tuple[str, ...]:
+    """Names of the registered adaptive methods, in registration order."""
+    return tuple(n for n, m in METHODS.items() if m.adaptive)
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; ValueError naming the allowed ones otherwise."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver method {name!r}; allowed: {', '.join(METHODS)}") from None
+
+
+def _more_accurate(method: Method) -> tuple[str, ...]:
+    # The candidates a train method is tested with: same kind, higher order, offered as test methods.
+    return tuple(n for n, m in METHODS.items()
+                 if m.adaptive == method.adaptive and m.order > method.order and m.as_test_method)
+
+
+def test_methods(name: str) -> tuple[str, ...]:
+    """The test methods of the cross-solver matrix of a model trained with ``name``
+    (Section 2.4): ``name`` itself, then the registered methods of its kind
+    (fixed-step or adaptive) of higher order, in registration order."""
+    return (name, *_more_accurate(get_method(name)))
+
+
+def default_test_method(name: str) -> str:
+    """The test method :func:`test_solver_for` and the adaptations use by default: the
+    first registered method of ``name``'s kind among those of the lowest order above
+    ``name``'s own; ``name`` itself when there is none (rk4, dopri5)."""
+    candidates = _more_accurate(get_method(name))
+    if not candidates:
+        return name
+    lowest = min(METHODS[n].order for n in candidates)
+    return next(n for n in candidates if METHODS[n].order == lowest)
+
+
+def adaptation_test_methods(name: str) -> tuple[str, ...]:
+    """The test methods step or tolerance adaptation may check ``name`` with (Appendix C).
+
+    Fixed-step: the fixed-step methods of higher order, in registration order; empty
+    when there is none, and then ``name`` cannot be step-adapted. Adaptive: the
+    adaptive methods of higher order, or ``(name,)`` when there is none (tested at
+    ``tol / tolerance_divisor``). :func:`default_test_method` is always among them.
+    """
+    method = get_method(name)
+    candidates = _more_accurate(method)
+    return candidates or ((name,) if method.adaptive else ())
+
+
+def _rebuild_pairings() -> None:
+    global FIXED_METHODS, ADAPTIVE_METHODS
+    FIXED_METHODS, ADAPTIVE_METHODS = fixed_methods(), adaptive_methods()
+    derived = [
+        (DEFAULT_TEST_METHOD, {n: default_test_method(n) for n in METHODS}),
+        (TOLERANCE_DIVISOR, {n: METHODS[n].tolerance_divisor for n in ADAPTIVE_METHODS}),
+        (TEST_METHODS, {n: test_methods(n) for n in METHODS}),
+        (STEP_TEST_METHODS, {n: adaptation_test_methods(n) for n in FIXED_METHODS if adaptation_test_methods(n)}),
+        (TOLERANCE_TEST_METHODS, {n: adaptation_test_methods(n) for n in ADAPTIVE_METHODS}),
+    ]
+    for target, values in derived:
+        target.clear()
+        target.update(values)
+
+
+def _is_real(value) -> bool:
+    # bool is an Integral (True == 1), but a flag given where a number belongs is a mistake.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# The paper's methods. Registration order decides ties between test methods of equal
+# order, so methods added later go after these.
 EULER = Method("euler", "Euler", 1, ButcherTableau(a=((),), b=(1.0,), c=(0.0,), order=1), "euler", 1)
 MIDPOINT = Method(
     "midpoint",
@@ -146,29 +357,12 @@ RK4 = Method(
 )
 # Adaptive: embedded pairs integrated by torchdiffeq. Both are FSAL; torchdiffeq spends
 # two evaluations per solve on f(t0, y0) and its initial step selection.
-FEHLBERG21 = Method("fehlberg2", "Fehlberg21", 2, None, "fehlberg2", 2, startup_nfe=2)
-DOPRI54 = Method("dopri5", "Dopri54", 5, None, "dopri5", 6, startup_nfe=2)
+FEHLBERG21 = Method("fehlberg2", "Fehlberg21", 2, None, "fehlberg2", 2, startup_nfe=2, tolerance_divisor=5.0)
+DOPRI54 = Method("dopri5", "Dopri54", 5, None, "dopri5", 6, startup_nfe=2, tolerance_divisor=10.0)
 
-METHODS: dict[str, Method] = {m.name: m for m in (EULER, MIDPOINT, RK4, FEHLBERG21, DOPRI54)}
-FIXED_METHODS = tuple(n for n, m in METHODS.items() if not m.adaptive)
-ADAPTIVE_METHODS = tuple(n for n, m in METHODS.items() if m.adaptive)
-
-
-def get_method(name: str) -> Method:
-    """The method called ``name``; ValueError naming the allowed ones otherwise."""
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown solver method {name!r}; allowed: {', '.join(METHODS)}") from None
-
-
-def _is_real(value) -> bool:
-    # bool is an Integral (True == 1), but a flag given where a number belongs is a mistake.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+for _method in (EULER, MIDPOINT, RK4, FEHLBERG21, DOPRI54):
+    register_method(_method, check_torchdiffeq=False)
+del _method
 
 
 @dataclass(frozen=True)
@@ -306,13 +500,6 @@ class SolverSetting:
                    T=d.get("T", 1.0), max_steps=d.get("max_steps"))
 
 
-# Default test method per train method for the adaptation check (Appendix C).
-DEFAULT_TEST_METHOD = {"euler": "midpoint", "midpoint": "rk4", "rk4": "rk4", "fehlberg2": "dopri5", "dopri5": "dopri5"}
-# Tolerance divisors of Appendix C.2: the test solver's tolerance is train tol / divisor.
-TOLERANCE_DIVISOR = {"fehlberg2": 5.0, "dopri5": 10.0}
-ERROR_FACTOR = 50.0
-
-
 def test_solver_for(train: SolverSetting, test_method: str | None = None, error_factor: float = ERROR_FACTOR) -> SolverSetting:
     """The setting of a test solver more accurate than ``train`` (paper, Appendix C).
 
@@ -322,15 +509,16 @@ def test_solver_for(train: SolverSetting, test_method: str | None = None, error_
     ``h``; the number of test steps is rounded up. Adaptive: Dopri54 at
     ``tol / 5`` (Fehlberg21 trains) or ``tol / 10`` (Dopri54 trains).
 
-    ``test_method`` defaults to the next more accurate method (Euler -> Midpoint,
-    Midpoint -> RK4, RK4 -> RK4, adaptive -> Dopri54).
+    ``test_method`` defaults to :func:`default_test_method` (Euler -> Midpoint,
+    Midpoint -> RK4, RK4 -> RK4, adaptive -> Dopri54); the tolerance divisor is the
+    train method's ``tolerance_divisor``.
     """
-    test_method = test_method or DEFAULT_TEST_METHOD[train.method]
+    test_method = test_method or default_test_method(train.method)
     tm = get_method(test_method)
     if train.is_adaptive:
         if not tm.adaptive:
             raise ValueError(f"test method for adaptive {train.method} must be adaptive, got {test_method!r}")
-        return SolverSetting.adaptive(test_method, train.tol / TOLERANCE_DIVISOR[train.method], train.gradient, train.T)
+        return SolverSetting.adaptive(test_method, train.tol / train.spec.tolerance_divisor, train.gradient, train.T)
     if tm.adaptive:
         raise ValueError(f"test method for fixed-step {train.method} must be fixed-step, got {test_method!r}")
     if tm.order < train.spec.order:
@@ -343,4 +531,6 @@ def test_solver_for(train: SolverSetting, test_method: str | None = None, error_
     return SolverSetting.fixed(test_method, steps, train.gradient, train.T)
 
 
-test_solver_for.__test__ = False  # a function named test_*, not a pytest test
+# Functions named test_*, not pytest tests.
+test_solver_for.__test__ = False
+test_methods.__test__ = False
