@@ -12,6 +12,9 @@ the same folder, new or ``--resume``, is refused at once, naming the holder. The
 drops a flock when its holder exits, however it exits, so a killed run never leaves a
 stale lock. :func:`open_new` and :func:`open_existing` give an :class:`ExperimentFolder`:
 a folder this run holds, checked to be fit for what the run is about to do.
+
+Inside a trial's checkpoint folder, :data:`CHECKPOINT_FILE` holds the model and, once the
+trial has finished, :data:`FINAL_FILE` its final numbers (read by :mod:`tune_node.results`).
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from pathlib import Path
 __all__ = [
     "GRID_FILE", "ADAPT_FILE", "LOCK_FILE", "RECORD_FILES", "CLIS", "experiment_kind", "describe_contents", "check_name",
     "ExperimentFolderError", "ExperimentBusy", "ExperimentLock", "ExperimentFolder", "open_new", "open_existing",
-    "read_record", "open_folders", "running_holder", "check_new", "check_existing",
+    "read_record", "open_folders", "running_holder", "check_new", "check_existing", "CHECKPOINT_FILE",
+    "FINAL_FILE",
 ]
 
 GRID_FILE = "grid.json"
 ADAPT_FILE = "adapt.json"
 LOCK_FILE = ".tune_node.lock"
+CHECKPOINT_FILE = "checkpoint.pt"
+FINAL_FILE = "final.json"
 #: The record file of each kind of experiment tune-node starts.
 RECORD_FILES = {"grid": GRID_FILE, "adaptation": ADAPT_FILE}
 #: The CLI that starts and resumes each kind.

@@ -13,30 +13,33 @@ and the reason in ``diverged_iteration`` and ``diverged_reason``, NaN accuracies
 no checkpoint (``status`` is ``"trained"`` otherwise). A ``final.json`` that cannot be
 read (truncated, corrupt) costs only its own trial's rows: the table holds every
 readable trial and names the others (a warning each, and ``table.attrs["unreadable"]``).
-The CLI writes tables only into a grid experiment's folder, and rebuilds
-``adaptation.csv`` and ``adaptation_history.csv`` in an adaptation experiment's.
+``chance_accuracy`` is the accuracy of always guessing the most frequent class of the
+trial's training labels, as its ``final.json`` records it; trials from before it was
+recorded get :data:`~tune_node.results.critical_step.CHANCE` by dataset name (NaN for
+a name not there).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import math
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from .trainable import CHECKPOINT_FILE, FINAL_FILE
+from ..experiment_folder import CHECKPOINT_FILE, FINAL_FILE, GRID_FILE, describe_contents, experiment_kind
+from .critical_step import CHANCE
 
 __all__ = ["COLUMNS", "collect", "write_results", "read_results", "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError"]
 
+# New columns go at the end: tables read by position keep their meaning.
 COLUMNS = [
     "experiment", "trial_id", "dataset", "train_method", "train_steps", "train_tol", "gradient", "seed",
     "iterations", "lr", "train_accuracy", "test_accuracy", "nfe_per_iteration", "nfe_forward_per_iteration",
     "total_nfe_forward", "total_nfe_backward", "wall_time", "checkpoint",
     "test_method", "test_steps", "test_tol", "factor", "accuracy", "nfe", "is_train_solver",
-    "status", "diverged_iteration", "diverged_reason",
+    "status", "diverged_iteration", "diverged_reason", "chance_accuracy",
 ]
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -85,13 +88,24 @@ def collect(experiment_dir: str | Path) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     for column in ("train_steps", "test_steps", "diverged_iteration"):
         table[column] = table[column].astype("Int64")
-    for column in ("train_tol", "test_tol"):
+    for column in ("train_tol", "test_tol", "chance_accuracy"):
         table[column] = table[column].astype("float64")
     table["is_train_solver"] = table["is_train_solver"].astype(bool)
     keys = ["dataset", "train_method", "gradient", "train_steps", "train_tol", "seed", "test_method", "test_steps", "test_tol", "factor"]
     table = table.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
     table.attrs["unreadable"] = unreadable
     return table
+
+
+def _chance(final: dict, dataset: str) -> float:
+    recorded = final.get("chance_accuracy")  # absent in trials from before it was recorded
+    if recorded is None:
+        return CHANCE.get(dataset, math.nan)
+    # A value that is no share of the labels makes the file unreadable, like any other bad field.
+    value = float(recorded)
+    if not (math.isnan(value) or 0 < value <= 1):
+        raise ValueError(f"chance_accuracy {recorded!r} is not in (0, 1]")
+    return value
 
 
 def _trial_rows(path: Path) -> list[dict]:
@@ -123,6 +137,7 @@ def _trial_rows(path: Path) -> list[dict]:
         "status": final.get("status", "trained"),
         "diverged_iteration": None if diverged is None else diverged["iteration"],
         "diverged_reason": None if diverged is None else diverged["reason"],
+        "chance_accuracy": _chance(final, c["dataset"]),
     }
     return [{**trial, **{k: test[k] for k in ("test_method", "test_steps", "test_tol", "factor", "accuracy", "nfe", "is_train_solver")}}
             for test in final["cross_solver"]]
@@ -138,8 +153,6 @@ def write_results(experiment_dir: str | Path) -> tuple[pd.DataFrame, Path]:
     Raises :class:`NotAnExperimentError`, writing nothing, when the folder is not a grid
     experiment's (no ``grid.json``: an adaptation experiment, or any other folder).
     """
-    from .experiment_folder import GRID_FILE, describe_contents, experiment_kind
-
     experiment_dir = Path(experiment_dir)
     if not experiment_dir.is_dir():
         raise FileNotFoundError(f"experiment directory {str(experiment_dir)!r} does not exist")
@@ -165,44 +178,3 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"no results table or experiment directory at {str(path)!r}")
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_node.results", description=__doc__.splitlines()[0])
-    parser.add_argument("experiment_dir", help="an experiment's directory, <storage>/<name> (grid or adaptation)")
-    args = parser.parse_args(argv)
-    from .experiment_folder import GRID_FILE, experiment_kind
-
-    experiment_dir = Path(args.experiment_dir)
-    if experiment_dir.is_dir() and experiment_kind(experiment_dir) == "adaptation":
-        from .adaptation_results import HISTORY_CSV, SUMMARY_CSV, write_tables
-
-        summary, history = write_tables(experiment_dir)
-        print(f"adaptation experiment: {len(summary)} trials finished -> {experiment_dir / SUMMARY_CSV}, "
-              f"{len(history)} checks -> {experiment_dir / HISTORY_CSV}")
-        return 0
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            table, csv = write_results(experiment_dir)
-    except (FileNotFoundError, NotAnExperimentError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    grid_file = experiment_dir / GRID_FILE  # written by tune_node.grid at the start
-    try:
-        planned = f" of {len(json.loads(grid_file.read_text())['trials'])}"
-    except (OSError, ValueError, KeyError, TypeError):
-        planned = ""
-    diverged = table.loc[table["status"] == "diverged", "trial_id"].nunique()
-    print(f"{table['trial_id'].nunique()}{planned} trials finished"
-          + (f" ({diverged} diverged)" if diverged else "") + f", {len(table)} rows -> {csv}")
-    if table.attrs.get("unreadable"):
-        print(f"{len(table.attrs['unreadable'])} unreadable final.json left out (named above)", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

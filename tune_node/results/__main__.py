@@ -1,0 +1,5 @@
+import sys
+
+from tune_node.results.cli import main
+
+sys.exit(main())

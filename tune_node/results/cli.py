@@ -1,0 +1,51 @@
+"""``python -m tune_node.results EXPERIMENT_DIR``: (re)write an experiment's results tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from ..experiment_folder import GRID_FILE, experiment_kind
+from . import table as _table
+from .table import NotAnExperimentError, write_results
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_node.results", description=_table.__doc__.splitlines()[0])
+    parser.add_argument("experiment_dir", help="an experiment's directory, <storage>/<name> (grid or adaptation)")
+    args = parser.parse_args(argv)
+
+    experiment_dir = Path(args.experiment_dir)
+    if experiment_dir.is_dir() and experiment_kind(experiment_dir) == "adaptation":
+        from ..adaptation_results import HISTORY_CSV, SUMMARY_CSV, write_tables
+
+        summary, history = write_tables(experiment_dir)
+        print(f"adaptation experiment: {len(summary)} trials finished -> {experiment_dir / SUMMARY_CSV}, "
+              f"{len(history)} checks -> {experiment_dir / HISTORY_CSV}")
+        return 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            table, csv = write_results(experiment_dir)
+    except (FileNotFoundError, NotAnExperimentError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    grid_file = experiment_dir / GRID_FILE  # written by tune_node.grid at the start
+    try:
+        planned = f" of {len(json.loads(grid_file.read_text())['trials'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        planned = ""
+    diverged = table.loc[table["status"] == "diverged", "trial_id"].nunique()
+    print(f"{table['trial_id'].nunique()}{planned} trials finished"
+          + (f" ({diverged} diverged)" if diverged else "") + f", {len(table)} rows -> {csv}")
+    if table.attrs.get("unreadable"):
+        print(f"{len(table.attrs['unreadable'])} unreadable final.json left out (named above)", file=sys.stderr)
+        return 1
+    return 0
