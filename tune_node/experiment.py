@@ -10,6 +10,7 @@ folder it held (:mod:`tune_node.experiment_folder`).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import os
@@ -17,6 +18,7 @@ import shlex
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -217,6 +219,33 @@ def experiment_cli(main: Callable) -> Callable:
                     folder.close()
 
     return wrapper
+
+
+def run_from_python(parser: argparse.ArgumentParser, run: Callable, space, options: dict, cli: str):
+    """An experiment CLI's work called from Python: the ``run(args, argv) -> (status, table)``
+    of ``cli`` with ``parser``'s defaults, ``space`` and ``options`` (keywords named as the
+    options' destinations). Returns the table; folders opened are closed as :func:`experiment_cli`
+    closes them. Raises TypeError naming an unknown option, and the run's UsageError as it is.
+    """
+    args = parser.parse_args([])
+    allowed = sorted(vars(args))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} of {cli}; allowed: {', '.join(a for a in allowed if a != 'space')}")
+    for key, value in options.items():
+        setattr(args, key, value)
+    args.space = space
+    before = open_folders()
+    try:
+        status, table = run(args, [])
+    finally:
+        for folder in open_folders():
+            if folder not in before:
+                folder.close()
+    if status == 1:
+        warnings.warn(f"{cli}: some seeds did not finish (see the lines above); the table holds the finished ones, and "
+                      f"resume=True continues the rest", RuntimeWarning, stacklevel=3)
+    return table
 
 
 def _failed_seeds(results) -> tuple[int, int]:

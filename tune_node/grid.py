@@ -32,17 +32,17 @@ import math
 import sys
 from pathlib import Path
 
-from .cli import UsageError, check_gpus, fail, format_table
+from .cli import UsageError, check_gpus, format_table
 from .datasets import SPHERE_DIMS, check_data_available
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
-from .search_space import SearchSpaceError, available_spaces, load_space, train_config_from_trial
+from .search_space import SearchSpace, SearchSpaceError, available_spaces, load_space, train_config_from_trial
 from .seed_groups import groupable
 from .solvers import METHODS
 from .trainable import is_group, trial_seeds
 from .tune_callbacks import group_label
 
-__all__ = ["main", "build_parser", "plan_trials", "estimated_nfe", "GRID_FILE"]
+__all__ = ["main", "run_grid", "build_parser", "plan_trials", "estimated_nfe", "GRID_FILE"]
 
 # GRID_FILE (grid.json, what the experiment was started with) lives in experiment_folder, beside ADAPT_FILE.
 
@@ -146,13 +146,25 @@ def space_problem(given: str | None, saved: dict, name: str) -> str | None:
             f"experiment under another --name")
 
 
-def data_problem(trials: list[dict]) -> str | None:
-    """Whether the data of every trial can be loaded here (:func:`~tune_node.datasets.check_data_available`)."""
+def data_problem(trials: list[dict], to_config=train_config_from_trial) -> str | None:
+    """Whether the data of every trial can be loaded here (:func:`~tune_node.datasets.check_data_available`),
+    and a user's loader and model give what they must (:func:`~tune_node.user_study.check_user_study`,
+    on the first trial of each dataset and model; ``to_config`` makes a trial's TrainConfig)."""
+    from .user_study import check_user_study
+
     needed = dict.fromkeys((t.get("dataset"), t.get("data_root", "data"), bool(t.get("download"))) for t in trials)
     for dataset, root, download in needed:
         try:
             check_data_available(dataset, root, download)
         except (FileNotFoundError, ImportError, ValueError) as err:
+            return str(err)
+    first = {}
+    for t in trials:
+        first.setdefault((t.get("dataset"), t.get("model")), t)
+    for t in first.values():
+        try:
+            check_user_study(to_config(t))
+        except (ImportError, TypeError, ValueError) as err:
             return str(err)
     return None
 
@@ -162,10 +174,12 @@ def resume_space(args) -> str | None:
     return args.space or ("quick" if args.quick else None)
 
 
-def default_name(space: str | None) -> str:
+def default_name(space) -> str:
     """The experiment name a grid takes by default: the space's name (a file's stem)."""
     if space is None:
         return "quick"
+    if isinstance(space, SearchSpace):
+        return space.name
     path = Path(space)
     return path.stem if path.suffix == ".toml" or "/" in space or path.is_file() else space
 
@@ -246,45 +260,68 @@ def _format_nfe(nfe: float) -> str:
 
 @experiment_cli
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return _run(build_parser().parse_args(argv), argv)[0]
+
+
+def run_grid(space="quick", **options):
+    """Run a grid experiment from Python; the same work as ``python -m tune_node.grid``.
+
+    Arguments:
+        space: a search space: a shipped name (``"sphere2_fixed"``), a TOML file's path,
+            or a :class:`~tune_node.search_space.SearchSpace`.
+        options: the CLI's options as keywords, dashes as underscores (``storage="runs"``,
+            ``name=...``, ``seeds=3``, ``iterations=...``, ``lr=...``, ``cpus=...``,
+            ``gpus=...``, ``resume=True``, ``seed_groups=False``, ...).
+
+    Returns the results table (:data:`tune_node.results.COLUMNS`, one row per trial and
+    test setting), also when some seeds did not finish (a RuntimeWarning names how many;
+    ``resume=True`` continues them). Raises :class:`~tune_node.cli.UsageError` (a
+    ValueError) for bad input, before any work, and TypeError for an unknown option.
+    """
+    from .experiment import run_from_python
+
+    return run_from_python(build_parser(), _run, space, options, "tune_node.grid")
+
+
+def _run(args, argv: list[str] | None):
+    """The grid experiment for parsed ``args``: ``(exit status, results table or None)``."""
     problem = check_arguments(args) or _seed_groups_problem(args) or _threshold_problem(args.threshold)
     if problem:
-        return fail(problem)
+        raise UsageError(problem)
     storage = Path(args.storage).resolve()
 
     if args.resume:
         changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "seed_groups", "seeds_per_trial")
                    if getattr(args, k) is not None]
         if changed:
-            return fail(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
+            raise UsageError(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
         name = args.name if args.name is not None else default_name(args.space)
         experiment_dir, saved = check_existing(storage, name, "grid")
         problem = space_problem(resume_space(args), saved, name)
         if problem:
-            return fail(problem)
+            raise UsageError(problem)
         trials, space_name = saved["trials"], saved.get("space", "?")
         try:
             # Experiments from before seed groups have no "units": one seed per trial.
             units = [[trials[i] for i in unit] for unit in saved.get("units", [[i] for i in range(len(trials))])]
         except (IndexError, TypeError) as err:
-            return fail(f"{experiment_dir / GRID_FILE} has malformed 'units' ({err}); the experiment cannot be resumed")
+            raise UsageError(f"{experiment_dir / GRID_FILE} has malformed 'units' ({err}); the experiment cannot be resumed")
     else:
         try:
             space = load_space(args.space or "quick").with_overrides(
                 seeds=args.seeds, iterations=args.iterations, lr=args.lr, report_every=args.report_every)
             trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
         except (SearchSpaceError, ValueError) as err:
-            return fail(str(err))
+            raise UsageError(str(err))
         if not trials:
-            return fail(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
+            raise UsageError(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
                          f"at least one step count or tolerance")
         space_name, name = space.name, args.name if args.name is not None else space.name
         experiment_dir = check_new(storage, name, "grid")
         units = plan_trials(trials, seed_groups=args.seed_groups is not False, seeds_per_trial=args.seeds_per_trial)
     problem = data_problem(trials)
     if problem:
-        return fail(problem)
+        raise UsageError(problem)
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
@@ -292,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                  "batch": u[0]["batch_size"], "optimizer": u[0]["optimizer"], "train NFE": _format_nfe(estimated_nfe(u)),
                  "cpu": resources["cpu"], "gpu": resources["gpu"]} for u in units]
         return print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
-                             f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+                             f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus), None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
     command = command_line("tune_node.grid", argv)
     folder = open_existing(storage, name, "grid", command)[0] if args.resume else open_new(storage, name, "grid", command)
@@ -304,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         announce=lambda: f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; "
                          f"{_plan_line(units)}; each Ray trial requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU")
     if problem:
-        return fail(problem)
+        raise UsageError(problem)
 
     from .experiment import finish, fit
     from .results import write_results
@@ -316,13 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     finished = table["trial_id"].nunique() if len(table) else 0
     print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")
     if finished:
-        from analysis.critical_step import critical_steps, display_rows
+        from .results import critical_steps, display_rows
 
         summary = critical_steps(table, threshold=args.threshold)
         print(f"\ncritical step per train solver (threshold {args.threshold:g}; accuracy: test set, train solver, "
               f"mean +- std over seeds; rule: python -m analysis.critical_step --help):")
         print(format_table(display_rows(summary)))
-    return finish(experiment_dir, finished, len(trials), grid, "tune_node.grid", storage, name)
+    return finish(experiment_dir, finished, len(trials), grid, "tune_node.grid", storage, name), table
 
 
 if __name__ == "__main__":

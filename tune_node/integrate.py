@@ -1,4 +1,10 @@
-"""Integrating an autonomous vector field with a :class:`~tune_node.solvers.SolverSetting`.
+"""Integrating a vector field with a :class:`~tune_node.solvers.SolverSetting`.
+
+A field is autonomous, called as ``field(z)`` (the paper's), or time-dependent,
+called as ``field(t, z)`` (torchdiffeq's convention, ``t`` a 0-dim tensor of the
+state's dtype and device); :func:`takes_time` tells which from its signature. Every
+solver passes ``t`` to a time-dependent field: the fixed-step loop at each stage's
+time ``t_n + c_i h``, torchdiffeq in adaptive and adjoint solves.
 
 Fixed-step methods with backprop run this module's own explicit Runge-Kutta loop:
 exactly ``steps`` steps of size ``h = T / steps``, nothing else per step. Adaptive
@@ -18,13 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import inspect
+
 import torch
 import torchdiffeq
 from torch import nn
 
 from .solvers import DEFAULT_MAX_ADAPTIVE_STEPS, ButcherTableau, SolverSetting
 
-__all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "StepSizeUnderflowError", "integrate", "rk_solve"]
+__all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "StepSizeUnderflowError", "integrate", "rk_solve",
+           "takes_time", "FieldSignatureError"]
 
 # The messages of torchdiffeq's adaptive Runge-Kutta loop (rk_common.py) that this
 # module turns into its own errors; any other AssertionError passes through unchanged.
@@ -78,6 +87,50 @@ def _solver_error(err: AssertionError, setting: SolverSetting, nfe: int, phase: 
     return None
 
 
+class FieldSignatureError(TypeError):
+    """A vector field that takes neither ``(z)`` nor ``(t, z)``; the message shows its signature."""
+
+
+def takes_time(vector_field) -> bool:
+    """Whether ``vector_field`` is called as ``field(t, z)`` (True) or ``field(z)`` (False).
+
+    Decided from the signature of its ``forward`` (modules) or of the callable itself:
+    two required positional parameters mean ``(t, z)``, one means ``(z)``. A field
+    may say so itself with an attribute ``time_dependent`` (True or False), which wins.
+    Raises :class:`FieldSignatureError` for any other signature.
+    """
+    declared = getattr(vector_field, "time_dependent", None)
+    if isinstance(declared, bool):
+        return declared
+    if isinstance(vector_field, nn.Module):
+        # Asked at every solve: a module's answer is its class's, so look once per class.
+        cls = type(vector_field)
+        if cls not in _TAKES_TIME:
+            _TAKES_TIME[cls] = _signature_takes_time(vector_field.forward, cls.__qualname__)
+        return _TAKES_TIME[cls]
+    return _signature_takes_time(vector_field, getattr(vector_field, "__qualname__", type(vector_field).__qualname__))
+
+
+_TAKES_TIME: dict[type, bool] = {}
+
+
+def _signature_takes_time(target, name: str) -> bool:
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature: the paper's convention
+        return False
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values())
+    if len(positional) == 2:
+        return True
+    if len(positional) == 1 or (not positional and varargs):
+        return False
+    raise FieldSignatureError(f"vector field {name}{signature} must take the state z, as forward(z), or the time and "
+                              f"the state, as forward(t, z) (torchdiffeq's convention); it takes {len(positional)} "
+                              f"required positional arguments")
+
+
 @dataclass(frozen=True)
 class PreparedField:
     """A vector field in a faster form, built once per solve from the field's parameters.
@@ -113,7 +166,8 @@ class NFECounter:
 
 
 class _CountingField(nn.Module):
-    """``f(t, z) = field(z)`` for torchdiffeq, counting calls into an :class:`NFECounter`.
+    """``f(t, z)`` for torchdiffeq (``field(z)``, or ``field(t, z)`` when ``time_dependent``),
+    counting calls into an :class:`NFECounter`.
 
     With ``backward_cap`` (a setting, adaptive adjoint solves only) it also counts the
     step attempts of the adjoint's backward solve through torchdiffeq's
@@ -121,10 +175,11 @@ class _CountingField(nn.Module):
     attempt after the setting's cap, before that attempt evaluates anything.
     """
 
-    def __init__(self, vector_field: Callable[[torch.Tensor], torch.Tensor], counter: NFECounter,
-                 backward_cap: SolverSetting | None = None):
+    def __init__(self, vector_field: Callable[..., torch.Tensor], counter: NFECounter,
+                 backward_cap: SolverSetting | None = None, time_dependent: bool = False):
         super().__init__()
         self.vector_field = vector_field
+        self.time_dependent = time_dependent
         self.counter = counter
         self.backward_cap = backward_cap
         self.backward_attempts = 0
@@ -149,7 +204,7 @@ class _CountingField(nn.Module):
             self.counter.backward += 1
         else:
             self.counter.forward += 1
-        return self.vector_field(z)
+        return self.vector_field(t, z) if self.time_dependent else self.vector_field(z)
 
 
 @dataclass
@@ -189,13 +244,17 @@ class Solution:
         return max(0, (self.counter.forward - spec.startup_nfe) // spec.stages_per_step)
 
 
-def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float = 1.0, record_path: bool = False):
-    """Explicit Runge-Kutta with ``steps`` equal steps over ``[0, T]`` of the autonomous ``f``.
+def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float = 1.0, record_path: bool = False,
+             *, time_dependent: bool = False):
+    """Explicit Runge-Kutta with ``steps`` equal steps over ``[0, T]`` of ``f``: ``f(z)``, or
+    ``f(t, z)`` with ``time_dependent`` (``t`` the stage time ``t_n + c_i h``, a 0-dim tensor).
 
     Returns ``(z_T, path)``; ``path`` is None unless ``record_path``. Calls ``f``
-    exactly ``steps * tableau.stages`` times; besides those calls a step does one
-    fused ``z + c * k`` per nonzero tableau coefficient and nothing else.
+    exactly ``steps * tableau.stages`` times; besides those calls an autonomous step
+    does one fused ``z + c * k`` per nonzero tableau coefficient and nothing else.
     """
+    if time_dependent:
+        return _rk_solve_in_time(f, z0, tableau, steps, T, record_path)
     h = T / steps
     a, b = tableau.step_coefficients(h)
     z = z0
@@ -220,15 +279,37 @@ def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float 
     return z, path
 
 
+def _rk_solve_in_time(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float, record_path: bool):
+    h = T / steps
+    a, b = tableau.step_coefficients(h)
+    z = z0
+    path = [z0] if record_path else None
+    for n in range(steps):
+        # Times from the step index, not by summing h, so the last step ends at T itself.
+        t_n = n * T / steps
+        k = []
+        for row, c in zip(a, tableau.c):
+            zi = z
+            for j, coef in row:
+                zi = torch.add(zi, k[j], alpha=coef)
+            k.append(f(torch.tensor(t_n + c * h, dtype=z0.dtype, device=z0.device), zi))
+        for i, coef in b:
+            z = torch.add(z, k[i], alpha=coef)
+        if record_path:
+            path.append(z)
+    return z, path
+
+
 def _identity(z):
     return z
 
 
 def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting, record_path: bool = False) -> Solution:
-    """Solve ``dz/dt = vector_field(z)``, ``z(0) = z0`` over ``[0, setting.T]``.
+    """Solve ``dz/dt = vector_field(z)`` (or ``vector_field(t, z)``), ``z(0) = z0`` over ``[0, setting.T]``.
 
     Arguments:
-        vector_field: an autonomous field, called as ``vector_field(z)``.
+        vector_field: an autonomous field, called as ``vector_field(z)``, or a
+            time-dependent one, ``vector_field(t, z)`` (see :func:`takes_time`).
         z0: initial state, any shape the field accepts.
         setting: method, steps or tolerance, gradient mode.
         record_path: keep every step's state (fixed-step methods only).
@@ -253,8 +334,9 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
     T = float(setting.T)
     if record_path and setting.is_adaptive:
         raise ValueError("record_path is only available for fixed-step methods")
+    time_dependent = takes_time(vector_field)
     prepare = getattr(vector_field, "prepare", None)
-    prepared = prepare(z0) if prepare is not None and setting.gradient == "backprop" else None
+    prepared = prepare(z0) if prepare is not None and setting.gradient == "backprop" and not time_dependent else None
     if prepared is None:
         prepared = PreparedField(vector_field, _identity, _identity)
 
@@ -266,16 +348,17 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
                 return Solution(prepared.decode(z), setting, counter, None)
         field_fn = prepared.f
 
-        def f(z):
+        def f(*tz):
             counter.forward += 1
-            return field_fn(z)
+            return field_fn(*tz)
 
-        z, path = rk_solve(f, prepared.encode(z0), spec.tableau, setting.steps, T, record_path)
+        z, path = rk_solve(f, prepared.encode(z0), spec.tableau, setting.steps, T, record_path, time_dependent=time_dependent)
         path = None if path is None else [prepared.decode(p) for p in path]
         return Solution(prepared.decode(z), setting, counter, path)
 
     adaptive_adjoint = setting.is_adaptive and setting.gradient == "adjoint"
-    counted = _CountingField(prepared.f, counter, backward_cap=setting if adaptive_adjoint else None)
+    counted = _CountingField(prepared.f, counter, backward_cap=setting if adaptive_adjoint else None,
+                             time_dependent=time_dependent)
     z0 = prepared.encode(z0)
 
     t = torch.tensor([0.0, T], dtype=z0.dtype, device=z0.device)

@@ -13,7 +13,7 @@ from . import dense as _dense
 from .integrate import PreparedField, Solution, integrate
 from .solvers import SolverSetting
 
-__all__ = ["ConvODEField", "NeuralODEClassifier", "build_model", "MODEL_SHAPES"]
+__all__ = ["ConvODEField", "NeuralODEClassifier", "build_model", "build_for", "check_model_output", "MODEL_SHAPES"]
 
 # dataset family -> (conv dimensionality, channels of the input, hidden channels, classes)
 MODEL_SHAPES = {
@@ -36,6 +36,9 @@ class ConvODEField(nn.Module):
     True always, False never. It changes speed only, not the parameters or the
     function (up to floating-point rounding).
     """
+
+    #: Autonomous: called as ``field(z)`` (:func:`~tune_node.integrate.takes_time`).
+    time_dependent = False
 
     def __init__(self, conv_dim: int, channels: int, hidden: int):
         super().__init__()
@@ -65,7 +68,8 @@ class NeuralODEClassifier(nn.Module):
     """z(T) = ODESolve(f, x), logits = Linear(flatten(z(T))).
 
     Arguments:
-        field: the ODE block's vector field.
+        field: the ODE block's vector field: ``forward(z)`` (autonomous, the paper's) or
+            ``forward(t, z)`` (time-dependent, torchdiffeq's convention).
         features: size of the flattened state.
         classes: number of classes.
     """
@@ -120,3 +124,58 @@ def build_model(family: str, input_shape: tuple[int, ...], seed: int | None = No
         model = NeuralODEClassifier(ConvODEField(conv_dim, channels, hidden), features, classes)
         _init_paper(model)
     return model
+
+
+def build_for(data, *, model: str | None = None, seed: int | None = None, code_dir: str | None = None) -> NeuralODEClassifier:
+    """The model a training run on ``data`` (a :class:`~tune_node.datasets.Dataset`) starts from.
+
+    Arguments:
+        data: the loaded dataset.
+        model: None for the paper's model of a built-in dataset (:func:`build_model`), or a
+            user's ``"module:function"``, called as ``function(data)``, which must return a
+            :class:`NeuralODEClassifier`.
+        seed: with it the initial weights depend on the seed alone: torch's global generator
+            is seeded around a user's function (and restored afterwards).
+        code_dir: the folder a user's module is looked for first.
+
+    Raises :class:`~tune_node.user_code.UserCodeError` for a function that does not import
+    or returns something else, ValueError for a user's dataset without a model.
+    """
+    if model is None:
+        if data.family is None:
+            raise ValueError(f"dataset {data.name!r} is not a built-in one, so it has no default model: name a model "
+                             f"function ('module:function', model = ... in the search space) that builds a "
+                             f"tune_node.models.NeuralODEClassifier for it")
+        return build_model(data.family, data.input_shape, seed=seed)
+    from .user_code import UserCodeError, resolve_function
+
+    build = resolve_function(model, code_dir=code_dir, what="model builder")
+    if seed is None:
+        built = build(data)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built = build(data)
+    if not isinstance(built, NeuralODEClassifier):
+        raise UserCodeError(f"model builder {model!r} returned a {type(built).__name__}, expected a "
+                            f"tune_node.models.NeuralODEClassifier(field, features, classes)")
+    return built
+
+
+@torch.no_grad()
+def check_model_output(model: NeuralODEClassifier, data, setting: SolverSetting, source: str = "the model") -> None:
+    """Run ``model`` on two training examples under ``setting`` and check its logits' shape.
+
+    Raises ValueError naming ``source``, the shape it gave and the ``(batch, classes)``
+    expected (and lets the field's own errors, such as a wrong signature, surface here,
+    before any training).
+    """
+    x = data.x_train[:2]
+    try:
+        logits, _ = model(x, setting)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{source} fails on two training examples of shape {tuple(x.shape)} under "
+                         f"{setting.label()}: {type(err).__name__}: {err}") from err
+    if tuple(logits.shape) != (len(x), data.classes):
+        raise ValueError(f"{source} gives logits of shape {tuple(logits.shape)} for {len(x)} examples; expected "
+                         f"({len(x)}, {data.classes}): one logit per class of dataset {data.name!r}")

@@ -5,7 +5,8 @@ A search space is a TOML file; the ones shipped with tune-node live in the
 (``--space sphere2_fixed``); any other file is found by path. Format::
 
     description = "Sphere2, fixed-step solvers (Section 2.4)"
-    dataset = "sphere2"             # one of tune_node.datasets.DATASETS
+    dataset = "sphere2"             # one of tune_node.datasets.DATASETS, or "module:function"
+    model = "crescents:build"       # optional: a builder "module:function" (default: the paper's model)
     seeds = 5                       # a count (0..n-1) or a list of seeds
 
     [training]                      # optional; missing keys take the paper's values
@@ -28,9 +29,21 @@ A search space is a TOML file; the ones shipped with tune-node live in the
                                     # (default: solvers.DEFAULT_MAX_ADAPTIVE_STEPS)
     lr = 1e-4                       # a solver table may override training keys
 
+    [adaptation]                    # optional: python -m tune_node.adapt's defaults for this space
+    train_solver = "euler"          # also: mode, test_solver, k, threshold, initial_tol, gradient
+    test_solver = "rk4"
+
 The trials are every (solver setting, seed) pair. Loading checks everything and
 raises :class:`SearchSpaceError` naming the file and the problem; booleans are
 never numbers, and an empty list of steps, tolerances or gradients is an error.
+
+A user's dataset or model (``"module:function"``, see :mod:`tune_node.user_code`) is
+looked for beside the search-space file first, then on ``PYTHONPATH``: loading checks
+that the functions import; :func:`tune_node.user_study.check_user_study` then checks
+what they return, before any training. A loader is called as ``load(seed)`` and
+returns a :class:`~tune_node.datasets.Dataset`; a builder as ``build(dataset)`` and
+returns a :class:`~tune_node.models.NeuralODEClassifier`, whose field may be
+autonomous (``forward(z)``) or time-dependent (``forward(t, z)``).
 """
 
 from __future__ import annotations
@@ -43,10 +56,14 @@ from pathlib import Path
 from .datasets import DATASETS
 from .solvers import GRADIENT_MODES, METHODS, SolverSetting
 from .training import OPTIMIZERS, TrainConfig
+from .trial import Trial
+from .user_code import is_reference, resolve_function
 
 __all__ = ["SearchSpaceError", "SearchSpace", "available_spaces", "load_space", "parse_seeds"]
 
-TOP_KEYS = {"description", "dataset", "seeds", "training", "solvers"}
+TOP_KEYS = {"description", "dataset", "model", "seeds", "training", "solvers", "adaptation"}
+#: Keys of an ``[adaptation]`` table: the defaults of ``python -m tune_node.adapt``'s options.
+ADAPTATION_KEYS = {"mode", "train_solver", "test_solver", "k", "threshold", "initial_tol", "gradient"}
 TRAINING_KEYS = {"iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size"}
 SOLVER_KEYS = {"method", "steps", "tol", "gradient", "max_steps"} | TRAINING_KEYS
 
@@ -102,6 +119,11 @@ class SearchSpace:
         seeds: the seeds every solver setting is trained with.
         solvers: ``(setting, training overrides)`` pairs, one per train setting.
         training: training keys shared by all trials (missing ones: the paper's).
+        model: a user's model builder ``"module:function"``, or None (the paper's model).
+        code_dir: the folder of the space's file, where user modules are looked for
+            first; None when the space names no user code.
+        adaptation: the ``[adaptation]`` table: defaults of the adaptation CLI's options
+            (checked when an adaptation starts); empty when absent.
     """
 
     name: str
@@ -111,9 +133,13 @@ class SearchSpace:
     seeds: tuple[int, ...]
     solvers: tuple[tuple[SolverSetting, dict], ...]
     training: dict = field(default_factory=dict)
+    model: str | None = None
+    code_dir: str | None = None
+    adaptation: dict = field(default_factory=dict)
 
     def trials(self, data_root: str = "data", download: bool = False) -> list[dict]:
-        """One flat, JSON-friendly config per (solver setting, seed), every value resolved.
+        """One flat, JSON-friendly config per (solver setting, seed), every value resolved:
+        :meth:`~tune_node.trial.Trial.to_dict` of each trial.
 
         Guarantees: each config builds a valid :class:`~tune_node.training.TrainConfig`
         via :func:`train_config_from_trial`.
@@ -122,29 +148,14 @@ class SearchSpace:
         for setting, overrides in self.solvers:
             training = {**self.training, **overrides}
             for seed in self.seeds:
-                config = TrainConfig(dataset=self.dataset, solver=setting, seed=seed, data_root=data_root, download=download, **training)
-                out.append({
-                    "experiment": self.name,
-                    "dataset": self.dataset,
-                    "method": setting.method,
-                    "steps": setting.steps,
-                    "tol": setting.tol,
-                    "gradient": setting.gradient,
-                    # Only when given: configs (and the trial names and results made from
-                    # them) of spaces without max_steps stay as they were.
-                    **({"max_steps": setting.max_steps} if setting.max_steps is not None else {}),
-                    "seed": seed,
-                    "iterations": config.iterations,
-                    "lr": config.lr,
-                    "batch_size": config.batch_size,
-                    "optimizer": config.optimizer,
-                    "report_every": config.report_every,
-                    "test_every": config.test_every,
-                    "eval_batch_size": config.eval_batch_size,
-                    "data_root": data_root,
-                    "download": download,
-                })
+                config = TrainConfig(dataset=self.dataset, solver=setting, seed=seed, data_root=data_root, download=download,
+                                     model=self.model, code_dir=self.code_dir, **training)
+                out.append(Trial.of(self.name, config).to_dict())
         return out
+
+    def user_code(self) -> dict:
+        """The ``model`` and ``code_dir`` a trial config carries (only those set)."""
+        return {k: v for k, v in (("model", self.model), ("code_dir", self.code_dir)) if v is not None}
 
     def with_overrides(self, seeds=None, iterations=None, lr=None, report_every=None) -> "SearchSpace":
         """This space with command-line overrides applied (``None``: keep), re-validated."""
@@ -163,11 +174,8 @@ class SearchSpace:
 
 def train_config_from_trial(trial: dict, device: str = "cpu") -> TrainConfig:
     """The :class:`TrainConfig` of one trial config from :meth:`SearchSpace.trials`
-    (``max_steps`` is optional: absent means the default cap)."""
-    setting = SolverSetting(trial["method"], steps=trial["steps"], tol=trial["tol"], gradient=trial["gradient"],
-                            max_steps=trial.get("max_steps"))
-    keys = ("seed", "iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size", "data_root", "download")
-    return TrainConfig(dataset=trial["dataset"], solver=setting, device=device, **{k: trial[k] for k in keys})
+    (:meth:`~tune_node.trial.Trial.train_config` of its :class:`~tune_node.trial.Trial`)."""
+    return Trial.from_dict(trial).train_config(device)
 
 
 def _resolve(space: str) -> Path:
@@ -186,13 +194,16 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def load_space(space: str) -> SearchSpace:
-    """Read and validate a search space given by name or by path.
+def load_space(space) -> SearchSpace:
+    """Read and validate a search space given by name or by path (a :class:`SearchSpace`
+    is returned as it is).
 
     Raises:
         SearchSpaceError: unknown name (listing the available ones), missing file, bad TOML,
             unknown keys or invalid values; the message names the file.
     """
+    if isinstance(space, SearchSpace):
+        return space
     path = _resolve(space)
     where = f"search space {str(path)!r}"
     try:
@@ -216,9 +227,20 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
     for key in ("dataset", "seeds", "solvers"):
         if key not in doc:
             raise ValueError(f"missing required key {key!r}")
-    dataset = doc["dataset"]
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
+    dataset, model = doc["dataset"], doc.get("model")
+    if not is_reference(dataset) and dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}, or 'module:function' naming "
+                         f"your loader (a function load(seed) -> tune_node.datasets.Dataset)")
+    if model is not None and not is_reference(model):
+        raise ValueError(f"model must be 'module:function' naming your builder (a function build(dataset) -> "
+                         f"tune_node.models.NeuralODEClassifier), got {model!r}")
+    if is_reference(dataset) and model is None:
+        raise ValueError(f"dataset {dataset!r} is your own, so it has no default model: add model = 'module:function' "
+                         f"naming a builder build(dataset) -> tune_node.models.NeuralODEClassifier")
+    code_dir = str(path.parent.resolve()) if is_reference(dataset) or model is not None else None
+    for reference, what in ((dataset, "dataset loader"), (model, "model builder")):
+        if is_reference(reference):
+            resolve_function(reference, code_dir=code_dir, what=what)
     seeds = tuple(parse_seeds(doc["seeds"]))
     training = doc.get("training", {})
     if not isinstance(training, dict):
@@ -226,6 +248,10 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
     _check_keys(training, TRAINING_KEYS, "[training]")
     if "optimizer" in training and training["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {training['optimizer']!r}; allowed: {', '.join(OPTIMIZERS)}")
+    adaptation = doc.get("adaptation", {})
+    if not isinstance(adaptation, dict):
+        raise ValueError("[adaptation] must be a table")
+    _check_keys(adaptation, ADAPTATION_KEYS, "[adaptation]")
     tables = doc["solvers"]
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise ValueError("solvers must be a non-empty array of tables ([[solvers]])")
@@ -274,6 +300,9 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
         seeds=seeds,
         solvers=tuple(solvers),
         training=dict(training),
+        model=model,
+        code_dir=code_dir,
+        adaptation=adaptation,
     )
     space.trials()  # builds every TrainConfig: bad training values fail here, before any work
     return space

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dense
-from .datasets import Dataset, dataset_family, load_dataset
+from .datasets import BUILTIN_DATASETS, Dataset
 from .evaluation import accuracy
 from .models import build_model
 from .solvers import SolverSetting
@@ -33,10 +33,12 @@ GroupReportFn = Callable[[int, Progress, Callable[[], dict]], None]
 
 
 def groupable(config: TrainConfig, input_shape: tuple[int, ...]) -> bool:
-    """Whether seeds of ``config`` train as one stacked model: fixed-step backprop
-    on a sphere short enough for the dense field (:data:`~tune_node.dense.DENSE_MAX_DIM`)."""
+    """Whether seeds of ``config`` train as one stacked model: fixed-step backprop of the
+    paper's model on a sphere short enough for the dense field (:data:`~tune_node.dense.DENSE_MAX_DIM`)."""
     s = config.solver
-    return (not s.is_adaptive and s.gradient == "backprop" and dataset_family(config.dataset) == "sphere"
+    info = BUILTIN_DATASETS.get(config.dataset)
+    return (not s.is_adaptive and s.gradient == "backprop" and config.model is None
+            and info is not None and info.family == "sphere"
             and len(input_shape) == 2 and input_shape[-1] <= dense.DENSE_MAX_DIM)
 
 
@@ -90,7 +92,7 @@ def train_seed_group(
         raise ValueError(f"data has {len(data)} datasets for {len(configs)} configs")
     config = configs[0]
     device = torch.device(config.device)
-    datasets = [(d or load_dataset(c.dataset, c.seed, c.data_root, c.download)).to(device)
+    datasets = [(d or c.load_data()).to(device)
                 for c, d in zip(configs, data or [None] * len(configs))]
 
     if len(configs) == 1 or not groupable(config, datasets[0].input_shape):

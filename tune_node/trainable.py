@@ -1,16 +1,21 @@
-"""The Ray Tune function trainable of the grid experiment: one trial trains one model,
-or one seed group (several seeds of one configuration, trained as one batched model).
+"""The Ray Tune trainable: one trial lifecycle for grid and adaptation trials alike.
 
-:func:`train_trial` wraps :func:`tune_node.seed_groups.train_seed_group` (which, like
-:func:`tune_node.training.train`, knows nothing of Ray). Each report interval it calls
-``tune.report`` with the scalars TensorBoard shows and a checkpoint directory holding
-``checkpoint.pt``; a restored trial continues from ``tune.get_checkpoint()`` exactly
-where it stopped. After training it evaluates the paper's cross-solver test matrix and
-reports once more with the final checkpoint, whose directory also holds ``final.json``
-(the trial's config, final numbers and test-matrix rows) for :mod:`tune_node.results`.
+:func:`run_trial` trains what a Ray trial config carries: one seed of a grid or of an
+adaptation (a :class:`~tune_node.trial.Trial` each), or a grid's *seed group* (several
+seeds of one setting, trained as one batched model), through
+:func:`tune_node.seed_groups.train_seed_group` or :func:`tune_node.training.train`
+(which know nothing of Ray). Each report interval it calls ``tune.report`` with the
+scalars TensorBoard shows and a checkpoint directory holding ``checkpoint.pt``; a
+restored trial continues from ``tune.get_checkpoint()`` exactly where it stopped (an
+adaptation's controller included). After training it evaluates the paper's
+cross-solver test matrix and reports once more with the final checkpoint, whose
+directory also holds ``final.json`` (the trial's config, chance level, final numbers
+and test-matrix rows; an adaptation's summary and check history) for
+:mod:`tune_node.results` and :mod:`tune_node.adaptation_results`. ``train_trial`` and
+``adapt_trial`` are its names in the grid and the adaptation.
 
 A trial config is ``{"trial": t}`` (one seed) or ``{"trial": [t0, t1, ...]}`` (a seed
-group), each ``t`` a per-seed config from :meth:`SearchSpace.trials`. A group keeps
+group), each ``t`` a :meth:`~tune_node.trial.Trial.to_dict`. A group keeps
 everything per seed: its metrics carry ``seeds: {"<seed>": per-seed metrics}`` and its
 checkpoint directories hold one subdirectory per seed (:func:`seed_subdir`) with that
 seed's ``checkpoint.pt`` (``train``'s format) and, at the end, its ``final.json``.
@@ -29,15 +34,14 @@ import pyarrow.fs
 import torch
 from ray import tune
 
-from .datasets import load_dataset
-from .search_space import train_config_from_trial
+from .adaptation_results import history_rows, summary_row
+from .datasets import majority_share
+from .experiment_folder import CHECKPOINT_FILE, FINAL_FILE
 from .seed_groups import train_seed_group
-from .training import Progress, load_checkpoint, save_checkpoint
+from .training import Progress, load_checkpoint, save_checkpoint, train
+from .trial import Trial
 
-__all__ = ["train_trial", "CHECKPOINT_FILE", "FINAL_FILE", "trial_resources", "is_group", "trial_seeds", "seed_subdir"]
-
-CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_FILE = "final.json"
+__all__ = ["run_trial", "train_trial", "CHECKPOINT_FILE", "FINAL_FILE", "trial_resources", "is_group", "trial_seeds", "seed_subdir"]
 
 
 def is_group(config: dict) -> bool:
@@ -183,84 +187,131 @@ def start_trial(config: dict | None = None) -> str | None:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def train_trial(config: dict) -> None:
-    """Train the model(s) of one trial config: ``{"trial": t}`` or a group's ``{"trial": [t, ...]}``.
+def _adaptation_metrics(progress: Progress, controller, totals: dict) -> dict:
+    it = progress.iteration
+    metrics = {
+        "timesteps_total": it,  # TensorBoard's x axis: training iterations
+        "iteration": it,
+        "loss": progress.loss,
+        "train_accuracy": progress.train_accuracy,  # the current batch's
+        ("step_size" if controller.mode == "step" else "tol"): controller.value,  # for the next iteration
+        "solver_steps": progress.steps,
+        "nfe_forward": progress.nfe_forward,
+        "nfe_backward": progress.nfe_backward,
+        "nfe_per_iteration": progress.nfe_forward + progress.nfe_backward,  # this iteration's training passes
+        "train_forward_nfe_per_iteration": totals["fwd"] / it,  # since the start
+        "check_nfe_per_iteration": totals["check"] / it,
+        "check_nfe": progress.check_nfe,
+        "total_nfe": progress.total_nfe,
+    }
+    if controller.history:
+        last = controller.history[-1]
+        metrics.update(train_solver_accuracy=last.train_solver_accuracy, test_solver_accuracy=last.test_solver_accuracy,
+                       check_accepted=float(last.accepted), check_iteration=last.iteration)
+    if progress.test_accuracy is not None:
+        metrics["test_accuracy"] = progress.test_accuracy
+    return metrics
 
-    Torch uses as many threads as the trial requested CPUs; the device is CUDA when
-    the trial was given a GPU (fraction). A group trains as one batched model where
-    :func:`~tune_node.seed_groups.groupable` allows, else seed after seed.
+
+def _trial_id(config: dict, trial: dict) -> str | None:
+    try:
+        trial_id = tune.get_context().get_trial_id()
+    except Exception:  # outside a Tune session (direct call)
+        return None
+    # A group's seeds share the Ray trial: each gets its own id in the results table.
+    return f"{trial_id}_seed{trial['seed']}" if is_group(config) and trial_id is not None else trial_id
+
+
+def run_trial(config: dict) -> None:
+    """The one trainable: train the seed(s) of a Ray trial config, report, evaluate, report the end.
+
+    ``config["trial"]`` is one :meth:`~tune_node.trial.Trial.to_dict` (one seed, of a grid or an
+    adaptation) or a list of them (a grid's seed group). The lifecycle is the same for
+    every kind: a trial that finished before is re-reported from its files; otherwise each
+    seed's state is restored from the trial's latest checkpoint, training reports with a
+    checkpoint every ``report_every`` iterations, and at the end every seed is evaluated with
+    the paper's test matrix and the last report carries the final checkpoint with each
+    seed's ``final.json``. An adaptation trial's controller lives in its checkpoints too.
+    Torch uses as many threads as the trial requested CPUs; the device is CUDA when the
+    trial was given a GPU (fraction).
     """
-    trials = trial_seeds(config)
+    seeds = trial_seeds(config)
+    trials = [Trial.from_dict(t) for t in seeds]
     device = start_trial(config)
     if device is None:
         return
-    train_configs = [train_config_from_trial(t, device=device) for t in trials]
-    data = [load_dataset(c.dataset, c.seed, c.data_root, c.download) for c in train_configs]
-    subdirs = [seed_subdir(config, t) for t in trials]
-    resume_from = _restored_states(config)
+    train_configs = [t.train_config(device) for t in trials]
+    data = [c.load_data() for c in train_configs]
+    adaptation = trials[0].adaptation
+    controller = None
+    if adaptation is not None:
+        if len(trials) != 1:
+            raise ValueError(f"an adaptation trial trains one seed, got {len(trials)}")
+        train_configs[0], controller = adaptation.controller(train_configs[0], data[0])
+    subdirs = [seed_subdir(config, t) for t in seeds]
+    resume_from = _restored_states(config)  # train() restores a controller's state from it too
     n, iterations = len(trials), train_configs[0].iterations
     pending: dict[int, tuple[Progress, object]] = {}
     last: dict = {"state_fns": [(lambda s=s: s) for s in resume_from] if resume_from is not None else None}
+
+    def metrics_of(progress: Progress, state: dict) -> dict:
+        return _progress_metrics(progress) if controller is None else _adaptation_metrics(progress, controller, state["totals"])
 
     def on_report(i: int, progress: Progress, state_fn) -> None:
         # A group reports its seeds one after another at the same iteration: report once all are in.
         pending[i] = (progress, state_fn)
         if len(pending) < n:
             return
-        progresses = [pending[j][0] for j in range(n)]
         last["state_fns"] = [pending[j][1] for j in range(n)]
+        states = [fn() for fn in last["state_fns"]]
+        last["metrics"] = [metrics_of(pending[j][0], states[j]) for j in range(n)]
         pending.clear()
         if progress.iteration < iterations:
-            metrics = _trial_metrics(config, [_progress_metrics(p) for p in progresses])
-            _report_with_checkpoint(metrics, None, states={d: fn() for d, fn in zip(subdirs, last["state_fns"])})
-        else:
-            last["progresses"] = progresses  # the final report follows, with the test matrix
+            _report_with_checkpoint(_trial_metrics(config, last["metrics"]), None, states=dict(zip(subdirs, states)))
 
     cpu_start = time.process_time()
-    results = train_seed_group(train_configs, on_report=on_report, resume_from=resume_from, data=data)
+    if controller is None:
+        results = train_seed_group(train_configs, on_report=on_report, resume_from=resume_from, data=data)
+    else:
+        results = [train(train_configs[0], on_report=lambda p, s: on_report(0, p, s), controller=controller,
+                         resume_from=resume_from[0] if resume_from else None, data=data[0])]
     train_cpu_time = time.process_time() - cpu_start
-    try:
-        trial_id = tune.get_context().get_trial_id()
-    except Exception:
-        trial_id = None
     finals, per_seed = {}, []
-    for i, (t, result, d) in enumerate(zip(trials, results, data)):
+    for i, (t, result, d) in enumerate(zip(seeds, results, data)):
         rows = result.cross_solver_table(d)
-        if "progresses" in last:
-            metrics = _progress_metrics(last["progresses"][i])
-        elif result.diverged is not None:  # stopped before the end: its last iteration is the diverged one
-            metrics = {"timesteps_total": result.diverged.iteration, "iteration": result.diverged.iteration}
+        trial_id = _trial_id(config, t)
+        if result.diverged is not None:  # stopped before the end: its last iteration is the diverged one
+            metrics = {"timesteps_total": result.diverged.iteration, "iteration": result.diverged.iteration,
+                       "diverged_at_iteration": result.diverged.iteration}
+        elif "metrics" in last and last["metrics"][i]["iteration"] == iterations:
+            metrics = dict(last["metrics"][i])  # the last iteration's report, which the final one replaces
         else:  # restored from the last regular checkpoint: nothing left to train
             metrics = {"timesteps_total": result.iterations, "iteration": result.iterations}
-        if result.diverged is not None:
-            metrics["diverged_at_iteration"] = result.diverged.iteration
         finer = [r["accuracy"] for r in rows if not r["is_train_solver"]]
         metrics.update(
             train_accuracy=result.train_accuracy,  # now over the whole train set
             test_accuracy=result.test_accuracy,
-            nfe_per_iteration=result.nfe_per_iteration,
-            nfe_forward_per_iteration=result.total_nfe_forward / max(1, result.iterations),
+            nfe_per_iteration=result.nfe_per_iteration,  # forward, backward and checks, whole run
+            **({"nfe_forward_per_iteration": result.total_nfe_forward / max(1, result.iterations)} if controller is None
+               else {"adaptation_nfe_per_iteration": result.forward_nfe_per_iteration}),  # the paper's Table 1 number
             cross_solver_min_accuracy=min(finer) if finer else result.test_accuracy,
             done_training=True,
         )
         final = {
-            # A group's seeds share the Ray trial: each gets its own id in the results table.
-            "trial_id": trial_id if not is_group(config) or trial_id is None else f"{trial_id}_seed{t['seed']}",
+            "trial_id": trial_id,
             "config": t,
             "device": device,
-            "train_accuracy": result.train_accuracy,
-            "test_accuracy": result.test_accuracy,
-            "iterations": result.iterations,
-            "total_nfe_forward": result.total_nfe_forward,
-            "total_nfe_backward": result.total_nfe_backward,
-            "wall_time": result.wall_time,  # a group's: the whole group's training
-            "seeds_in_trial": n,
-            # "diverged": its loss stopped being finite (see "diverged"); no checkpoint.pt is kept.
-            "status": "trained" if result.diverged is None else "diverged",
-            "diverged": None if result.diverged is None else result.diverged.to_dict(),
+            # What guessing scores on this data: the analysis needs no dataset table for it.
+            "chance_accuracy": majority_share(d.y_train),
+            "classes": d.classes,
             "cross_solver": rows,
             "metrics": metrics,
         }
+        if controller is None:
+            final.update(_grid_final(result, n))
+        else:
+            final.update(summary=summary_row(result, controller, t["experiment"], trial_id),
+                         history=history_rows(result, controller, trial_id))
         finals[str(Path(subdirs[i]) / FINAL_FILE)] = final
         per_seed.append(metrics)
     # CPU seconds of this process since it (re)started training, and of training alone: unlike
@@ -272,3 +323,28 @@ def train_trial(config: dict) -> None:
     states = {d: fn() for d, fn, result in zip(subdirs, last["state_fns"] or [None] * n, results)
               if fn is not None and result.diverged is None}
     _report_with_checkpoint(_trial_metrics(config, per_seed), None, files, states=states)
+
+
+def _grid_final(result, seeds_in_trial: int) -> dict:
+    """A grid seed's part of ``final.json``: the numbers its results-table rows carry."""
+    return {
+        "train_accuracy": result.train_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "iterations": result.iterations,
+        "total_nfe_forward": result.total_nfe_forward,
+        "total_nfe_backward": result.total_nfe_backward,
+        "wall_time": result.wall_time,  # a group's: the whole group's training
+        "seeds_in_trial": seeds_in_trial,
+        # "diverged": its loss stopped being finite (see "diverged"); no checkpoint.pt is kept.
+        "status": "trained" if result.diverged is None else "diverged",
+        "diverged": None if result.diverged is None else result.diverged.to_dict(),
+    }
+
+
+def train_trial(config: dict) -> None:
+    """The grid's trainable (:func:`run_trial`): ``{"trial": t}`` or a seed group's ``{"trial": [t, ...]}``.
+
+    A group trains as one batched model where :func:`~tune_node.seed_groups.groupable`
+    allows, else seed after seed.
+    """
+    run_trial(config)

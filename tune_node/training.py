@@ -18,10 +18,11 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from .datasets import TRAIN_SIZES, Dataset, check_dataset_name, dataset_family, load_dataset
+from .datasets import BUILTIN_DATASETS, TRAIN_SIZES, Dataset, check_dataset_name, load_dataset
 from .evaluation import accuracy, cross_solver_table, test_matrix, unevaluated_table
 from .integrate import SolverStepLimitError, StepSizeUnderflowError
-from .models import NeuralODEClassifier, build_model
+from .models import NeuralODEClassifier, build_for, build_model
+from .user_code import is_reference
 from .solvers import SolverSetting
 
 __all__ = [
@@ -44,6 +45,9 @@ HYPERPARAMETERS = {
     "mnist_adaptive": {"batch_size": 256, "optimizer": "adam", "lr": 1e-4, "iterations": 7020},
     "cifar10": {"batch_size": 256, "optimizer": "adam", "lr": 1e-3, "iterations": 7800},
 }
+#: A user's dataset (``"module:function"``) has no paper values: it takes the small-data
+#: (sphere) schedule unless its search space or config says otherwise.
+USER_DATASET_DEFAULTS = HYPERPARAMETERS["sphere"]
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -52,7 +56,8 @@ class TrainConfig:
     """What to train. ``None`` fields take the paper's value for the dataset (Appendix D).
 
     Arguments:
-        dataset: one of :data:`~tune_node.datasets.DATASETS`.
+        dataset: one of :data:`~tune_node.datasets.DATASETS`, or a user's loader
+            ``"module:function"`` (:func:`~tune_node.datasets.load_dataset`).
         solver: the train solver setting (for adaptation runs, the initial one).
         seed: fixes data, initial weights and batch order.
         iterations, batch_size, optimizer (``adam``/``sgd``), lr: training schedule.
@@ -61,11 +66,15 @@ class TrainConfig:
         eval_batch_size: batch size of evaluation passes.
         data_root, download: where torchvision's files are and whether to fetch them.
         device: torch device string: ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
+        model: None for the paper's model of a built-in dataset, or a user's builder
+            ``"module:function"`` (:func:`~tune_node.models.build_for`).
+        code_dir: the folder a user's modules are looked for first (a search space's folder).
 
     Guarantees: a constructed config is valid, checked before any data is loaded:
     integer fields are integers (numpy integers stored as ``int``; booleans refused),
-    ``seed >= 0``, ``lr`` is a finite real > 0, ``batch_size`` is at most the dataset's
-    training set (:data:`~tune_node.datasets.TRAIN_SIZES`), the device parses (and CUDA
+    ``seed >= 0``, ``lr`` is a finite real > 0, ``batch_size`` is at most a built-in dataset's
+    training set (:data:`~tune_node.datasets.TRAIN_SIZES`; a user's is checked when
+    loaded), ``model`` is None or ``"module:function"``, the device parses (and CUDA
     exists if asked for), and the solver's test matrix can be built. Bad values raise
     ValueError naming the value and what is allowed.
     """
@@ -83,9 +92,14 @@ class TrainConfig:
     data_root: str = "data"
     download: bool = False
     device: str = "cpu"
+    model: str | None = None
+    code_dir: str | None = None
 
     def __post_init__(self):
         check_dataset_name(self.dataset)
+        if self.model is not None and not is_reference(self.model):
+            raise ValueError(f"model must be None (the paper's model of a built-in dataset) or 'module:function' "
+                             f"naming your builder, got {self.model!r}")
         if isinstance(self.solver, dict):
             self.solver = SolverSetting.from_dict(self.solver)
         if not isinstance(self.solver, SolverSetting):
@@ -103,8 +117,8 @@ class TrainConfig:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
             setattr(self, name, int(value))
-        train_size = TRAIN_SIZES[self.dataset]
-        if self.batch_size > train_size:
+        train_size = TRAIN_SIZES.get(self.dataset)
+        if train_size is not None and self.batch_size > train_size:
             raise ValueError(f"batch_size {self.batch_size} is larger than the {self.dataset} training set; "
                              f"allowed: 1..{train_size}")
         if not (isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool) and math.isfinite(self.lr) and self.lr > 0):
@@ -129,15 +143,30 @@ class TrainConfig:
 
     @staticmethod
     def paper_defaults(dataset: str, solver: SolverSetting) -> dict:
-        family = dataset_family(dataset)
+        if dataset not in BUILTIN_DATASETS:
+            return dict(USER_DATASET_DEFAULTS)
+        family = BUILTIN_DATASETS[dataset].family
         if family == "mnist" and solver.is_adaptive:
             family = "mnist_adaptive"
         return dict(HYPERPARAMETERS[family])
 
     def to_dict(self) -> dict:
+        """A plain dict :meth:`from_dict` reads back; ``model`` and ``code_dir`` only when set,
+        so configs of built-in studies (and their checkpoints) stay as they were."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["solver"] = self.solver.to_dict()
+        for optional in ("model", "code_dir"):
+            if d[optional] is None:
+                del d[optional]
         return d
+
+    def load_data(self) -> Dataset:
+        """This config's dataset, loaded (seeded by ``seed``)."""
+        return load_dataset(self.dataset, self.seed, self.data_root, self.download, code_dir=self.code_dir)
+
+    def build_model(self, data: Dataset) -> NeuralODEClassifier:
+        """The model this config's training starts from (initial weights fixed by ``seed``)."""
+        return build_for(data, model=self.model, seed=self.seed, code_dir=self.code_dir)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -246,8 +275,7 @@ class TrainResult:
         and no evaluation when the run diverged)."""
         if self.diverged is not None:
             return unevaluated_table(self.setting)
-        data = data or load_dataset(self.config.dataset, self.config.seed, self.config.data_root, self.config.download)
-        data = data.to(self.config.device)
+        data = (data or self.config.load_data()).to(self.config.device)
         return cross_solver_table(self.model, data.x_test, data.y_test, self.setting, self.config.eval_batch_size)
 
 
@@ -309,8 +337,10 @@ def load_checkpoint(path: str | Path) -> dict:
 def restore_model(state: dict, device: str = "cpu") -> tuple[NeuralODEClassifier, SolverSetting, TrainConfig]:
     """The model, solver setting and config stored in a checkpoint state."""
     config = TrainConfig.from_dict(state["config"])
-    data_shape = tuple(state["input_shape"])
-    model = build_model(dataset_family(config.dataset), data_shape)
+    if config.model is None and config.dataset in BUILTIN_DATASETS:
+        model = build_model(BUILTIN_DATASETS[config.dataset].family, tuple(state["input_shape"]))
+    else:  # a user's builder takes the dataset itself
+        model = build_for(config.load_data(), model=config.model, code_dir=config.code_dir)
     model.load_state_dict(state["model"])
     return model.to(device), SolverSetting.from_dict(state["setting"]), config
 
@@ -364,8 +394,8 @@ def train(
     """
     start = time.perf_counter()
     device = torch.device(config.device)
-    data = (data or load_dataset(config.dataset, config.seed, config.data_root, config.download)).to(device)
-    model = build_model(data.family, data.input_shape, seed=config.seed).to(device)
+    data = (data or config.load_data()).to(device)
+    model = config.build_model(data).to(device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     sampler = BatchSampler(len(data.y_train), config.batch_size, seed=config.seed)
     setting = config.solver
