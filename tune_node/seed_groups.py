@@ -13,8 +13,6 @@ resumes with either function.
 from __future__ import annotations
 
 import copy
-import math
-import time
 from typing import Callable
 
 import torch
@@ -22,12 +20,10 @@ import torch.nn.functional as F
 
 from . import dense
 from .datasets import BUILTIN_DATASETS, Dataset
-from .evaluation import accuracy
 from .models import build_model
-from .solvers import SolverSetting
-from .training import BatchSampler, Divergence, Progress, TrainConfig, TrainResult, make_optimizer, train, training_state
+from .training import Progress, TrainConfig, TrainResult, train, train_seeds
 
-__all__ = ["groupable", "train_seed_group"]
+__all__ = ["groupable", "train_seed_group", "SphereStack"]
 
 GroupReportFn = Callable[[int, Progress, Callable[[], dict]], None]
 
@@ -76,14 +72,15 @@ def train_seed_group(
             ``state_fn`` returns them; training continues as if it had not stopped.
         data: the seeds' loaded datasets, to skip loading them again.
 
-    Returns one :class:`~tune_node.training.TrainResult` per config, in order.
-    Settings :func:`groupable` rejects (adaptive, adjoint, images, long spheres)
-    train seed after seed with ``train``. Grouped, each seed's weights equal those
-    of its own ``train`` run up to floating-point rounding; ``wall_time`` and
-    ``elapsed`` are the group's. A seed whose loss stops being finite is marked as
-    diverged at that iteration (as ``train`` does) while the others train on: seeds
-    share no weights, so its non-finite values stay in its own slice; once every seed
-    has diverged, training stops.
+    Returns one :class:`~tune_node.training.TrainResult` per config, in order. Where
+    :func:`groupable` allows, the seeds train as one :class:`SphereStack` through the one
+    training loop, :func:`~tune_node.training.train_seeds`; other settings (adaptive,
+    adjoint, images, long spheres, a user's model) train seed after seed with ``train``.
+    Grouped, each seed's weights equal those of its own ``train`` run up to floating-point
+    rounding; ``wall_time`` and ``elapsed`` are the group's. A seed whose loss stops being
+    finite is marked as diverged at that iteration (as ``train`` does) while the others
+    train on: seeds share no weights, so its non-finite values stay in its own slice;
+    once every seed has diverged, training stops.
     """
     _check_group(configs)
     if resume_from is not None and len(resume_from) != len(configs):
@@ -92,8 +89,7 @@ def train_seed_group(
         raise ValueError(f"data has {len(data)} datasets for {len(configs)} configs")
     config = configs[0]
     device = torch.device(config.device)
-    datasets = [(d or c.load_data()).to(device)
-                for c, d in zip(configs, data or [None] * len(configs))]
+    datasets = [(d or c.load_data()).to(device) for c, d in zip(configs, data or [None] * len(configs))]
 
     if len(configs) == 1 or not groupable(config, datasets[0].input_shape):
         results = []
@@ -101,92 +97,61 @@ def train_seed_group(
             report = None if on_report is None else (lambda p, s, i=i: on_report(i, p, s))
             results.append(train(c, on_report=report, resume_from=resume_from[i] if resume_from else None, data=d))
         return results
-    return _train_stacked(configs, datasets, on_report, resume_from)
+    return train_seeds(configs, stack=SphereStack, on_report=on_report, resume_from=resume_from, data=datasets)
 
 
-def _train_stacked(configs, datasets, on_report, resume_from) -> list[TrainResult]:
-    start = time.perf_counter()
-    config, n = configs[0], len(configs)
-    device = torch.device(config.device)
-    family, input_shape = datasets[0].family, datasets[0].input_shape
-    model = dense.StackedSphereClassifier([build_model(family, input_shape, seed=c.seed) for c in configs]).to(device)
-    params = model.stacked_parameters()
-    optimizer = make_optimizer(config.optimizer, params, config.lr)
-    samplers = [BatchSampler(len(d.y_train), config.batch_size, seed=c.seed) for c, d in zip(configs, datasets)]
-    x_train = torch.stack([d.x_train for d in datasets])  # (seeds, N, 1, D)
-    y_train = torch.stack([d.y_train for d in datasets])
-    rows = torch.arange(n, device=device)[:, None]
-    setting: SolverSetting = config.solver
-    first = 1
-    totals = [{"fwd": 0, "bwd": 0, "check": 0} for _ in configs]
-    histories: list[list[dict]] = [[] for _ in configs]
-    if resume_from is not None:
-        first = _load_states(resume_from, model, optimizer, samplers, totals, histories, configs)
-        start -= resume_from[0].get("elapsed", 0.0)
+class SphereStack:
+    """The paper's sphere models of S seeds as one :class:`~tune_node.dense.StackedSphereClassifier`
+    (a :class:`~tune_node.training.SeedStack`): batched matrix products, one optimizer over the
+    stacked weights (Adam and SGD act elementwise, so it equals S separate optimizers)."""
 
-    def seed_model(i: int):
-        m = build_model(family, input_shape).to(device)
-        m.load_state_dict(model.model_state_dict(i))
+    def __init__(self, configs: list[TrainConfig], datasets: list[Dataset], device: torch.device):
+        self.size = len(configs)
+        self.family, self.input_shape, self.device = datasets[0].family, datasets[0].input_shape, device
+        self.net = dense.StackedSphereClassifier([build_model(self.family, self.input_shape, seed=c.seed)
+                                                  for c in configs]).to(device)
+        self.x_train = torch.stack([d.x_train for d in datasets])  # (seeds, N, 1, D)
+        self.y_train = torch.stack([d.y_train for d in datasets])
+        self.rows = torch.arange(self.size, device=device)[:, None]
+
+    def parameters(self):
+        return self.net.stacked_parameters()
+
+    def batch(self, idx):
+        idx = torch.stack(idx)
+        return self.x_train[self.rows, idx], self.y_train[self.rows, idx]
+
+    def forward(self, x, setting):
+        return self.net(x, setting)
+
+    def losses(self, logits, y):
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.size, -1).mean(1)
+        return losses.detach(), losses.sum()
+
+    def batch_accuracies(self, logits, y):
+        return (logits.argmax(2) == y).float().mean(1).tolist()
+
+    def model(self, i):
+        m = build_model(self.family, self.input_shape).to(self.device)
+        m.load_state_dict(self.net.model_state_dict(i))
         return m
 
-    def state(i: int, iteration: int) -> dict:
-        return training_state(configs[i], input_shape, iteration, model.model_state_dict(i),
-                              _seed_optimizer_state(optimizer.state_dict(), i), samplers[i].state_dict(), setting,
-                              totals[i], histories[i], time.perf_counter() - start)
+    def model_state(self, i):
+        return self.net.model_state_dict(i)
 
-    model.train()
-    diverged: list[Divergence | None] = [None] * n
-    for iteration in range(first, config.iterations + 1):
-        idx = torch.stack([s.next() for s in samplers]).to(device)
-        x, y = x_train[rows, idx], y_train[rows, idx]
-        logits, sol = model(x, setting)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
-        if not bool(torch.isfinite(losses).all()):
-            for i, loss in enumerate(losses.detach().tolist()):
-                if diverged[i] is None and not math.isfinite(loss):
-                    diverged[i] = Divergence(iteration, f"loss is {loss}")
-            if all(diverged):
-                break
-        optimizer.zero_grad(set_to_none=True)
-        # Seeds share no weights: the sum's gradient is each seed's own loss gradient.
-        losses.sum().backward()
-        optimizer.step()
-        nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
-        for t, d in zip(totals, diverged):
-            if d is None:  # a diverged seed's cost ends where its training did
-                t["fwd"] += nfe_fwd
-                t["bwd"] += nfe_bwd
+    def optimizer_state(self, stacked, i):
+        return _seed_optimizer_state(stacked, i)
 
-        if iteration % config.report_every == 0 or iteration == config.iterations:
-            test_now = config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations)
-            train_acc = (logits.detach().argmax(2) == y).float().mean(1)
-            for i, d in enumerate(datasets):
-                test_acc = accuracy(seed_model(i), d.x_test, d.y_test, setting, config.eval_batch_size)[0] if test_now else None
-                progress = Progress(
-                    iteration=iteration, loss=float(losses[i].detach()), train_accuracy=float(train_acc[i]),
-                    nfe_forward=nfe_fwd, nfe_backward=nfe_bwd, setting=setting, steps=sol.steps,
-                    total_nfe=totals[i]["fwd"] + totals[i]["bwd"], check_nfe=0,
-                    elapsed=time.perf_counter() - start, test_accuracy=test_acc,
-                )
-                histories[i].append(progress.to_dict())
-                if on_report is not None:
-                    on_report(i, progress, lambda i=i, it=iteration: state(i, it))
-
-    results = []
-    for i, (c, d) in enumerate(zip(configs, datasets)):
-        m = seed_model(i)
-        if diverged[i] is None:
-            test_acc, _ = accuracy(m, d.x_test, d.y_test, setting, c.eval_batch_size)
-            train_acc, _ = accuracy(m, d.x_train, d.y_train, setting, c.eval_batch_size)
-        else:
-            test_acc = train_acc = float("nan")
-        results.append(TrainResult(
-            config=c, model=m, setting=setting, iterations=c.iterations if diverged[i] is None else diverged[i].iteration - 1,
-            test_accuracy=test_acc, train_accuracy=train_acc, total_nfe_forward=totals[i]["fwd"],
-            total_nfe_backward=totals[i]["bwd"], check_nfe=0, wall_time=time.perf_counter() - start,
-            history=histories[i], diverged=diverged[i],
-        ))
-    return results
+    def load(self, states, optimizer):
+        with torch.no_grad():
+            for key, p in zip(self.net.keys, self.net.stacked_parameters()):
+                p.copy_(torch.stack([s["model"][key] for s in states]))
+        first = states[0]["optimizer"]
+        stacked = {"state": {}, "param_groups": copy.deepcopy(first["param_groups"])}
+        for key, s0 in first["state"].items():
+            stacked["state"][key] = {name: torch.stack([s["optimizer"]["state"][key][name] for s in states])
+                                     if _is_per_seed(name, v) else _copy(v) for name, v in s0.items()}
+        optimizer.load_state_dict(stacked)
 
 
 def _is_per_seed(name: str, value) -> bool:
@@ -205,28 +170,3 @@ def _seed_optimizer_state(stacked: dict, i: int) -> dict:
     state = {key: {name: v[i].clone() if _is_per_seed(name, v) else _copy(v) for name, v in s.items()}
              for key, s in stacked["state"].items()}
     return {"state": state, "param_groups": copy.deepcopy(stacked["param_groups"])}
-
-
-def _load_states(states, model, optimizer, samplers, totals, histories, configs) -> int:
-    iterations = {s["iteration"] for s in states}
-    if len(iterations) != 1:
-        raise ValueError(f"resume states of a group must be at one iteration, got {sorted(iterations)}")
-    for i, (s, c) in enumerate(zip(states, configs)):
-        if s["config"]["seed"] != c.seed or s["config"]["dataset"] != c.dataset:
-            raise ValueError(f"resume state {i} is of {s['config']['dataset']} seed {s['config']['seed']}, not of {c.dataset} seed {c.seed}")
-        if s.get("controller") is not None:
-            raise ValueError("a seed group cannot resume a run that had a solver controller")
-    with torch.no_grad():
-        for key, p in zip(model.keys, model.stacked_parameters()):
-            p.copy_(torch.stack([s["model"][key] for s in states]))
-    first = states[0]["optimizer"]
-    stacked = {"state": {}, "param_groups": copy.deepcopy(first["param_groups"])}
-    for key, s0 in first["state"].items():
-        stacked["state"][key] = {name: torch.stack([s["optimizer"]["state"][key][name] for s in states]) if _is_per_seed(name, v) else _copy(v)
-                                 for name, v in s0.items()}
-    optimizer.load_state_dict(stacked)
-    for sampler, s, t, h in zip(samplers, states, totals, histories):
-        sampler.load_state_dict(s["sampler"])
-        t.update(s["totals"])
-        h.extend(s["history"])
-    return states[0]["iteration"] + 1

@@ -28,6 +28,9 @@ from .solvers import SolverSetting
 __all__ = [
     "HYPERPARAMETERS",
     "TrainConfig",
+    "SeedStack",
+    "OneModel",
+    "train_seeds",
     "Progress",
     "TrainResult",
     "Divergence",
@@ -366,6 +369,84 @@ def training_state(config: TrainConfig, input_shape, iteration: int, model_state
 
 
 ReportFn = Callable[[Progress, Callable[[], dict]], None]
+#: ``on_report(i, progress, state_fn)`` for seed ``i`` of a stack.
+StackReportFn = Callable[[int, Progress, Callable[[], dict]], None]
+
+
+class SeedStack(Protocol):
+    """The models of S >= 1 seeds, trained by one loop (:func:`train_seeds`) as one.
+
+    One seed is :class:`OneModel`; the paper's small sphere models stack into one batched
+    model (:class:`tune_node.seed_groups.SphereStack`). Every seed keeps its own weights,
+    data and batches: the stack's loss gradient is, for each seed, that seed's own.
+    """
+
+    size: int
+    #: The module whose parameters train (its train/eval mode is the stack's).
+    net: torch.nn.Module
+
+    def parameters(self): ...
+
+    def batch(self, idx: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of every seed (``idx[i]``: seed ``i``'s example indices)."""
+
+    def forward(self, x: torch.Tensor, setting: SolverSetting):
+        """``(logits, solution)`` of a batch; the solution's NFE is each seed's."""
+
+    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(per-seed losses (S,), detached; the scalar to differentiate)``."""
+
+    def batch_accuracies(self, logits: torch.Tensor, y: torch.Tensor) -> list[float]: ...
+
+    def model(self, i: int) -> NeuralODEClassifier:
+        """Seed ``i``'s model as a :class:`~tune_node.models.NeuralODEClassifier` (for evaluation)."""
+
+    def model_state(self, i: int) -> dict: ...
+
+    def optimizer_state(self, stacked: dict, i: int) -> dict:
+        """Seed ``i``'s part of the optimizer's state dict: what its own optimizer would hold."""
+
+    def load(self, states: list[dict], optimizer: torch.optim.Optimizer) -> None:
+        """Restore every seed's weights and optimizer state from its checkpoint state."""
+
+
+class OneModel:
+    """A stack of one seed: the model itself, trained as :func:`train` always trained it."""
+
+    size = 1
+
+    def __init__(self, config: TrainConfig, data: Dataset, device: torch.device):
+        self.net = config.build_model(data).to(device)
+        self.data = data
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def batch(self, idx):
+        return self.data.x_train[idx[0]], self.data.y_train[idx[0]]
+
+    def forward(self, x, setting):
+        return self.net(x, setting)
+
+    def losses(self, logits, y):
+        loss = F.cross_entropy(logits, y)
+        return loss.detach().view(1), loss
+
+    def batch_accuracies(self, logits, y):
+        return [float((logits.argmax(1) == y).float().mean())]
+
+    def model(self, i):
+        return self.net
+
+    def model_state(self, i):
+        return self.net.state_dict()
+
+    def optimizer_state(self, stacked, i):
+        return stacked
+
+    def load(self, states, optimizer):
+        self.net.load_state_dict(states[0]["model"])
+        optimizer.load_state_dict(states[0]["optimizer"])
 
 
 def train(
@@ -375,7 +456,7 @@ def train(
     resume_from: dict | None = None,
     data: Dataset | None = None,
 ) -> TrainResult:
-    """Train the paper's model for ``config``.
+    """Train the model of ``config`` (the paper's for a built-in dataset, else ``config.model``).
 
     Arguments:
         config: what to train.
@@ -390,101 +471,155 @@ def train(
     Accuracy in reports is the current batch's; ``test_accuracy`` is exact over the
     whole test set. A loss that is not finite stops training at that iteration, before
     its optimizer step: the result's ``diverged`` says where and why, and nothing more
-    is reported or evaluated.
+    is reported or evaluated. This is :func:`train_seeds` with one seed.
     """
+    report = None if on_report is None else (lambda i, progress, state: on_report(progress, state))
+    return train_seeds([config], on_report=report, controller=controller,
+                       resume_from=None if resume_from is None else [resume_from],
+                       data=None if data is None else [data])[0]
+
+
+def train_seeds(
+    configs: list[TrainConfig],
+    *,
+    stack: Callable[[list[TrainConfig], list[Dataset], torch.device], SeedStack] | None = None,
+    on_report: StackReportFn | None = None,
+    controller: SolverController | None = None,
+    resume_from: list[dict] | None = None,
+    data: list[Dataset] | None = None,
+) -> list[TrainResult]:
+    """The training loop: S >= 1 seeds of one configuration, trained as one :class:`SeedStack`.
+
+    Arguments:
+        configs: one config per seed, equal but for ``seed`` (one config: any model).
+        stack: keyword only: builds the stack from the configs, their datasets and the
+            device; None: :class:`OneModel` (one seed only).
+        on_report: ``on_report(i, progress, state_fn)`` for seed ``i`` at every report.
+        controller: a :class:`SolverController` (one seed only), run after the backward
+            pass and before the optimizer step.
+        resume_from: one checkpoint state per seed, all at one iteration.
+        data: the seeds' loaded datasets.
+
+    Returns one :class:`TrainResult` per seed, in order. Every seed keeps its own data,
+    initial weights, batch order, optimizer state, reports and checkpoints (``train``'s
+    format); a seed whose loss stops being finite is marked as diverged at that iteration
+    while the others train on, and training stops once all have.
+    """
+    if not configs:
+        raise ValueError("train_seeds needs at least one config")
+    n, config = len(configs), configs[0]
+    if stack is None and n != 1:
+        raise ValueError(f"{n} seeds need a stack that trains them together (e.g. tune_node.seed_groups.SphereStack)")
+    if controller is not None and n != 1:
+        raise ValueError(f"a solver controller adapts one seed's solver; got {n} seeds (each may need other steps)")
+    for name, given in (("resume_from", resume_from), ("data", data)):
+        if given is not None and len(given) != n:
+            raise ValueError(f"{name} has {len(given)} entries for {n} configs")
     start = time.perf_counter()
     device = torch.device(config.device)
-    data = (data or config.load_data()).to(device)
-    model = config.build_model(data).to(device)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
-    sampler = BatchSampler(len(data.y_train), config.batch_size, seed=config.seed)
+    datasets = [(d or c.load_data()).to(device) for c, d in zip(configs, data or [None] * n)]
+    seeds = stack(configs, datasets, device) if stack is not None else OneModel(config, datasets[0], device)
+    optimizer = make_optimizer(config.optimizer, seeds.parameters(), config.lr)
+    samplers = [BatchSampler(len(d.y_train), config.batch_size, seed=c.seed) for c, d in zip(configs, datasets)]
     setting = config.solver
-    first, totals, history = 1, {"fwd": 0, "bwd": 0, "check": 0}, []
+    first = 1
+    totals = [{"fwd": 0, "bwd": 0, "check": 0} for _ in configs]
+    histories: list[list[dict]] = [[] for _ in configs]
     if resume_from is not None:
         # Loaded optimizer tensors would otherwise be updated in place, spoiling a reused state.
         resume_from = copy.deepcopy(resume_from)
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        sampler.load_state_dict(resume_from["sampler"])
-        setting = SolverSetting.from_dict(resume_from["setting"])
-        totals = dict(resume_from["totals"])
-        history = list(resume_from["history"])
-        first = resume_from["iteration"] + 1
-        start -= resume_from.get("elapsed", 0.0)
-        if controller is not None and resume_from.get("controller") is not None:
-            controller.load_state_dict(resume_from["controller"])
+        _check_resume_states(resume_from, configs, controller)
+        seeds.load(resume_from, optimizer)
+        for sampler, s, t, h in zip(samplers, resume_from, totals, histories):
+            sampler.load_state_dict(s["sampler"])
+            t.update(s["totals"])
+            h.extend(s["history"])
+        setting = SolverSetting.from_dict(resume_from[0]["setting"])
+        first = resume_from[0]["iteration"] + 1
+        start -= resume_from[0].get("elapsed", 0.0)
+        if controller is not None and resume_from[0].get("controller") is not None:
+            controller.load_state_dict(resume_from[0]["controller"])
 
-    def state(iteration: int) -> dict:
-        return training_state(config, data.input_shape, iteration, model.state_dict(), optimizer.state_dict(),
-                              sampler.state_dict(), setting, totals, history, time.perf_counter() - start,
+    def state(i: int, iteration: int) -> dict:
+        return training_state(configs[i], datasets[i].input_shape, iteration, seeds.model_state(i),
+                              seeds.optimizer_state(optimizer.state_dict(), i), samplers[i].state_dict(), setting,
+                              totals[i], histories[i], time.perf_counter() - start,
                               controller.state_dict() if controller is not None else None)
 
-    model.train()
-    diverged = None
+    seeds.net.train()
+    diverged: list[Divergence | None] = [None] * n
     for iteration in range(first, config.iterations + 1):
-        idx = sampler.next().to(device)
-        x, y = data.x_train[idx], data.y_train[idx]
+        x, y = seeds.batch([s.next().to(device) for s in samplers])
         used = setting
         try:
-            logits, sol = model(x, used)
+            logits, sol = seeds.forward(x, used)
         except (SolverStepLimitError, StepSizeUnderflowError) as err:
-            diverged = solver_failure_divergence(model, iteration, err)
-            if diverged is None:
+            diverged[0] = solver_failure_divergence(seeds.model(0), iteration, err) if n == 1 else None
+            if diverged[0] is None:
                 raise
             break
-        loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            diverged = Divergence(iteration, f"loss is {float(loss.detach())}")
-            break
+        losses, loss = seeds.losses(logits, y)
+        if not bool(torch.isfinite(losses).all()):
+            for i, value in enumerate(losses.tolist()):
+                if diverged[i] is None and not math.isfinite(value):
+                    diverged[i] = Divergence(iteration, f"loss is {value}")
+            if all(diverged):
+                break
         optimizer.zero_grad(set_to_none=True)
+        # Seeds share no weights: the loss's gradient is each seed's own loss gradient.
         loss.backward()
         nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
-        totals["fwd"] += nfe_fwd
-        totals["bwd"] += nfe_bwd
+        for t, d in zip(totals, diverged):
+            if d is None:  # a diverged seed's cost ends where its training did
+                t["fwd"] += nfe_fwd
+                t["bwd"] += nfe_bwd
         if controller is not None:
-            setting, spent = controller.update(iteration, model, x, y, logits.detach(), used)
-            totals["check"] += spent
+            setting, spent = controller.update(iteration, seeds.model(0), x, y, logits.detach(), used)
+            totals[0]["check"] += spent
         optimizer.step()
 
         if iteration % config.report_every == 0 or iteration == config.iterations:
-            test_acc = None
-            if config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations):
-                test_acc, _ = accuracy(model, data.x_test, data.y_test, setting, config.eval_batch_size)
-            progress = Progress(
-                iteration=iteration,
-                loss=float(loss.detach()),
-                train_accuracy=float((logits.argmax(1) == y).float().mean()),
-                nfe_forward=nfe_fwd,
-                nfe_backward=nfe_bwd,
-                setting=used,
-                steps=sol.steps,
-                total_nfe=totals["fwd"] + totals["bwd"] + totals["check"],
-                check_nfe=totals["check"],
-                elapsed=time.perf_counter() - start,
-                test_accuracy=test_acc,
-            )
-            history.append(progress.to_dict())
-            if on_report is not None:
-                on_report(progress, lambda it=iteration: state(it))
+            test_now = config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations)
+            batch_accuracies = seeds.batch_accuracies(logits.detach(), y)
+            for i, d in enumerate(datasets):
+                test_acc = accuracy(seeds.model(i), d.x_test, d.y_test, setting, config.eval_batch_size)[0] if test_now else None
+                t = totals[i]
+                progress = Progress(
+                    iteration=iteration, loss=float(losses[i]), train_accuracy=batch_accuracies[i],
+                    nfe_forward=nfe_fwd, nfe_backward=nfe_bwd, setting=used, steps=sol.steps,
+                    total_nfe=t["fwd"] + t["bwd"] + t["check"], check_nfe=t["check"],
+                    elapsed=time.perf_counter() - start, test_accuracy=test_acc,
+                )
+                histories[i].append(progress.to_dict())
+                if on_report is not None:
+                    on_report(i, progress, lambda i=i, it=iteration: state(i, it))
 
-    # A diverged run completed the iterations before the one whose loss was not finite.
-    iterations_done = config.iterations if diverged is None else diverged.iteration - 1
-    if diverged is None:
-        test_acc, _ = accuracy(model, data.x_test, data.y_test, setting, config.eval_batch_size)
-        train_acc, _ = accuracy(model, data.x_train, data.y_train, setting, config.eval_batch_size)
-    else:
-        test_acc = train_acc = float("nan")
-    return TrainResult(
-        config=config,
-        model=model,
-        setting=setting,
-        iterations=iterations_done,
-        test_accuracy=test_acc,
-        train_accuracy=train_acc,
-        total_nfe_forward=totals["fwd"],
-        total_nfe_backward=totals["bwd"],
-        check_nfe=totals["check"],
-        wall_time=time.perf_counter() - start,
-        history=history,
-        diverged=diverged,
-    )
+    results = []
+    for i, (c, d) in enumerate(zip(configs, datasets)):
+        model = seeds.model(i)
+        if diverged[i] is None:
+            test_acc, _ = accuracy(model, d.x_test, d.y_test, setting, c.eval_batch_size)
+            train_acc, _ = accuracy(model, d.x_train, d.y_train, setting, c.eval_batch_size)
+        else:
+            test_acc = train_acc = float("nan")
+        results.append(TrainResult(
+            config=c, model=model, setting=setting,
+            # A diverged run completed the iterations before the one whose loss was not finite.
+            iterations=c.iterations if diverged[i] is None else diverged[i].iteration - 1,
+            test_accuracy=test_acc, train_accuracy=train_acc, total_nfe_forward=totals[i]["fwd"],
+            total_nfe_backward=totals[i]["bwd"], check_nfe=totals[i]["check"], wall_time=time.perf_counter() - start,
+            history=histories[i], diverged=diverged[i],
+        ))
+    return results
+
+
+def _check_resume_states(states: list[dict], configs: list[TrainConfig], controller) -> None:
+    iterations = {s["iteration"] for s in states}
+    if len(iterations) != 1:
+        raise ValueError(f"resume states of a group must be at one iteration, got {sorted(iterations)}")
+    for i, (s, c) in enumerate(zip(states, configs)):
+        if s["config"]["seed"] != c.seed or s["config"]["dataset"] != c.dataset:
+            raise ValueError(f"resume state {i} is of {s['config']['dataset']} seed {s['config']['seed']}, not of "
+                             f"{c.dataset} seed {c.seed}")
+        if len(states) > 1 and s.get("controller") is not None:
+            raise ValueError("a seed group cannot resume a run that had a solver controller")
