@@ -149,7 +149,7 @@ def test_dry_run_lists_one_trial_per_seed_and_starts_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--train-solver", "heun"], "unknown --train-solver 'heun'; allowed: euler, midpoint (step mode), fehlberg2, dopri5"),
+    (["--train-solver", "ralston"], "unknown --train-solver 'ralston'; allowed: euler, midpoint, heun (step mode), fehlberg2, dopri5"),
     (["--train-solver", "rk4"], "--train-solver rk4 cannot be adapted"),
     (["--train-solver", "midpoint", "--test-solver", "euler"], "--test-solver euler is not more accurate than --train-solver midpoint"),
     (["--train-solver", "euler", "--test-solver", "dopri5"], "--test-solver dopri5 is not a test solver for --train-solver euler"),

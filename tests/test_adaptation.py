@@ -201,7 +201,7 @@ def test_state_dict_round_trip_continues_identically():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: StepAdaptation("rk4"), "step adaptation trains with a fixed-step method euler or midpoint, got 'rk4'"),
+    (lambda: StepAdaptation("rk4"), "step adaptation trains with a fixed-step method euler or midpoint or heun, got 'rk4'"),
     (lambda: StepAdaptation("midpoint", test_method="midpoint"), "test method for midpoint must be one of rk4, got 'midpoint'"),
     (lambda: StepAdaptation("euler", 0.0), "step_size must be a finite number > 0, got 0.0"),
     (lambda: StepAdaptation("euler", k=0), "check interval k must be an integer >= 1, got 0"),

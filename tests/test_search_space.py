@@ -68,7 +68,7 @@ GOOD = 'dataset = "sphere2"\nseeds = 2\n[[solvers]]\nmethod = "euler"\nsteps = [
     ('dataset = "sphere2"\nseeds = [1, 2\n', "not valid TOML"),
     (GOOD + 'colour = "red"\n', "unknown key(s) 'colour'"),
     ('dataset = "sphere7"\nseeds = 2\n[[solvers]]\nmethod = "euler"\nsteps = [1]\n', "unknown dataset 'sphere7'"),
-    ('dataset = "sphere2"\nseeds = 2\n[[solvers]]\nmethod = "heun"\nsteps = [1]\n', "unknown method 'heun'"),
+    ('dataset = "sphere2"\nseeds = 2\n[[solvers]]\nmethod = "ralston"\nsteps = [1]\n', "unknown method 'ralston'"),
     ('dataset = "sphere2"\nseeds = 2\n[[solvers]]\nmethod = "dopri5"\nsteps = [1]\n', "give 'tol', not 'steps'"),
     ('dataset = "sphere2"\nseeds = 2\n[[solvers]]\nmethod = "euler"\nsteps = [0]\n', "steps=0"),
     ('dataset = "sphere2"\nseeds = 0\n[[solvers]]\nmethod = "euler"\nsteps = [1]\n', "seed count must be >= 1"),

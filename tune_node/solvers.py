@@ -360,7 +360,20 @@ RK4 = Method(
 FEHLBERG21 = Method("fehlberg2", "Fehlberg21", 2, None, "fehlberg2", 2, startup_nfe=2, tolerance_divisor=5.0)
 DOPRI54 = Method("dopri5", "Dopri54", 5, None, "dopri5", 6, startup_nfe=2, tolerance_divisor=10.0)
 
-for _method in (EULER, MIDPOINT, RK4, FEHLBERG21, DOPRI54):
+# Heun's method (explicit trapezoid), not in the paper. as_test_method=False keeps it
+# out of the paper methods' test matrices and adaptation pairs (Euler's would gain it),
+# so their results stay as they were; it is tested with RK4 like Midpoint.
+HEUN = Method(
+    "heun",
+    "Heun",
+    2,
+    ButcherTableau(a=((), (1.0,)), b=_f("1/2", "1/2"), c=(0.0, 1.0), order=2),
+    "heun2",
+    2,
+    as_test_method=False,
+)
+
+for _method in (EULER, MIDPOINT, RK4, FEHLBERG21, DOPRI54, HEUN):
     register_method(_method, check_torchdiffeq=False)
 del _method
 
