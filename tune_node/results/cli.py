@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..experiment_folder import GRID_FILE, experiment_kind
+from ..experiments.experiment_folder import GRID_FILE, experiment_kind
 from . import table as _table
 from .table import NotAnExperimentError, write_results
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     experiment_dir = Path(args.experiment_dir)
     if experiment_dir.is_dir() and experiment_kind(experiment_dir) == "adaptation":
-        from ..adaptation_results import HISTORY_CSV, SUMMARY_CSV, write_tables
+        from .adaptation import HISTORY_CSV, SUMMARY_CSV, write_tables
 
         summary, history = write_tables(experiment_dir)
         print(f"adaptation experiment: {len(summary)} trials finished -> {experiment_dir / SUMMARY_CSV}, "

@@ -50,7 +50,7 @@ import math
 
 import pandas as pd
 
-from ..solvers import METHODS
+from ..ode.solvers import METHODS
 
 __all__ = [
     "CHANCE",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..experiment_folder import CHECKPOINT_FILE, FINAL_FILE, GRID_FILE, describe_contents, experiment_kind
+from ..experiments.experiment_folder import CHECKPOINT_FILE, FINAL_FILE, GRID_FILE, describe_contents, experiment_kind
 from .critical_step import CHANCE
 
 __all__ = ["COLUMNS", "collect", "write_results", "read_results", "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError"]

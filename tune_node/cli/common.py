@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from .datasets import DATASETS
-from .solvers import GRADIENT_MODES, METHODS, SolverSetting
+from ..data.datasets import DATASETS
+from ..ode.solvers import GRADIENT_MODES, METHODS, SolverSetting
 
 __all__ = ["add_data_arguments", "add_solver_arguments", "solver_from_args", "check_gpus", "format_table", "UsageError", "fail"]
 

@@ -1,0 +1,293 @@
+"""Running trial configs as one Ray Tune experiment, shared by the grid and adaptation CLIs.
+
+:func:`start_experiment` checks and starts Ray, prepares the C++ solver loops and records a new experiment; :func:`fit` starts (or restores) the Tuner with the project's conventions: one
+grid-search entry per trial config under the key ``"trial"``, TensorBoard runs
+with hparams, concise progress lines, two checkpoints kept per trial, one retry.
+:func:`experiment_cli` wraps a CLI's ``main``: the exit-status convention (2: refused before
+any work, one ``error:`` line; 1: trials did not finish) and the release of the experiment
+folder it held (:mod:`tune_node.experiment_folder`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ..fast import native
+from ..cli.common import UsageError, check_gpus, fail, format_table
+from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
+
+__all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops",
+           "experiment_cli", "ray_address", "fail", "command_line", "check_cluster_options"]
+
+
+def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
+        dirname: Callable, progress_total: int | None = None):
+    """Run every trial config with ``trainable`` in ``storage / name``; returns Ray's ResultGrid.
+
+    Arguments:
+        trainable: a function trainable of the installed package, reading ``config["trial"]``.
+        trials: the JSON-friendly trial configs (a seed group's is a list of per-seed configs).
+        name, storage: the experiment is ``storage / name``.
+        resume: restore that experiment: finished trials are not rerun, unfinished and
+            failed ones continue from their newest checkpoint.
+        resources: one trial's request, ``{"cpu": ..., "gpu": ...}``.
+        dirname: ``dirname(trial) -> str``, the trial's directory name.
+        progress_total: seeds the progress lines count to (default: one per trial config).
+    """
+    from ray import tune
+
+    from .tune_callbacks import ProgressCallback, ProgressCSVCallback, TensorBoardCallback
+
+    if not resume and not trials:
+        raise ValueError("no trial configs: an experiment needs at least one trial")  # Tune would fail mid-start
+
+    # Tune warns on every forced state snapshot that checkpoint rotation causes; it is cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray's new console output would point TensorBoard at a driver folder without the trial runs;
+    # ProgressCallback reports progress instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    trainable = tune.with_resources(trainable, resources)
+    if resume:
+        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(trial_dirname_creator=dirname, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(storage),
+                callbacks=[TensorBoardCallback(), ProgressCSVCallback(), ProgressCallback(progress_total or len(trials))],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=1),
+                verbose=0,
+            ),
+        )
+    return tuner.fit()
+
+
+def ray_address(args) -> tuple[str, str]:
+    """``(address, source)``: the Ray this run uses and where that came from.
+
+    ``--address`` when given (source ``"--address"``); else ``RAY_ADDRESS`` when set and
+    not empty (``"RAY_ADDRESS"``: joining the cluster it names, as Ray itself would);
+    else ``"local"`` (``"local"``): a new local Ray, never one found in Ray's temp folder,
+    which ``ray.init()`` without an address would join (``ray start``'s cluster).
+    """
+    if args.address:
+        return args.address, "--address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env, "RAY_ADDRESS"
+    return "local", "local"
+
+
+def check_cluster_options(args) -> str | None:
+    """Options that only size a local Ray, refused when this run joins a cluster."""
+    address, source = ray_address(args)
+    if address != "local" and args.cpus is not None:
+        where = f"RAY_ADDRESS={address}" if source == "RAY_ADDRESS" else f"--address {address}"
+        hint = "; or unset RAY_ADDRESS to start a local Ray" if source == "RAY_ADDRESS" else ""
+        return (f"--cpus sizes a local Ray only, but this run joins the Ray cluster at {where}: drop --cpus "
+                f"(the cluster's CPUs are used; --cpus-per-trial sets a trial's share){hint}")
+    return None
+
+
+def check_address(address: str | None, source: str = "--address") -> str | None:
+    """Fail fast on an unreachable host:port instead of letting Ray retry for minutes."""
+    if address in (None, "auto", "local") or address.startswith("ray://"):
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return f"{source} must be host:port, auto or ray://host:port, got {address!r}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            return None
+    except OSError as err:
+        fix = "unset RAY_ADDRESS for a local Ray" if source == "RAY_ADDRESS" else "omit --address for a local Ray"
+        return f"no Ray cluster reachable at {source} {address} ({err}); start one with `ray start --head` or {fix}"
+
+
+def init_ray(args) -> str | None:
+    """Start a local Ray or join the cluster of :func:`ray_address` (saying so when RAY_ADDRESS
+    chose it); returns an error message or None. A Ray already running in this process is used as is."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    # Workers import the same tune_node as this driver (a source checkout included).
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding tune_node/
+    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    # Worker logs would repeat every checkpoint's path; failures still show (error.txt, progress lines).
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    address, source = ray_address(args)
+    try:
+        if address == "local":
+            ray.init(address="local", num_cpus=args.cpus, num_gpus=int(args.gpus) if args.gpus else 0, **kwargs)
+        else:
+            if source == "RAY_ADDRESS":
+                print(f"joining the Ray cluster at {address} (RAY_ADDRESS is set; unset it to start a local Ray)", flush=True)
+            ray.init(address=address, **kwargs)
+    except ConnectionError as err:
+        return f"no Ray cluster reachable at {source} {address}: {err}"
+    return None
+
+
+def prepare_native_loops() -> None:
+    """Builds (or loads the cached build of) :mod:`tune_node.native`'s C++ loops here,
+    so that trials on this machine load them instead of racing to build them."""
+    start = time.perf_counter()
+    loops = native.dense_loops()
+    seconds = time.perf_counter() - start
+    if loops is not None and seconds > 5:
+        print(f"built the C++ solver loops in {seconds:.0f} s (cached for later runs)", flush=True)
+
+
+def print_dry_run(header: str, rows: list[dict], gpus: float) -> int:
+    """A dry run's output: ``header``, one row per trial, and whether a GPU request would fail here. Returns 0."""
+    print(header)
+    print(format_table(rows))
+    if gpus > 0:
+        try:
+            check_gpus(gpus)
+        except UsageError as err:
+            print(f"note: a real run would stop here: {err}")
+    return 0
+
+
+def start_experiment(args, folder: ExperimentFolder, trials: int, record: Callable[[], dict],
+                     announce: Callable[[], str]) -> str | None:
+    """Everything between the held experiment folder and :func:`fit`; returns an error message or None.
+
+    Fails fast on an unreachable Ray address (``--address`` or ``RAY_ADDRESS``), starts
+    or joins Ray (:func:`init_ray`), builds or loads the C++ solver loops
+    (:func:`prepare_native_loops`), then, for a new experiment, writes ``record()`` as its
+    record (:meth:`ExperimentFolder.write_record`; ``--resume`` reads it) and prints
+    ``announce()``, or announces the resume of its ``trials`` trials. Should anything fail
+    before the record is written, closing the folder (:func:`experiment_cli` does) removes
+    what the run made of it.
+    """
+    address, source = ray_address(args)
+    problem = check_address(address, source) or init_ray(args)  # Ray starts only for a reachable address
+    if problem:
+        return problem
+    prepare_native_loops()
+    if folder.new:
+        folder.write_record(record())
+        print(announce(), flush=True)
+    else:
+        folder.mark_started()
+        print(f"resuming {folder.path} ({trials} trials; finished ones are not rerun)", flush=True)
+    return None
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How this run was started, as a shell line (for the lock's holder record): ``python -m module args``."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def experiment_cli(main: Callable) -> Callable:
+    """Wrap an experiment CLI's ``main(argv) -> int``.
+
+    A :class:`~tune_node.cli.UsageError` or
+    :class:`~tune_node.experiment_folder.ExperimentFolderError` escaping ``main`` becomes
+    exit status 2 with one ``error:`` line. Whatever way ``main`` ends (returned,
+    raised, interrupted), every experiment folder it opened is closed: its lock
+    released, and a new experiment whose record was not written removed.
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        before = open_folders()
+        try:
+            return main(argv)
+        except (UsageError, ExperimentFolderError) as err:
+            return fail(err)
+        finally:
+            for folder in open_folders():
+                if folder not in before:
+                    folder.close()
+
+    return wrapper
+
+
+def run_from_python(parser: argparse.ArgumentParser, run: Callable, space, options: dict, cli: str):
+    """An experiment CLI's work called from Python: the ``run(args, argv) -> (status, table)``
+    of ``cli`` with ``parser``'s defaults, ``space`` and ``options`` (keywords named as the
+    options' destinations). Returns the table; folders opened are closed as :func:`experiment_cli`
+    closes them. Raises TypeError naming an unknown option, and the run's UsageError as it is.
+    """
+    args = parser.parse_args([])
+    allowed = sorted(vars(args))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} of {cli}; allowed: {', '.join(a for a in allowed if a != 'space')}")
+    for key, value in options.items():
+        setattr(args, key, value)
+    args.space = space
+    before = open_folders()
+    try:
+        status, table = run(args, [])
+    finally:
+        for folder in open_folders():
+            if folder not in before:
+                folder.close()
+    if status == 1:
+        warnings.warn(f"{cli}: some seeds did not finish (see the lines above); the table holds the finished ones, and "
+                      f"resume=True continues the rest", RuntimeWarning, stacklevel=3)
+    return table
+
+
+def _failed_seeds(results) -> tuple[int, int]:
+    """``(seeds, Ray trials)`` of the failed Ray trials in a ResultGrid; a seed group counts all its seeds."""
+    from .trainable import trial_seeds
+
+    seeds = trials = 0
+    for i in range(len(results)):
+        result = results[i]
+        if result.error is not None:
+            trials += 1
+            try:
+                seeds += len(trial_seeds(result.config))
+            except (KeyError, TypeError, AttributeError):
+                seeds += 1
+    return seeds, trials
+
+
+def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, storage: str | Path, name: str) -> int:
+    """The closing lines of an experiment CLI: where TensorBoard reads, and what to do about
+    seeds that did not finish. Returns the exit status: 0, or 1 when seeds are missing.
+
+    Arguments:
+        finished, total: seeds finished and planned.
+        failed: the run's ResultGrid (its failed Ray trials are counted in seeds and in
+            trials), or a number of failed Ray trials.
+        cli, storage, name: the module and ``--storage``/``--name`` of the resume command
+            (``storage`` printed absolute).
+    """
+    print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
+    if finished >= total:
+        return 0
+    if isinstance(failed, int):
+        failed_part = f"{failed} Ray trials failed"
+    else:
+        seeds, trials = _failed_seeds(failed)
+        failed_part = f"{seeds} seeds in {trials} failed Ray trials" if trials else "no Ray trial failed"
+    missing = f"{total - finished} of {total} seeds did not finish ({failed_part})"
+    if experiment_kind(experiment_dir) in (None, "unknown"):
+        print(f"{missing}; the experiment folder {experiment_dir} is gone (or lost its record) since the run started, "
+              f"so nothing is left to resume: start the experiment again (the same command without --resume)", file=sys.stderr)
+    else:
+        print(f"{missing}; continue with: python -m {cli} --storage {Path(storage).resolve()} --name {name} --resume",
+              file=sys.stderr)
+    return 1

@@ -1,0 +1,366 @@
+"""The grid experiment that locates the critical step size: ``python -m tune_node.grid``.
+
+Trains every (solver setting, seed) of a search space, evaluates each trained
+model with the paper's test solvers, writes the tidy
+results table ``<storage>/<name>/results.csv`` and prints the critical step (or
+tolerance) per dataset, train method and gradient mode. Examples::
+
+    python -m tune_node.grid --quick                       # laptop: small Sphere2 grid, local Ray
+    python -m tune_node.grid --space sphere2_fixed --gpus 4 --gpus-per-trial 0.25
+    python -m tune_node.grid --space my_study.toml --address auto --seeds 0,1,2
+    python -m tune_node.grid --space sphere2_fixed --name sphere2_fixed --resume   # after a crash
+
+A Ray Tune trial trains one seed, or, where it pays (fixed-step backprop on a
+sphere of up to :data:`~tune_node.dense.DENSE_MAX_DIM` dimensions), a *seed group*:
+the seeds of one setting trained as one batched model
+(:func:`~tune_node.seed_groups.train_seed_group`), with results, checkpoints and
+TensorBoard runs still per seed (``--no-seed-groups``: one seed per trial). Trials
+start in order of decreasing estimated cost, so the longest do not start last.
+
+Every check of the arguments runs before Ray starts; ``--dry-run`` prints the
+trials, their seeds and resource requests and starts nothing. A run holds its
+experiment folder's lock from before Ray starts to its end
+(:mod:`tune_node.experiment_folder`). Exit status: 0 done, 1 seeds did not finish,
+2 refused before any work (one ``error:`` line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ..cli.common import UsageError, check_gpus, format_table
+from ..data.datasets import SPHERE_DIMS, check_data_available
+from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
+from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
+from .search_space import SearchSpace, SearchSpaceError, available_spaces, load_space, train_config_from_trial
+from ..train.seed_groups import groupable
+from ..ode.solvers import METHODS
+from .trainable import is_group, trial_seeds
+from .tune_callbacks import group_label
+
+__all__ = ["main", "run_grid", "build_parser", "plan_trials", "estimated_nfe", "GRID_FILE"]
+
+# GRID_FILE (grid.json, what the experiment was started with) lives in experiment_folder, beside ADAPT_FILE.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tune_node.grid", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    space = parser.add_argument_group("experiment")
+    space.add_argument("--space", default=None, help=f"search space name or TOML file (default: quick); shipped: {', '.join(available_spaces())}")
+    space.add_argument("--quick", action="store_true", help="same as --space quick: a small Sphere2 grid for laptops")
+    space.add_argument("--seeds", default=None, help="override the seeds: a count (5) or a list (0,1,2)")
+    space.add_argument("--iterations", type=int, default=None, help="override training iterations")
+    space.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    space.add_argument("--report-every", type=int, default=None, help="override iterations between reports/checkpoints")
+    space.add_argument("--data-root", default="data", help="folder with torchvision's MNIST/CIFAR10 files")
+    space.add_argument("--download", action="store_true", help="let torchvision download missing MNIST/CIFAR10 files")
+    res = parser.add_argument_group("resources")
+    res.add_argument("--gpus", type=float, default=0, help="GPUs to use in total (0: CPU only)")
+    res.add_argument("--gpus-per-trial", type=float, default=0.25, help="GPU share of one trial when --gpus > 0, so small models share cards (default 0.25)")
+    res.add_argument("--cpus", type=int, default=None, help="CPUs to use in total on a local Ray (default: all)")
+    res.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of one trial; also its torch threads (default 1)")
+    res.add_argument("--seed-groups", action=argparse.BooleanOptionalAction, default=None,
+                     help="train the seeds of one setting in one trial as one batched model where it pays (fixed-step "
+                          "backprop spheres of <= 10 dims); results, checkpoints, TensorBoard stay per seed (default: on; "
+                          "--no-seed-groups: one seed per trial)")
+    res.add_argument("--seeds-per-trial", type=int, default=None,
+                     help="at most this many seeds in one seed-group trial (default: all seeds of a setting)")
+    res.add_argument("--address", default=None, help="join a running Ray cluster: host:port or auto (default: start a local Ray)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--storage", default="runs", help="where experiments are written (default ./runs)")
+    out.add_argument("--name", default=None, help="experiment name (default: the space's name)")
+    out.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name in --storage")
+    out.add_argument("--dry-run", action="store_true", help="print every trial's config and resource request; start nothing")
+    out.add_argument("--threshold", type=float, default=0.1, help="accuracy drop that makes a setting solver-dependent (default 0.1)")
+    return parser
+
+
+def _check_resources(args) -> str | None:
+    if not (math.isfinite(args.cpus_per_trial) and args.cpus_per_trial > 0):
+        return f"--cpus-per-trial must be a finite number > 0, got {args.cpus_per_trial:g}"
+    if args.cpus is not None and args.cpus < 1:
+        return f"--cpus must be >= 1, got {args.cpus}"
+    if args.cpus is not None and args.cpus_per_trial > args.cpus:
+        return f"--cpus-per-trial {args.cpus_per_trial:g} exceeds --cpus {args.cpus}: no trial could start"
+    if args.gpus > 0:
+        g = args.gpus_per_trial
+        if not (0 < g <= 1 or (math.isfinite(g) and g > 0 and float(g).is_integer())):
+            return f"--gpus-per-trial must be a fraction in (0, 1] or a whole number, got {g:g}"
+        if g > args.gpus:
+            return f"--gpus-per-trial {g:g} exceeds --gpus {args.gpus:g}: no trial could start"
+    return None
+
+
+def check_arguments(args) -> str | None:
+    """The first checks of an experiment CLI (grid, adaptation); returns the first problem or None.
+
+    --quick against --space, the overrides' ranges, the GPU request (a machine without
+    CUDA refuses one, unless ``--dry-run``), resources, and options a joined Ray cluster
+    cannot take (:func:`~tune_node.experiment.check_cluster_options`).
+    """
+    if args.quick and args.space not in (None, "quick"):
+        return f"--quick means --space quick; drop one of --quick and --space {args.space}"
+    for option in ("iterations", "report_every"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            return f"--{option.replace('_', '-')} must be an integer >= 1, got {value}"
+    if not (math.isfinite(args.gpus) and args.gpus >= 0):
+        return f"--gpus must be a finite number >= 0, got {args.gpus:g}"
+    if not args.dry_run:
+        try:
+            check_gpus(args.gpus)  # CUDA missing: refused at once
+        except UsageError as err:
+            return str(err)
+    return _check_resources(args) or check_cluster_options(args)
+
+
+def _threshold_problem(threshold: float) -> str | None:
+    if not 0 < threshold < 1:  # also refuses nan
+        return (f"--threshold must be in (0, 1): the accuracy drop that makes a setting solver-dependent "
+                f"(default 0.1), got {threshold:g}")
+    return None
+
+
+def space_problem(given: str | None, saved: dict, name: str) -> str | None:
+    """Why ``--space given`` does not fit the ``--resume`` of experiment ``name`` recorded as ``saved``
+    (None if it does: not given, or the same space by name or by path)."""
+    if given is None:
+        return None
+    try:
+        space = load_space(given)
+    except SearchSpaceError as err:
+        return str(err)
+    saved_file = saved.get("space_file")
+    if saved_file and Path(saved_file).is_file():
+        if Path(space.path).resolve() == Path(saved_file).resolve():
+            return None
+    elif space.name == saved.get("space"):  # the recorded file moved: the name is all there is to compare
+        return None
+    return (f"--space {given} is not the space experiment {name!r} was started with ({saved.get('space')!r}, file "
+            f"{saved_file}); --resume continues an experiment with its recorded trials: drop --space, or start a new "
+            f"experiment under another --name")
+
+
+def data_problem(trials: list[dict], to_config=train_config_from_trial) -> str | None:
+    """Whether the data of every trial can be loaded here (:func:`~tune_node.datasets.check_data_available`),
+    and a user's loader and model give what they must (:func:`~tune_node.user_study.check_user_study`,
+    on the first trial of each dataset and model; ``to_config`` makes a trial's TrainConfig)."""
+    from ..train.user_study import check_user_study
+
+    needed = dict.fromkeys((t.get("dataset"), t.get("data_root", "data"), bool(t.get("download"))) for t in trials)
+    for dataset, root, download in needed:
+        try:
+            check_data_available(dataset, root, download)
+        except (FileNotFoundError, ImportError, ValueError) as err:
+            return str(err)
+    first = {}
+    for t in trials:
+        first.setdefault((t.get("dataset"), t.get("model")), t)
+    for t in first.values():
+        try:
+            check_user_study(to_config(t))
+        except (ImportError, TypeError, ValueError) as err:
+            return str(err)
+    return None
+
+
+def resume_space(args) -> str | None:
+    """The space ``--resume`` was given, if any (``--quick`` is ``quick``)."""
+    return args.space or ("quick" if args.quick else None)
+
+
+def default_name(space) -> str:
+    """The experiment name a grid takes by default: the space's name (a file's stem)."""
+    if space is None:
+        return "quick"
+    if isinstance(space, SearchSpace):
+        return space.name
+    path = Path(space)
+    return path.stem if path.suffix == ".toml" or "/" in space or path.is_file() else space
+
+
+def _seed_groups_problem(args) -> str | None:
+    if args.seeds_per_trial is not None and args.seeds_per_trial < 1:
+        return f"--seeds-per-trial must be >= 1, got {args.seeds_per_trial}"
+    if args.seeds_per_trial is not None and args.seed_groups is False:
+        return "--seeds-per-trial sizes seed groups; drop it or --no-seed-groups"
+    return None
+
+
+def _groupable(trial: dict) -> bool:
+    if trial["dataset"] not in SPHERE_DIMS:
+        return False
+    return groupable(train_config_from_trial(trial), (1, SPHERE_DIMS[trial["dataset"]]))
+
+
+def estimated_nfe(unit: list[dict]) -> float:
+    """Training function evaluations of one Ray trial (``inf`` when adaptive: unknown
+    beforehand), to start the longest trials first."""
+    t = unit[0]
+    if t["tol"] is not None:
+        return float("inf")
+    backward = 1 if t["gradient"] == "backprop" else 2  # adjoint: a backward step also takes a vector-Jacobian product
+    return (1 + backward) * t["steps"] * METHODS[t["method"]].stages_per_step * t["iterations"] * len(unit)
+
+
+def plan_trials(trials: list[dict], seed_groups: bool = True, seeds_per_trial: int | None = None) -> list[list[dict]]:
+    """The Ray trials of a grid: lists of per-seed trial configs, longest first.
+
+    With ``seed_groups``, the seeds of one setting that :func:`~tune_node.seed_groups.groupable`
+    accepts form groups of at most ``seeds_per_trial`` (default: all of them); every
+    other seed is a trial of its own. Guarantees: every trial config appears exactly
+    once; a group's configs differ only in ``seed``; order: decreasing
+    :func:`estimated_nfe` (adaptive first), ties in the search space's order.
+    """
+    units: list[list[dict]] = []
+    open_groups: dict[str, list[dict]] = {}
+    for t in trials:
+        if not (seed_groups and _groupable(t)):
+            units.append([t])
+            continue
+        key = json.dumps({k: v for k, v in t.items() if k != "seed"}, sort_keys=True)
+        group = open_groups.get(key)
+        if group is None or (seeds_per_trial is not None and len(group) >= seeds_per_trial):
+            group = open_groups[key] = []
+            units.append(group)
+        group.append(t)
+    return sorted(units, key=estimated_nfe, reverse=True)
+
+
+def _ray_config(unit: list[dict]):
+    """The ``trial`` value of a Ray trial config: one seed's dict, or a group's list."""
+    return unit[0] if len(unit) == 1 else unit
+
+
+def _trial_dirname(trial) -> str:
+    seed_configs = trial_seeds(trial.config)
+    c = seed_configs[0]
+    seeds = "seeds" + "_".join(str(t["seed"]) for t in seed_configs) if is_group(trial.config) else f"seed{c['seed']}"
+    setting = f"tol{c['tol']:g}" if c.get("tol") is not None else f"steps{c['steps']}"
+    return f"{c['method']}_{setting}_{c['gradient']}_{seeds}_{trial.trial_id}"
+
+
+def _plan_line(units: list[list[dict]]) -> str:
+    groups = [u for u in units if len(u) > 1]
+    if not groups:
+        return f"{len(units)} Ray trials of one seed each"
+    return f"{len(units)} Ray trials ({sum(map(len, groups))} seeds in {len(groups)} seed groups)"
+
+
+def _format_nfe(nfe: float) -> str:
+    if nfe == float("inf"):
+        return "unknown (adaptive)"
+    return f"{nfe / 1e6:.3g}M" if nfe >= 1e6 else f"{nfe / 1e3:.3g}k" if nfe >= 1e3 else f"{nfe:.0f}"
+
+
+@experiment_cli
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser().parse_args(argv), argv)[0]
+
+
+def run_grid(space="quick", **options):
+    """Run a grid experiment from Python; the same work as ``python -m tune_node.grid``.
+
+    Arguments:
+        space: a search space: a shipped name (``"sphere2_fixed"``), a TOML file's path,
+            or a :class:`~tune_node.search_space.SearchSpace`.
+        options: the CLI's options as keywords, dashes as underscores (``storage="runs"``,
+            ``name=...``, ``seeds=3``, ``iterations=...``, ``lr=...``, ``cpus=...``,
+            ``gpus=...``, ``resume=True``, ``seed_groups=False``, ...).
+
+    Returns the results table (:data:`tune_node.results.COLUMNS`, one row per trial and
+    test setting), also when some seeds did not finish (a RuntimeWarning names how many;
+    ``resume=True`` continues them). Raises :class:`~tune_node.cli.UsageError` (a
+    ValueError) for bad input, before any work, and TypeError for an unknown option.
+    """
+    from .experiment import run_from_python
+
+    return run_from_python(build_parser(), _run, space, options, "tune_node.grid")
+
+
+def _run(args, argv: list[str] | None):
+    """The grid experiment for parsed ``args``: ``(exit status, results table or None)``."""
+    problem = check_arguments(args) or _seed_groups_problem(args) or _threshold_problem(args.threshold)
+    if problem:
+        raise UsageError(problem)
+    storage = Path(args.storage).resolve()
+
+    if args.resume:
+        changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "seed_groups", "seeds_per_trial")
+                   if getattr(args, k) is not None]
+        if changed:
+            raise UsageError(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
+        name = args.name if args.name is not None else default_name(args.space)
+        experiment_dir, saved = check_existing(storage, name, "grid")
+        problem = space_problem(resume_space(args), saved, name)
+        if problem:
+            raise UsageError(problem)
+        trials, space_name = saved["trials"], saved.get("space", "?")
+        try:
+            # Experiments from before seed groups have no "units": one seed per trial.
+            units = [[trials[i] for i in unit] for unit in saved.get("units", [[i] for i in range(len(trials))])]
+        except (IndexError, TypeError) as err:
+            raise UsageError(f"{experiment_dir / GRID_FILE} has malformed 'units' ({err}); the experiment cannot be resumed")
+    else:
+        try:
+            space = load_space(args.space or "quick").with_overrides(
+                seeds=args.seeds, iterations=args.iterations, lr=args.lr, report_every=args.report_every)
+            trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
+        except (SearchSpaceError, ValueError) as err:
+            raise UsageError(str(err))
+        if not trials:
+            raise UsageError(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
+                         f"at least one step count or tolerance")
+        space_name, name = space.name, args.name if args.name is not None else space.name
+        experiment_dir = check_new(storage, name, "grid")
+        units = plan_trials(trials, seed_groups=args.seed_groups is not False, seeds_per_trial=args.seeds_per_trial)
+    problem = data_problem(trials)
+    if problem:
+        raise UsageError(problem)
+
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
+    if args.dry_run:
+        rows = [{"ray trial": group_label(u), "seeds": len(u), "iterations": u[0]["iterations"], "lr": u[0]["lr"],
+                 "batch": u[0]["batch_size"], "optimizer": u[0]["optimizer"], "train NFE": _format_nfe(estimated_nfe(u)),
+                 "cpu": resources["cpu"], "gpu": resources["gpu"]} for u in units]
+        return print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
+                             f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus), None
+    # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
+    command = command_line("tune_node.grid", argv)
+    folder = open_existing(storage, name, "grid", command)[0] if args.resume else open_new(storage, name, "grid", command)
+    index = {id(t): i for i, t in enumerate(trials)}
+    problem = start_experiment(
+        args, folder, len(trials),
+        record=lambda: {"space": space_name, "space_file": space.path, "trials": trials,
+                        "units": [[index[id(t)] for t in u] for u in units]},
+        announce=lambda: f"{len(trials)} trials of {space_name!r} ({space.description}) -> {experiment_dir}; "
+                         f"{_plan_line(units)}; each Ray trial requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU")
+    if problem:
+        raise UsageError(problem)
+
+    from .experiment import finish, fit
+    from ..results import write_results
+    from .trainable import train_trial
+
+    grid = fit(train_trial, [_ray_config(u) for u in units], name=name, storage=storage, resume=args.resume,
+               resources=resources, dirname=_trial_dirname, progress_total=len(trials))
+    table, csv = write_results(experiment_dir)
+    finished = table["trial_id"].nunique() if len(table) else 0
+    print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")
+    if finished:
+        from ..results import critical_steps, display_rows
+
+        summary = critical_steps(table, threshold=args.threshold)
+        print(f"\ncritical step per train solver (threshold {args.threshold:g}; accuracy: test set, train solver, "
+              f"mean +- std over seeds; rule: python -m analysis.critical_step --help):")
+        print(format_table(display_rows(summary)))
+    return finish(experiment_dir, finished, len(trials), grid, "tune_node.grid", storage, name), table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

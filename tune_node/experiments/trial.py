@@ -1,0 +1,151 @@
+"""One trial of a study: one seed at one setting, from the search space to the results table.
+
+A :class:`Trial` is what a grid or an adaptation experiment plans, what ``grid.json``
+and ``adapt.json`` record, what a Ray trial config carries (as :meth:`Trial.to_dict`),
+what the trainable trains and what ``final.json`` names. Its dict form is flat and
+JSON-friendly, and for the paper's studies it is exactly the form earlier versions
+wrote, so recorded experiments resume and give the same trial names and tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..ode.solvers import SolverSetting
+from ..train.training import TrainConfig
+
+__all__ = ["Adaptation", "Trial", "TRAINING_KEYS"]
+
+#: The training fields a trial carries (those of :class:`~tune_node.training.TrainConfig`
+#: besides dataset, solver, device and the user's code), all resolved.
+TRAINING_KEYS = ("seed", "iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size",
+                 "data_root", "download")
+_ADAPTATION_KEYS = ("threshold", "k", "initial_tol", "gradient", "mode", "method", "test_method")
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """How an adaptation trial adapts its train solver (Algorithms 2 and 3).
+
+    Arguments:
+        mode: ``"step"`` (the step size of a fixed-step method) or ``"tolerance"``.
+        method, test_method: the train solver and the more accurate one it is checked against.
+        k: iterations between checks.
+        threshold: largest batch-accuracy difference counted as agreement.
+        initial_tol: the starting tolerance (tolerance mode; step mode starts from the
+            Hairer-Norsett-Wanner step on the first batch).
+        gradient: the train solver's gradient mode.
+    """
+
+    mode: str
+    method: str
+    test_method: str
+    k: int
+    threshold: float
+    initial_tol: float
+    gradient: str = "backprop"
+
+    def controller(self, config: TrainConfig, data=None):
+        """``(config, controller)``: ``config`` at the controller's starting setting, and the
+        :class:`~tune_node.adaptation.StepAdaptation` or :class:`~tune_node.adaptation.ToleranceAdaptation`
+        at its starting value (step mode: Hairer, Norsett & Wanner's step on the first batch of
+        ``data``; tolerance mode: ``initial_tol``). Raises ValueError on invalid parameters."""
+        from ..train.adaptation import StepAdaptation, ToleranceAdaptation
+
+        kwargs = {"test_method": self.test_method, "k": self.k, "threshold": self.threshold}
+        if self.mode == "step":
+            return StepAdaptation.for_training(config, data=data, **kwargs)
+        return ToleranceAdaptation.for_training(config, tol=self.initial_tol, **kwargs)
+
+    def starting_setting(self) -> SolverSetting:
+        """A placeholder train setting of the right kind; the controller replaces it with its starting one.
+        It fixes the paper's training defaults (MNIST trains adaptive solvers with Adam)."""
+        if self.mode == "step":
+            return SolverSetting.fixed(self.method, 1, self.gradient)
+        return SolverSetting.adaptive(self.method, self.initial_tol, self.gradient)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One seed of one study setting.
+
+    Arguments:
+        experiment: the experiment's name.
+        dataset: a built-in dataset's name or a user's ``"module:function"``.
+        seed: fixes data, initial weights and batch order.
+        training: the resolved training fields (:data:`TRAINING_KEYS` but ``seed``).
+        solver: the train setting (a grid trial); None for an adaptation trial.
+        adaptation: how the solver adapts (an adaptation trial); None for a grid trial.
+        model, code_dir: a user's model builder and the folder of their modules (None: the paper's).
+
+    Guarantees: exactly one of ``solver`` and ``adaptation`` is set; :meth:`from_dict`
+    of :meth:`to_dict` gives an equal trial.
+    """
+
+    experiment: str
+    dataset: str
+    seed: int
+    training: dict = field(hash=False)
+    solver: SolverSetting | None = None
+    adaptation: Adaptation | None = None
+    model: str | None = None
+    code_dir: str | None = None
+
+    def __post_init__(self):
+        if (self.solver is None) == (self.adaptation is None):
+            raise ValueError("a trial has either a train solver (grid) or an adaptation, not both nor neither")
+
+    @property
+    def kind(self) -> str:
+        """``"grid"`` or ``"adaptation"``."""
+        return "grid" if self.adaptation is None else "adaptation"
+
+    def train_config(self, device: str = "cpu") -> TrainConfig:
+        """The :class:`~tune_node.training.TrainConfig` this trial trains (an adaptation trial's at
+        its placeholder starting setting, which the controller replaces)."""
+        setting = self.solver if self.adaptation is None else self.adaptation.starting_setting()
+        return TrainConfig(dataset=self.dataset, solver=setting, seed=self.seed, device=device, model=self.model,
+                           code_dir=self.code_dir, **self.training)
+
+    def user_code(self) -> dict:
+        return {k: v for k, v in (("model", self.model), ("code_dir", self.code_dir)) if v is not None}
+
+    def to_dict(self) -> dict:
+        """The flat, JSON-friendly form (a Ray trial config's ``"trial"``, a record's entry)."""
+        training = {k: self.training[k] for k in TRAINING_KEYS if k != "seed"}
+        if self.adaptation is None:
+            s = self.solver
+            return {"experiment": self.experiment, "dataset": self.dataset, "method": s.method, "steps": s.steps,
+                    "tol": s.tol, "gradient": s.gradient, **({"max_steps": s.max_steps} if s.max_steps is not None else {}),
+                    "seed": self.seed, **training, **self.user_code()}
+        a = self.adaptation
+        return {"experiment": self.experiment, "dataset": self.dataset, "steps": None, "tol": None,
+                **{k: getattr(a, k) for k in _ADAPTATION_KEYS}, "seed": self.seed, **training, **self.user_code()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trial":
+        """The trial of a :meth:`to_dict` dict (also of the configs earlier versions recorded)."""
+        training = {k: d[k] for k in TRAINING_KEYS if k != "seed"}
+        common = {"experiment": d["experiment"], "dataset": d["dataset"], "seed": d["seed"], "training": training,
+                  "model": d.get("model"), "code_dir": d.get("code_dir")}
+        if "mode" in d:
+            return cls(**common, adaptation=Adaptation(**{k: d[k] for k in _ADAPTATION_KEYS}))
+        solver = SolverSetting(d["method"], steps=d["steps"], tol=d["tol"], gradient=d["gradient"], max_steps=d.get("max_steps"))
+        return cls(**common, solver=solver)
+
+    @classmethod
+    def of(cls, experiment: str, config: TrainConfig, adaptation: Adaptation | None = None) -> "Trial":
+        """The trial of a resolved config: its solver (a grid trial) or ``adaptation``."""
+        training = {k: getattr(config, k) for k in TRAINING_KEYS if k != "seed"}
+        return cls(experiment, config.dataset, config.seed, training, solver=None if adaptation else config.solver,
+                   adaptation=adaptation, model=config.model, code_dir=config.code_dir)
+
+    def label(self) -> str:
+        """Short human-readable name: ``euler(steps=8) seed 0`` or ``euler->midpoint step seed 0``."""
+        if self.adaptation is None:
+            s = self.solver
+            value = f"tol={s.tol:g}" if s.tol is not None and not math.isnan(s.tol) else f"steps={s.steps}"
+            return f"{s.method}({value}) seed {self.seed}"
+        a = self.adaptation
+        return f"{a.method}->{a.test_method} {a.mode} seed {self.seed}"

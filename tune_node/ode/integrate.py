@@ -1,0 +1,432 @@
+"""Integrating a vector field with a :class:`~tune_node.solvers.SolverSetting`.
+
+A field is autonomous, called as ``field(z)`` (the paper's), or time-dependent,
+called as ``field(t, z)`` (torchdiffeq's convention, ``t`` a 0-dim tensor of the
+state's dtype and device); :func:`takes_time` tells which from its signature. Every
+solver passes ``t`` to a time-dependent field: the fixed-step loop at each stage's
+time ``t_n + c_i h``, torchdiffeq in adaptive and adjoint solves.
+
+Fixed-step methods with backprop run this module's own explicit Runge-Kutta loop:
+exactly ``steps`` steps of size ``h = T / steps``, nothing else per step. Adaptive
+methods, and every method in adjoint mode, run through torchdiffeq. Every solve
+counts its function evaluations exactly, forward and backward separately.
+
+Adaptive solves are capped at ``setting.max_adaptive_steps`` step attempts
+(:data:`~tune_node.solvers.DEFAULT_MAX_ADAPTIVE_STEPS` unless the setting's
+``max_steps`` says otherwise), in the adjoint's backward solve too. A solve that
+reaches the cap raises :class:`SolverStepLimitError`; one whose step size underflows
+raises :class:`StepSizeUnderflowError`. Both are RuntimeErrors naming the method,
+tolerance and evaluations spent, in place of torchdiffeq's bare AssertionErrors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import inspect
+
+import torch
+import torchdiffeq
+from torch import nn
+
+from .solvers import DEFAULT_MAX_ADAPTIVE_STEPS, ButcherTableau, SolverSetting
+
+__all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "StepSizeUnderflowError", "integrate", "rk_solve",
+           "takes_time", "FieldSignatureError", "register_fast_form", "fast_form"]
+
+# The messages of torchdiffeq's adaptive Runge-Kutta loop (rk_common.py) that this
+# module turns into its own errors; any other AssertionError passes through unchanged.
+_TORCHDIFFEQ_STEP_LIMIT = "max_num_steps exceeded"
+_TORCHDIFFEQ_UNDERFLOW = "underflow in dt"
+
+
+class SolverStepLimitError(RuntimeError):
+    """An adaptive solve reached its cap on step attempts (``max_steps``) before ``T``.
+
+    The message names the method, tolerance, cap, the function evaluations spent and
+    how to raise the cap. ``setting``, ``nfe`` and ``phase`` (``"forward"`` or
+    ``"backward"``: the adjoint's solve) are kept as attributes.
+    """
+
+    def __init__(self, setting: SolverSetting, nfe: int, phase: str = "forward"):
+        self.setting, self.nfe, self.phase = setting, nfe, phase
+        where = "the adjoint's backward solve" if phase == "backward" else "one solve"
+        super().__init__(
+            f"{setting.method} (tol={setting.tol:g}) needed more than max_steps={setting.max_adaptive_steps} step attempts "
+            f"in {where} of [0, {setting.T:g}] (NFE reached: {nfe}); the field is too stiff for this tolerance or "
+            f"diverged. To allow more, raise the cap: SolverSetting(..., max_steps=N) or the 'max_steps' key of a search "
+            f"space's [[solvers]] table (default without it: DEFAULT_MAX_ADAPTIVE_STEPS = {DEFAULT_MAX_ADAPTIVE_STEPS})"
+        )
+
+
+class StepSizeUnderflowError(RuntimeError):
+    """An adaptive solve's step size fell below what the time's float precision resolves.
+
+    The message names the method, tolerance, the function evaluations spent and the
+    likely causes. ``setting``, ``nfe`` and ``phase`` are kept as attributes.
+    """
+
+    def __init__(self, setting: SolverSetting, nfe: int, phase: str = "forward", detail: str = ""):
+        self.setting, self.nfe, self.phase = setting, nfe, phase
+        where = "the adjoint's backward solve" if phase == "backward" else "the solve"
+        super().__init__(
+            f"{setting.method} (tol={setting.tol:g}): the step size underflowed in {where} of [0, {setting.T:g}] "
+            f"(NFE reached: {nfe}; torchdiffeq: {detail}): the tolerance is too small for the float precision of the "
+            f"state and time, or the solution diverged (blew up); allowed: a larger tol, or a model that stays finite"
+        )
+
+
+def _solver_error(err: AssertionError, setting: SolverSetting, nfe: int, phase: str) -> RuntimeError | None:
+    """The error of this module standing for torchdiffeq's ``err``, or None if it is another assertion."""
+    message = str(err)
+    if message.startswith(_TORCHDIFFEQ_STEP_LIMIT):
+        return SolverStepLimitError(setting, nfe, phase)
+    if message.startswith(_TORCHDIFFEQ_UNDERFLOW):
+        return StepSizeUnderflowError(setting, nfe, phase, message)
+    return None
+
+
+class FieldSignatureError(TypeError):
+    """A vector field that takes neither ``(z)`` nor ``(t, z)``; the message shows its signature."""
+
+
+def takes_time(vector_field) -> bool:
+    """Whether ``vector_field`` is called as ``field(t, z)`` (True) or ``field(z)`` (False).
+
+    Decided from the signature of its ``forward`` (modules) or of the callable itself:
+    two required positional parameters mean ``(t, z)``, one means ``(z)``. A field
+    may say so itself with an attribute ``time_dependent`` (True or False), which wins.
+    Raises :class:`FieldSignatureError` for any other signature.
+    """
+    declared = getattr(vector_field, "time_dependent", None)
+    if isinstance(declared, bool):
+        return declared
+    if isinstance(vector_field, nn.Module):
+        # Asked at every solve: a module's answer is its class's, so look once per class.
+        cls = type(vector_field)
+        if cls not in _TAKES_TIME:
+            _TAKES_TIME[cls] = _signature_takes_time(vector_field.forward, cls.__qualname__)
+        return _TAKES_TIME[cls]
+    return _signature_takes_time(vector_field, getattr(vector_field, "__qualname__", type(vector_field).__qualname__))
+
+
+_TAKES_TIME: dict[type, bool] = {}
+
+
+def _signature_takes_time(target, name: str) -> bool:
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature: the paper's convention
+        return False
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values())
+    if len(positional) == 2:
+        return True
+    if len(positional) == 1 or (not positional and varargs):
+        return False
+    raise FieldSignatureError(f"vector field {name}{signature} must take the state z, as forward(z), or the time and "
+                              f"the state, as forward(t, z) (torchdiffeq's convention); it takes {len(positional)} "
+                              f"required positional arguments")
+
+
+@dataclass(frozen=True)
+class PreparedField:
+    """A vector field in a faster form, built once per solve from the field's parameters.
+
+    A field may offer ``prepare(z0) -> PreparedField | None`` (or have one registered for
+    its type, :func:`register_fast_form`); :func:`integrate` asks for it at the start of
+    every backprop solve. ``f`` acts on encoded states:
+    ``decode(f(encode(z)))`` equals ``field(z)`` up to floating-point rounding, and
+    gradients reach the field's parameters through ``f``'s construction.
+    """
+
+    f: Callable[[torch.Tensor], torch.Tensor]
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    #: Optional fused fixed-step solver ``solve(z0, tableau, steps, T) -> z_T`` on encoded
+    #: states, equal to :func:`rk_solve` on ``f`` up to rounding; used while gradients
+    #: are recorded (its backward pass is its own). It returns None to decline a solve.
+    solve: Callable[[torch.Tensor, ButcherTableau, int, float], torch.Tensor] | None = None
+
+
+_FAST_FORMS: dict[type, Callable[[nn.Module, torch.Tensor], "PreparedField | None"]] = {}
+
+
+def register_fast_form(field_type: type, prepare: Callable[[nn.Module, torch.Tensor], "PreparedField | None"]) -> None:
+    """Let fields of ``field_type`` be integrated in a faster form: ``prepare(field, z0)`` returns
+    a :class:`PreparedField` (or None to decline) at the start of every backprop solve, as a
+    field's own ``prepare(z0)`` method would. How the fast path plugs in without the field's
+    module knowing it (:mod:`tune_node.fast` registers the paper's sphere field)."""
+    _FAST_FORMS[field_type] = prepare
+
+
+def fast_form(field_type: type) -> Callable[[nn.Module, torch.Tensor], "PreparedField | None"] | None:
+    """The ``prepare(field, z0)`` registered for ``field_type`` or a base class of it, or None."""
+    for cls in field_type.__mro__:
+        if cls in _FAST_FORMS:
+            return _FAST_FORMS[cls]
+    return None
+
+
+def _preparer(vector_field) -> Callable[[torch.Tensor], "PreparedField | None"] | None:
+    registered = fast_form(type(vector_field))
+    if registered is not None:
+        return lambda z0: registered(vector_field, z0)
+    return getattr(vector_field, "prepare", None)
+
+
+@dataclass
+class NFECounter:
+    """Function evaluations of one solve.
+
+    ``forward`` counts evaluations made while integrating. ``backward`` counts the
+    evaluations the adjoint method makes while gradients are computed; with backprop
+    every forward evaluation is differentiated once, so it equals ``forward`` once
+    a backward pass has run.
+    """
+
+    forward: int = 0
+    backward: int = 0
+    in_backward: bool = field(default=False, repr=False)
+
+
+class _CountingField(nn.Module):
+    """``f(t, z)`` for torchdiffeq (``field(z)``, or ``field(t, z)`` when ``time_dependent``),
+    counting calls into an :class:`NFECounter`.
+
+    With ``backward_cap`` (a setting, adaptive adjoint solves only) it also counts the
+    step attempts of the adjoint's backward solve through torchdiffeq's
+    ``callback_step_adjoint`` hook and raises :class:`SolverStepLimitError` on the
+    attempt after the setting's cap, before that attempt evaluates anything.
+    """
+
+    def __init__(self, vector_field: Callable[..., torch.Tensor], counter: NFECounter,
+                 backward_cap: SolverSetting | None = None, time_dependent: bool = False):
+        super().__init__()
+        self.vector_field = vector_field
+        self.time_dependent = time_dependent
+        self.counter = counter
+        self.backward_cap = backward_cap
+        self.backward_attempts = 0
+        self.backward_nfe_start = 0
+
+    def start_backward(self, grad):
+        """Tensor hook on the solution: a new backward solve begins, so its attempts
+        (and the evaluations an error reports) count from 0."""
+        self.backward_attempts = 0
+        self.backward_nfe_start = self.counter.backward
+        return None
+
+    def callback_step_adjoint(self, t0, y0, dt):
+        if self.backward_cap is None:
+            return
+        self.backward_attempts += 1
+        if self.backward_attempts > self.backward_cap.max_adaptive_steps:
+            raise SolverStepLimitError(self.backward_cap, self.counter.backward - self.backward_nfe_start, "backward")
+
+    def forward(self, t, z):
+        if self.counter.in_backward:
+            self.counter.backward += 1
+        else:
+            self.counter.forward += 1
+        return self.vector_field(t, z) if self.time_dependent else self.vector_field(z)
+
+
+@dataclass
+class Solution:
+    """The result of :func:`integrate`.
+
+    Attributes:
+        z: the state at time T.
+        setting: the solver setting used.
+        counter: evaluation counts; ``nfe_backward`` is final only after ``backward()``.
+        path: the states after every step (including ``z0``) when requested;
+            fixed-step solves only.
+    """
+
+    z: torch.Tensor
+    setting: SolverSetting
+    counter: NFECounter
+    path: list[torch.Tensor] | None = None
+
+    @property
+    def nfe_forward(self) -> int:
+        return self.counter.forward
+
+    @property
+    def nfe_backward(self) -> int:
+        if self.setting.gradient == "backprop":
+            return self.counter.forward if self.z.requires_grad else 0
+        return self.counter.backward
+
+    @property
+    def steps(self) -> int:
+        """Steps taken: exact for fixed-step methods; step attempts (accepted or
+        rejected) for adaptive ones, from the evaluation count."""
+        if not self.setting.is_adaptive:
+            return self.setting.steps
+        spec = self.setting.spec
+        return max(0, (self.counter.forward - spec.startup_nfe) // spec.stages_per_step)
+
+
+def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float = 1.0, record_path: bool = False,
+             *, time_dependent: bool = False):
+    """Explicit Runge-Kutta with ``steps`` equal steps over ``[0, T]`` of ``f``: ``f(z)``, or
+    ``f(t, z)`` with ``time_dependent`` (``t`` the stage time ``t_n + c_i h``, a 0-dim tensor).
+
+    Returns ``(z_T, path)``; ``path`` is None unless ``record_path``. Calls ``f``
+    exactly ``steps * tableau.stages`` times; besides those calls an autonomous step
+    does one fused ``z + c * k`` per nonzero tableau coefficient and nothing else.
+    """
+    if time_dependent:
+        return _rk_solve_in_time(f, z0, tableau, steps, T, record_path)
+    h = T / steps
+    a, b = tableau.step_coefficients(h)
+    z = z0
+    path = [z0] if record_path else None
+    if tableau.stages == 1:  # Euler: b == (1,)
+        for _ in range(steps):
+            z = torch.add(z, f(z), alpha=h)
+            if record_path:
+                path.append(z)
+        return z, path
+    for _ in range(steps):
+        k = []
+        for row in a:
+            zi = z
+            for j, coef in row:
+                zi = torch.add(zi, k[j], alpha=coef)
+            k.append(f(zi))
+        for i, coef in b:
+            z = torch.add(z, k[i], alpha=coef)
+        if record_path:
+            path.append(z)
+    return z, path
+
+
+def _rk_solve_in_time(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float, record_path: bool):
+    h = T / steps
+    a, b = tableau.step_coefficients(h)
+    z = z0
+    path = [z0] if record_path else None
+    for n in range(steps):
+        # Times from the step index, not by summing h, so the last step ends at T itself.
+        t_n = n * T / steps
+        k = []
+        for row, c in zip(a, tableau.c):
+            zi = z
+            for j, coef in row:
+                zi = torch.add(zi, k[j], alpha=coef)
+            k.append(f(torch.tensor(t_n + c * h, dtype=z0.dtype, device=z0.device), zi))
+        for i, coef in b:
+            z = torch.add(z, k[i], alpha=coef)
+        if record_path:
+            path.append(z)
+    return z, path
+
+
+def _identity(z):
+    return z
+
+
+def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting, record_path: bool = False) -> Solution:
+    """Solve ``dz/dt = vector_field(z)`` (or ``vector_field(t, z)``), ``z(0) = z0`` over ``[0, setting.T]``.
+
+    Arguments:
+        vector_field: an autonomous field, called as ``vector_field(z)``, or a
+            time-dependent one, ``vector_field(t, z)`` (see :func:`takes_time`).
+        z0: initial state, any shape the field accepts.
+        setting: method, steps or tolerance, gradient mode.
+        record_path: keep every step's state (fixed-step methods only).
+
+    Guarantees: fixed-step solves take exactly ``setting.steps`` steps of size
+    ``T / steps`` and evaluate the field ``steps * stages`` times; adaptive solves use
+    ``rtol = atol = setting.tol`` and make at most ``setting.max_adaptive_steps`` step
+    attempts, forward and (adjoint) backward. With backprop, a field offering ``prepare(z0)``
+    (see :class:`PreparedField`) is integrated in its prepared form, by its fused
+    solver where it has one and gradients are recorded; adjoint solves
+    always call the field itself, as the adjoint differentiates each call.
+
+    Raises:
+        SolverStepLimitError: an adaptive solve needs more attempts than the cap; from
+            ``backward()`` too when the adjoint's backward solve does.
+        StepSizeUnderflowError: an adaptive forward solve's step size underflowed. In the
+            adjoint's backward solve torchdiffeq's own AssertionError ('underflow in dt')
+            surfaces from ``backward()`` unchanged: it is raised inside autograd, out of reach.
+    """
+    counter = NFECounter()
+    spec = setting.spec
+    T = float(setting.T)
+    if record_path and setting.is_adaptive:
+        raise ValueError("record_path is only available for fixed-step methods")
+    time_dependent = takes_time(vector_field)
+    prepare = _preparer(vector_field)
+    prepared = prepare(z0) if prepare is not None and setting.gradient == "backprop" and not time_dependent else None
+    if prepared is None:
+        prepared = PreparedField(vector_field, _identity, _identity)
+
+    if setting.gradient == "backprop" and not setting.is_adaptive:
+        if prepared.solve is not None and not record_path and torch.is_grad_enabled():
+            z = prepared.solve(prepared.encode(z0), spec.tableau, setting.steps, T)
+            if z is not None:
+                counter.forward += setting.steps * spec.tableau.stages
+                return Solution(prepared.decode(z), setting, counter, None)
+        field_fn = prepared.f
+
+        def f(*tz):
+            counter.forward += 1
+            return field_fn(*tz)
+
+        z, path = rk_solve(f, prepared.encode(z0), spec.tableau, setting.steps, T, record_path, time_dependent=time_dependent)
+        path = None if path is None else [prepared.decode(p) for p in path]
+        return Solution(prepared.decode(z), setting, counter, path)
+
+    adaptive_adjoint = setting.is_adaptive and setting.gradient == "adjoint"
+    counted = _CountingField(prepared.f, counter, backward_cap=setting if adaptive_adjoint else None,
+                             time_dependent=time_dependent)
+    z0 = prepared.encode(z0)
+
+    t = torch.tensor([0.0, T], dtype=z0.dtype, device=z0.device)
+    kwargs = {"method": spec.torchdiffeq_name}
+    if setting.is_adaptive:
+        kwargs.update(rtol=setting.tol, atol=setting.tol)
+        # torchdiffeq refuses attempt max_num_steps + 1 of a solve (n counts attempts
+        # of its one interval [0, T]): the cap's exact meaning.
+        kwargs["options"] = {"max_num_steps": setting.max_adaptive_steps}
+    else:
+        steps = setting.steps
+        # The grid as given: exactly `steps` equal steps between the requested times
+        # (also in the adjoint's reversed solve), free of arange rounding.
+        kwargs["options"] = {"grid_constructor": lambda func, y0, tt: torch.linspace(tt[0], tt[-1], steps + 1, dtype=tt.dtype, device=tt.device)}
+    if setting.gradient == "adjoint":
+        if not setting.is_adaptive:
+            kwargs["adjoint_options"] = kwargs["options"]
+        else:
+            kwargs["adjoint_rtol"] = setting.tol
+            kwargs["adjoint_atol"] = setting.tol
+            # The backward solve runs inside autograd, where torchdiffeq's AssertionError
+            # could not be caught and renamed here: counted.callback_step_adjoint enforces
+            # the cap itself and raises SolverStepLimitError. torchdiffeq's own limit sits
+            # one attempt above it, a backstop should that hook ever not be called.
+            kwargs["adjoint_options"] = {"max_num_steps": setting.max_adaptive_steps + 1}
+        try:
+            z = torchdiffeq.odeint_adjoint(counted, z0, t, adjoint_params=tuple(vector_field.parameters()), **kwargs)[-1]
+        except AssertionError as err:
+            converted = _solver_error(err, setting, counter.forward, "forward")
+            if converted is None:
+                raise
+            raise converted from err
+        if adaptive_adjoint and z.requires_grad:
+            z.register_hook(counted.start_backward)
+    else:
+        try:
+            z = prepared.decode(torchdiffeq.odeint(counted, z0, t, **kwargs)[-1])
+        except AssertionError as err:
+            converted = _solver_error(err, setting, counter.forward, "forward")
+            if converted is None:
+                raise
+            raise converted from err
+    counter.in_backward = True
+    return Solution(z, setting, counter, None)

@@ -1,0 +1,172 @@
+"""Several seeds of one configuration trained at once: ``train_seed_group(configs)``.
+
+Plain PyTorch; knows nothing of Ray. The seeds' models are stacked into one
+:class:`~tune_node.dense.StackedSphereClassifier` and trained with one optimizer on
+the stacked weights, which amounts to separate training runs: each seed keeps its
+own data, initial weights (those of ``build_model(..., seed)``), batch order and
+optimizer state (Adam and SGD act elementwise, and the summed loss gives every
+seed exactly its own gradient). Results, reports and checkpoints are per seed, and a
+seed's checkpoint is the one :func:`~tune_node.training.train` would write, so it
+resumes with either function.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..fast import dense
+from ..data.datasets import BUILTIN_DATASETS, Dataset
+from .models import build_model
+from .training import Progress, TrainConfig, TrainResult, train, train_seeds
+
+__all__ = ["groupable", "train_seed_group", "SphereStack"]
+
+GroupReportFn = Callable[[int, Progress, Callable[[], dict]], None]
+
+
+def groupable(config: TrainConfig, input_shape: tuple[int, ...]) -> bool:
+    """Whether seeds of ``config`` train as one stacked model: fixed-step backprop of the
+    paper's model on a sphere short enough for the dense field (:data:`~tune_node.dense.DENSE_MAX_DIM`)."""
+    s = config.solver
+    info = BUILTIN_DATASETS.get(config.dataset)
+    return (not s.is_adaptive and s.gradient == "backprop" and config.model is None
+            and info is not None and info.family == "sphere"
+            and len(input_shape) == 2 and input_shape[-1] <= dense.DENSE_MAX_DIM)
+
+
+def _check_group(configs: list[TrainConfig]) -> None:
+    if not configs:
+        raise ValueError("train_seed_group needs at least one config")
+    if not all(isinstance(c, TrainConfig) for c in configs):
+        raise TypeError("train_seed_group takes a list of TrainConfig")
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds of a group must differ, got {seeds}")
+    base = {k: v for k, v in configs[0].to_dict().items() if k != "seed"}
+    for c in configs[1:]:
+        other = {k: v for k, v in c.to_dict().items() if k != "seed"}
+        if other != base:
+            diff = sorted(k for k in base if base[k] != other[k])
+            raise ValueError(f"configs of a seed group may differ only in seed; seed {c.seed} differs in {', '.join(diff)}")
+
+
+def train_seed_group(
+    configs: list[TrainConfig],
+    on_report: GroupReportFn | None = None,
+    resume_from: list[dict] | None = None,
+    data: list[Dataset] | None = None,
+) -> list[TrainResult]:
+    """Train one configuration under several seeds, as one batched model where it pays.
+
+    Arguments:
+        configs: one :class:`~tune_node.training.TrainConfig` per seed, equal except
+            for ``seed``.
+        on_report: called as ``on_report(i, progress, state_fn)`` for seed ``configs[i]``
+            at the iterations :func:`~tune_node.training.train` reports at;
+            ``state_fn()`` returns that seed's full state in ``train``'s checkpoint format.
+        resume_from: one checkpoint state per seed (all at one iteration), as
+            ``state_fn`` returns them; training continues as if it had not stopped.
+        data: the seeds' loaded datasets, to skip loading them again.
+
+    Returns one :class:`~tune_node.training.TrainResult` per config, in order. Where
+    :func:`groupable` allows, the seeds train as one :class:`SphereStack` through the one
+    training loop, :func:`~tune_node.training.train_seeds`; other settings (adaptive,
+    adjoint, images, long spheres, a user's model) train seed after seed with ``train``.
+    Grouped, each seed's weights equal those of its own ``train`` run up to floating-point
+    rounding; ``wall_time`` and ``elapsed`` are the group's. A seed whose loss stops being
+    finite is marked as diverged at that iteration (as ``train`` does) while the others
+    train on: seeds share no weights, so its non-finite values stay in its own slice;
+    once every seed has diverged, training stops.
+    """
+    _check_group(configs)
+    if resume_from is not None and len(resume_from) != len(configs):
+        raise ValueError(f"resume_from has {len(resume_from)} states for {len(configs)} configs")
+    if data is not None and len(data) != len(configs):
+        raise ValueError(f"data has {len(data)} datasets for {len(configs)} configs")
+    config = configs[0]
+    device = torch.device(config.device)
+    datasets = [(d or c.load_data()).to(device) for c, d in zip(configs, data or [None] * len(configs))]
+
+    if len(configs) == 1 or not groupable(config, datasets[0].input_shape):
+        results = []
+        for i, (c, d) in enumerate(zip(configs, datasets)):
+            report = None if on_report is None else (lambda p, s, i=i: on_report(i, p, s))
+            results.append(train(c, on_report=report, resume_from=resume_from[i] if resume_from else None, data=d))
+        return results
+    return train_seeds(configs, stack=SphereStack, on_report=on_report, resume_from=resume_from, data=datasets)
+
+
+class SphereStack:
+    """The paper's sphere models of S seeds as one :class:`~tune_node.dense.StackedSphereClassifier`
+    (a :class:`~tune_node.training.SeedStack`): batched matrix products, one optimizer over the
+    stacked weights (Adam and SGD act elementwise, so it equals S separate optimizers)."""
+
+    def __init__(self, configs: list[TrainConfig], datasets: list[Dataset], device: torch.device):
+        self.size = len(configs)
+        self.family, self.input_shape, self.device = datasets[0].family, datasets[0].input_shape, device
+        self.net = dense.StackedSphereClassifier([build_model(self.family, self.input_shape, seed=c.seed)
+                                                  for c in configs]).to(device)
+        self.x_train = torch.stack([d.x_train for d in datasets])  # (seeds, N, 1, D)
+        self.y_train = torch.stack([d.y_train for d in datasets])
+        self.rows = torch.arange(self.size, device=device)[:, None]
+
+    def parameters(self):
+        return self.net.stacked_parameters()
+
+    def batch(self, idx):
+        idx = torch.stack(idx)
+        return self.x_train[self.rows, idx], self.y_train[self.rows, idx]
+
+    def forward(self, x, setting):
+        return self.net(x, setting)
+
+    def losses(self, logits, y):
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.size, -1).mean(1)
+        return losses.detach(), losses.sum()
+
+    def batch_accuracies(self, logits, y):
+        return (logits.argmax(2) == y).float().mean(1).tolist()
+
+    def model(self, i):
+        m = build_model(self.family, self.input_shape).to(self.device)
+        m.load_state_dict(self.net.model_state_dict(i))
+        return m
+
+    def model_state(self, i):
+        return self.net.model_state_dict(i)
+
+    def optimizer_state(self, stacked, i):
+        return _seed_optimizer_state(stacked, i)
+
+    def load(self, states, optimizer):
+        with torch.no_grad():
+            for key, p in zip(self.net.keys, self.net.stacked_parameters()):
+                p.copy_(torch.stack([s["model"][key] for s in states]))
+        first = states[0]["optimizer"]
+        stacked = {"state": {}, "param_groups": copy.deepcopy(first["param_groups"])}
+        for key, s0 in first["state"].items():
+            stacked["state"][key] = {name: torch.stack([s["optimizer"]["state"][key][name] for s in states])
+                                     if _is_per_seed(name, v) else _copy(v) for name, v in s0.items()}
+        optimizer.load_state_dict(stacked)
+
+
+def _is_per_seed(name: str, value) -> bool:
+    # Optimizer state: moments are shaped like their parameter (stacked: one slice per
+    # seed); Adam's shared step count is a scalar.
+    return torch.is_tensor(value) and value.dim() > 0 and name != "step"
+
+
+def _copy(value):
+    return value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+
+
+def _seed_optimizer_state(stacked: dict, i: int) -> dict:
+    """Seed ``i``'s slice of the stacked optimizer's state dict: what its own
+    optimizer over ``model.parameters()`` would hold (same parameter order)."""
+    state = {key: {name: v[i].clone() if _is_per_seed(name, v) else _copy(v) for name, v in s.items()}
+             for key, s in stacked["state"].items()}
+    return {"state": state, "param_groups": copy.deepcopy(stacked["param_groups"])}
