@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.critical_step", description=_rule.__doc__.split("\n\n")[0],
                                      epilog=_rule.__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="results.csv/.parquet or an experiment directory")
-    parser.add_argument("--threshold", type=float, default=0.1, help="largest accuracy difference of a solver-independent setting (default 0.1)")
+    parser.add_argument("--threshold", type=float, default=0.1,
+                        help="largest accuracy difference of a solver-independent setting (default 0.1)")
     parser.add_argument("--margin", type=float, default=0.1, help="a seed trained when train accuracy >= chance + margin (default 0.1)")
     parser.add_argument("--settings", action="store_true", help="also print the per-setting table")
     parser.add_argument("--csv", default=None, help="write the summary to this CSV file")

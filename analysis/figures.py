@@ -143,9 +143,12 @@ def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.figures", description="Write the paper's figures from grid (and adaptation) results, or the trajectory figure of one checkpoint.")
+    parser = argparse.ArgumentParser(prog="python -m analysis.figures",
+                                     description="Write the paper's figures from grid (and adaptation) results, "
+                                                 "or the trajectory figure of one checkpoint.")
     parser.add_argument("results_dir", nargs="?", help="folder holding the grid's results.csv")
-    parser.add_argument("--checkpoint", default=None, help="instead of results: draw the trajectory figure of this 2-D model's checkpoint.pt")
+    parser.add_argument("--checkpoint", default=None,
+                        help="instead of results: draw the trajectory figure of this 2-D model's checkpoint.pt")
     parser.add_argument("--out", default=None, help="folder for the figures (default: RESULTS_DIR/figures, or . with --checkpoint)")
     parser.add_argument("--adaptation", default=None, help="folder with adaptation_history.csv (default: search RESULTS_DIR)")
     parser.add_argument("--no-svg", action="store_true", help="write PNG only")
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
             written = save_figure(trajectory_figure(args.checkpoint), Path(args.out or "."), name, svg=not args.no_svg, dpi=args.dpi)
         else:
             out = Path(args.out) if args.out else Path(args.results_dir) / "figures"
-            written = write_all(args.results_dir, out, adaptation_dir=args.adaptation, svg=not args.no_svg, examples_too=not args.no_examples)
+            written = write_all(args.results_dir, out, adaptation_dir=args.adaptation, svg=not args.no_svg,
+                                examples_too=not args.no_examples)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     for path in written:

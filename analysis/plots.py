@@ -163,7 +163,8 @@ def accuracy_figure(results: pd.DataFrame, adaptive: bool = False, critical: Map
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
     what = "tolerance" if adaptive else "number of steps"
     sep = "\n" if ncols == 1 else " "
-    fig.suptitle(f"Test accuracy against the test solver's {what}:{sep}means over seeds; dark: the train solver (bars +- 1 std)", fontsize=11)
+    fig.suptitle(f"Test accuracy against the test solver's {what}:{sep}means over seeds; dark: the train solver (bars +- 1 std)",
+                 fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -250,7 +251,8 @@ def _draw_regions(ax, solver: SolverTrajectories, labels: np.ndarray):
 
 def _h_label(setting) -> str:
     steps = setting.steps
-    return f"{_name(setting.method)}, {steps} step{'s' if steps != 1 else ''} (h = 1/{steps})" if steps != 1 else f"{_name(setting.method)}, 1 step (h = 1)"
+    return (f"{_name(setting.method)}, {steps} step{'s' if steps != 1 else ''} (h = 1/{steps})" if steps != 1
+            else f"{_name(setting.method)}, 1 step (h = 1)")
 
 
 def model_trajectories_figure(trajectories: ModelTrajectories):
@@ -278,7 +280,8 @@ def model_trajectories_figure(trajectories: ModelTrajectories):
     handles.append(Line2D([], [], marker="o", ls="", color="0.25", ms=3, label="initial value"))
     handles += [matplotlib.patches.Patch(color=REGION_COLOURS[c], label=f"classified as {c}") for c in (0, 1)]
     fig.legend(handles=handles, loc="lower center", ncol=5, frameon=False, fontsize=9, bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle(f"{trajectories.dataset}, seed {trajectories.seed}: model trained with {_h_label(trajectories.train.setting)}", fontsize=12)
+    fig.suptitle(f"{trajectories.dataset}, seed {trajectories.seed}: model trained with {_h_label(trajectories.train.setting)}",
+                 fontsize=12)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
 
@@ -358,8 +361,10 @@ def xor_figure(flow=None, exponents=(-2.5, -3.5)):
     ax.set_title("(c) Linear separability of Euler's outputs", fontsize=10)
     ax.grid(alpha=0.25)
     fig.suptitle(
-        "XOR flow (our reading of Eq. 4): $\\dot z_1 = \\gamma z_1 - \\alpha |z|^\\delta z_2$, $\\dot z_2 = \\beta |z|^\\delta z_1 + \\gamma z_2$"
-        f" with $\\gamma$ = {flow.gamma:g}, $\\alpha$ = {flow.alpha:g}, $\\beta$ = {flow.beta:g}, $\\delta$ = {flow.delta:g}, t in [0, {flow.T:g}]",
+        "XOR flow (our reading of Eq. 4): $\\dot z_1 = \\gamma z_1 - \\alpha |z|^\\delta z_2$, "
+        "$\\dot z_2 = \\beta |z|^\\delta z_1 + \\gamma z_2$"
+        f" with $\\gamma$ = {flow.gamma:g}, $\\alpha$ = {flow.alpha:g}, $\\beta$ = {flow.beta:g}, "
+        f"$\\delta$ = {flow.delta:g}, t in [0, {flow.T:g}]",
         fontsize=11)
     fig.tight_layout()
     return fig

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid_dir", type=Path, help="grid experiment directory holding results.csv")
     parser.add_argument("adapt_dir", type=Path, help="adaptation experiment directory holding adaptation.csv")
     parser.add_argument("--out", type=Path, default=None, help="where to write table1.md and table1.csv (default: ADAPT_DIR)")
-    parser.add_argument("--critical-fn", default=DEFAULT_CRITICAL_FN, help=f"critical-step function MODULE:FUNCTION (default {DEFAULT_CRITICAL_FN})")
+    parser.add_argument("--critical-fn", default=DEFAULT_CRITICAL_FN,
+                        help=f"critical-step function MODULE:FUNCTION (default {DEFAULT_CRITICAL_FN})")
     args = parser.parse_args(argv)
     try:
         grid = _read(args.grid_dir / "results.csv", "grid results table")

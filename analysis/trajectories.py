@@ -104,7 +104,8 @@ def _under(model, x: torch.Tensor, labels: np.ndarray, setting: SolverSetting, m
     accuracy = float((model.classify(torch.tensor(z_end, dtype=torch.float32)).argmax(1).numpy() == labels).mean())
     lo, hi = z_end.min(0), z_end.max(0)
     pad = 0.08 * (hi - lo) + 1e-6
-    gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], _REGION_GRID), np.linspace(lo[1] - pad[1], hi[1] + pad[1], _REGION_GRID))
+    gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], _REGION_GRID),
+                         np.linspace(lo[1] - pad[1], hi[1] + pad[1], _REGION_GRID))
     grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)
     region = model.classify(grid).argmax(1).numpy().reshape(gx.shape)
     return SolverTrajectories(setting, paths, stats, accuracy, gx, gy, region)

@@ -37,11 +37,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from estimate_grid import makespan, run_grid  # noqa: E402  (benchmarks/, this script's folder)
+
 from tune_node.grid import plan_trials  # noqa: E402
 from tune_node.search_space import load_space, train_config_from_trial  # noqa: E402
 from tune_node.seed_groups import train_seed_group  # noqa: E402
-
-from estimate_grid import makespan, run_grid  # noqa: E402  (benchmarks/, this script's folder)
 
 SPACE = """description = "bench_ray: equal seed-group trials"
 dataset = "sphere2"
@@ -156,10 +156,12 @@ def main(argv=None) -> int:
     # Load-blind view: CPU seconds inside Ray trials vs plain, and the CLI's time outside any trial.
     outside = grid_wall - makespan(trial_times, args.cpus)
     print(f"  trial CPU inside Ray / plain CPU           {sum(trial_cpu) / sum(plain_cpu):6.3f}")
-    print(f"  (CPU-time ideal + CLI time outside trials) / CPU-time ideal  {(sum(trial_cpu) / args.cpus + outside) / (sum(plain_cpu) / args.cpus):6.3f}")
+    print(f"  (CPU-time ideal + CLI time outside trials) / CPU-time ideal  "
+          f"{(sum(trial_cpu) / args.cpus + outside) / (sum(plain_cpu) / args.cpus):6.3f}")
     print("\nabsolute (seconds)")
     print(f"  plain trials     {', '.join(f'{t:.1f}' for t in plain)}   sum {sum(plain):.1f}   ideal {ideal:.1f}")
-    print(f"  plain CPU        {', '.join(f'{t:.1f}' for t in plain_cpu)}   trial CPU inside Ray {', '.join(f'{t:.1f}' for t in trial_cpu)}")
+    print(f"  plain CPU        {', '.join(f'{t:.1f}' for t in plain_cpu)}   "
+          f"trial CPU inside Ray {', '.join(f'{t:.1f}' for t in trial_cpu)}")
     print(f"  grid time outside trials (start-up, scheduling gaps, summary) ~ {outside:.1f}")
     print(f"  grid wall        {grid_wall:.1f}   trials inside Ray: {', '.join(f'{t:.1f}' for t in sorted(trial_times))}")
     if pool_wall is not None:
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "units": len(units), "seeds_per_trial": args.seeds_per_trial, "iterations": iterations, "cpus": args.cpus,
-            "plain": plain, "plain_cpu": plain_cpu, "trial_cpu_in_ray": trial_cpu, "ideal": ideal, "grid_wall": grid_wall, "trials_in_ray": trial_times,
+            "plain": plain, "plain_cpu": plain_cpu, "trial_cpu_in_ray": trial_cpu, "ideal": ideal, "grid_wall": grid_wall,
+            "trials_in_ray": trial_times,
             "pool_wall": pool_wall, "load_start": load_start, "load_end": load_end}, indent=1))
     return 0
 

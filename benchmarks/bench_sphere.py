@@ -38,8 +38,8 @@ import torch.nn.functional as F
 import torchdiffeq
 from torch import nn
 
-from tune_node.dense import dense_conv_weights
 from tune_node.datasets import load_dataset
+from tune_node.dense import dense_conv_weights
 from tune_node.models import build_model
 from tune_node.seed_groups import train_seed_group
 from tune_node.solvers import METHODS, SolverSetting
@@ -309,7 +309,8 @@ def bench_image(family: str, shape: tuple, batch: int, iterations: int, profile:
           f"{total / 2 / batch * 1e3:.0f} us per NFE per example; at the paper's batch 256 about "
           f"{total * 256 / batch / 1e3:.1f} s per iteration and step")
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         with _stderr_silenced(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             project_iteration(False)

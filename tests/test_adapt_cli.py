@@ -12,11 +12,11 @@ from contextlib import redirect_stdout
 import pandas as pd
 import pytest
 import torch
+from test_grid import ENV, assert_no_iteration_trained_twice
 
 from analysis.critical_step import critical_steps
 from analysis.table1 import build_table1
 from analysis.table1 import main as table1_main
-from test_grid import ENV, assert_no_iteration_trained_twice
 from tune_node.adapt import ADAPT_FILE, main
 from tune_node.adapt_trainable import controller_for, train_config_from_adapt_trial
 from tune_node.adaptation_results import HISTORY_COLUMNS, HISTORY_CSV, SUMMARY_COLUMNS, SUMMARY_CSV

@@ -255,7 +255,7 @@ def test_a_corrupt_record_is_refused_on_resume(tmp_path, capsys, cli, content, s
 
 
 def test_resume_refuses_another_space_and_takes_the_same_by_name_or_path(tmp_path, capsys):
-    exp = fake_grid(tmp_path / "exp")
+    fake_grid(tmp_path / "exp")
     tiny_file = load_space("tiny").path
     common = ["--storage", str(tmp_path), "--name", "exp", "--resume", *UNREACHABLE]
     rc, err = run(grid.main, ["--space", "quick", *common], capsys)

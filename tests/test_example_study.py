@@ -58,3 +58,12 @@ def test_critical_step_table1_and_figures_read_the_study(study, tmp_path):
     figures = run("analysis.figures", "runs/crescents", "--out", str(tmp_path / "fig"), "--no-svg", cwd=cwd)
     assert figures.returncode == 0, figures.stderr
     assert (tmp_path / "fig" / "accuracy_vs_steps.png").is_file()
+
+
+def test_the_notebook_opens_on_the_user_study(study, tmp_path, monkeypatch):
+    from test_notebook import execute_notebook
+
+    cwd, grid, _ = study
+    assert grid.returncode == 0
+    _, text, html, _ = execute_notebook(cwd / "runs" / "crescents", tmp_path, monkeypatch)
+    assert "16 trials, " in text and "critical_steps" in html and "crescents:load" in html

@@ -202,7 +202,8 @@ def test_seed_group_checkpoints_resume_in_train_and_in_a_group(tmp_path):
 
 
 def test_settings_without_a_grouped_path_train_seed_after_seed():
-    configs = [TrainConfig(dataset="sphere2", solver=SolverSetting.adaptive("dopri5", 1e-3), seed=s, iterations=3, report_every=3) for s in (0, 1)]
+    configs = [TrainConfig(dataset="sphere2", solver=SolverSetting.adaptive("dopri5", 1e-3), seed=s, iterations=3, report_every=3)
+               for s in (0, 1)]
     seen = []
     grouped = train_seed_group(configs, on_report=lambda i, p, s: seen.append(i))
     assert seen == [0, 1]
@@ -228,7 +229,7 @@ def test_benchmark_quick_run_prints_ratios_then_times():
                          capture_output=True, text=True, check=True, cwd=root, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(root)}).stdout
     lines = out.splitlines()
-    ratios, absolute = lines.index(next(l for l in lines if l.startswith("ratios"))), lines.index("absolute, us per NFE per seed")
+    ratios, absolute = lines.index(next(ln for ln in lines if ln.startswith("ratios"))), lines.index("absolute, us per NFE per seed")
     assert ratios < absolute
     for line in lines[ratios + 2 : absolute] + lines[absolute + 1 : absolute + 6]:
         euler, rk4 = (float(v) for v in line.split()[-2:])

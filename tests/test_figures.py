@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from _results_fixture import shared_results
+
 from analysis import examples, figures
 from tune_node.solvers import SolverSetting
 from tune_node.training import TrainConfig, save_checkpoint, train

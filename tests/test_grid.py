@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
+from tune_node.datasets import load_dataset
 from tune_node.evaluation import accuracy, test_matrix
 from tune_node.grid import estimated_nfe, main, plan_trials
 from tune_node.results import COLUMNS, RESULTS_CSV, collect
 from tune_node.results import main as results_main
 from tune_node.search_space import load_space
-from tune_node.datasets import load_dataset
 from tune_node.solvers import METHODS, SolverSetting
 from tune_node.training import load_checkpoint, restore_model
 
@@ -249,7 +249,8 @@ def _finals(exp: Path) -> dict[str, str]:
     """Trial directory (plus ``/seed<N>`` for a group's seed) -> text of its newest final.json
     (wall time included: a retrained trial differs)."""
     finals = {p.parent.parent.name: p.read_text() for p in sorted(exp.glob("*/checkpoint_*/final.json"))}
-    finals.update({f"{p.parent.parent.parent.name}/{p.parent.name}": p.read_text() for p in sorted(exp.glob("*/checkpoint_*/seed*/final.json"))})
+    finals.update({f"{p.parent.parent.parent.name}/{p.parent.name}": p.read_text()
+                   for p in sorted(exp.glob("*/checkpoint_*/seed*/final.json"))})
     return finals
 
 

@@ -168,7 +168,8 @@ def test_bad_config_names_value_and_allowed(kwargs, message):
 def test_numpy_integers_are_accepted_and_stored_as_int():
     c = config(seed=np.int64(3), iterations=np.int64(5), batch_size=np.int32(2000), report_every=np.int64(5),
                eval_batch_size=np.int64(100), test_every=np.int64(0), lr=np.float64(1e-3))
-    for name, value in [("seed", 3), ("iterations", 5), ("batch_size", 2000), ("report_every", 5), ("eval_batch_size", 100), ("test_every", 0)]:
+    for name, value in [("seed", 3), ("iterations", 5), ("batch_size", 2000), ("report_every", 5), ("eval_batch_size", 100),
+                        ("test_every", 0)]:
         assert getattr(c, name) == value and type(getattr(c, name)) is int, name
 
 

@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
-
 from _results_fixture import shared_results
+from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "analysis" / "critical_step.ipynb"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_critical_step import by_independence, fixed, make_results
 
 import analysis.critical_step
 import tune_node.results
-from test_critical_step import by_independence, fixed, make_results
 from tune_node.evaluation import test_matrix
 from tune_node.results import COLUMNS, collect, critical_steps, read_results, trial_table, write_results
 from tune_node.solvers import SolverSetting

@@ -92,7 +92,8 @@ def test_table1_numbers_from_hand_made_tables():
     md = to_markdown(table).splitlines()
     assert md[0].startswith("| Data set | Solvers (train / test) | Grid NFE | Grid accuracy | Adaptation NFE | Adaptation accuracy")
     assert md[0].count("|") == md[1].count("|") == md[2].count("|")
-    assert "| Concentric spheres 2d | Euler / Midpoint | 65-129 | 98.7 ± 1.0 % | 100.5 | 99.0 ± 1.0 % | 7680 | 5703 | 1.3x | 10.0 min | 93 s | 5 / 0, 3 |" in md
+    assert ("| Concentric spheres 2d | Euler / Midpoint | 65-129 | 98.7 ± 1.0 % | 100.5 | 99.0 ± 1.0 % | 7680 | 5703 | 1.3x "
+            "| 10.0 min | 93 s | 5 / 0, 3 |") in md
     assert "| CIFAR10 | Euler / Midpoint | 17-33 | 54.7 ± 0.3 % | 21.9 | 55.0 % | 640 | 1904 | 0.3x | 33.4 min | 8.3 min | 4 / 1, 1 |" in md
 
 
@@ -129,6 +130,7 @@ def test_cli_writes_markdown_and_csv(tmp_path, monkeypatch, capsys):
 ])
 def test_cli_errors_are_clear(tmp_path, capsys, args, message):
     grid_dir, adapt_dir = write_inputs(tmp_path)
-    args = [str(grid_dir) if a == "GRID" else str(adapt_dir) if a == "ADAPT" else str(tmp_path / a) if a == "missing_grid" else a for a in args]
+    args = [str(grid_dir) if a == "GRID" else str(adapt_dir) if a == "ADAPT" else str(tmp_path / a) if a == "missing_grid" else a
+            for a in args]
     assert main(args) == 2
     assert message in capsys.readouterr().err

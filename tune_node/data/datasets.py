@@ -86,7 +86,8 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device) -> "Dataset":
-        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device), self.y_test.to(device), self.classes)
+        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device), self.y_test.to(device),
+                       self.classes)
 
 
 def dataset_family(name: str) -> str:

@@ -23,16 +23,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .adapt_trainable import train_config_from_adapt_trial
-from ..train.adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
 from ..cli.common import UsageError
-from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
-from .experiment_folder import ADAPT_FILE, check_existing, check_new, open_existing, open_new
-from .grid import check_arguments, data_problem, resume_space, space_problem
-from .grid import build_parser as _grid_parser
-from .search_space import SearchSpace, SearchSpaceError, load_space
 from ..ode.solvers import GRADIENT_MODES, METHODS
+from ..train.adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
 from ..train.training import TrainConfig
+from .adapt_trainable import train_config_from_adapt_trial
+from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
+from .experiment_folder import ADAPT_FILE, check_new, open_existing, open_new
+from .grid import build_parser as _grid_parser
+from .grid import check_arguments, data_problem, resumed_experiment
+from .search_space import SearchSpace, SearchSpaceError, load_space
 from .trial import Adaptation, Trial
 from .tune_callbacks import trial_label
 
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--test-solver", default=None, help="euler -> midpoint (default) or rk4; midpoint -> rk4; "
                                                            "fehlberg2 or dopri5 -> dopri5")
     group.add_argument("--k", type=int, default=None, help=f"iterations between checks (default {DEFAULTS['k']})")
-    group.add_argument("--initial-tol", type=float, default=None, help=f"tolerance mode: starting tolerance (default {DEFAULTS['initial_tol']:g})")
+    group.add_argument("--initial-tol", type=float, default=None,
+                       help=f"tolerance mode: starting tolerance (default {DEFAULTS['initial_tol']:g})")
     group.add_argument("--gradient", choices=GRADIENT_MODES, default=None, help="gradient mode of the train solver (default backprop)")
     parser.set_defaults(threshold=None)  # None: not given, so --resume can refuse it
     return parser
@@ -210,11 +211,7 @@ def _run(args, argv: list[str] | None):
         changed = [f"--{k.replace('_', '-')}" for k in overrides if getattr(args, k) is not None]
         if changed:
             raise UsageError(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
-        experiment_dir, saved = check_existing(storage, name, "adaptation")
-        problem = space_problem(resume_space(args), saved, name)
-        if problem:
-            raise UsageError(problem)
-        trials, space_name = saved["trials"], saved.get("space", "?")
+        experiment_dir, _, trials, space_name = resumed_experiment(args, storage, name, "adaptation")
     else:
         try:
             space = load_space(space_name).with_overrides(seeds=args.seeds, iterations=args.iterations, lr=args.lr,
@@ -253,8 +250,8 @@ def _run(args, argv: list[str] | None):
     if problem:
         raise UsageError(problem)
 
-    from .adapt_trainable import adapt_trial
     from ..results.adaptation import HISTORY_CSV, SUMMARY_CSV, describe, write_tables
+    from .adapt_trainable import adapt_trial
     from .experiment import finish, fit
 
     results = fit(adapt_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname)

@@ -12,8 +12,8 @@ builds ``adaptation.csv`` and ``adaptation_history.csv``.
 from __future__ import annotations
 
 from ..ode.solvers import SolverSetting
-from .trainable import run_trial
 from ..train.training import TrainConfig
+from .trainable import run_trial
 from .trial import TRAINING_KEYS, Adaptation, Trial
 
 __all__ = ["adapt_trial", "train_config_from_adapt_trial", "controller_for", "starting_setting", "TRAIN_KEYS"]

@@ -1,6 +1,7 @@
 """Running trial configs as one Ray Tune experiment, shared by the grid and adaptation CLIs.
 
-:func:`start_experiment` checks and starts Ray, prepares the C++ solver loops and records a new experiment; :func:`fit` starts (or restores) the Tuner with the project's conventions: one
+:func:`start_experiment` checks and starts Ray, prepares the C++ solver loops and records a new experiment;
+:func:`fit` starts (or restores) the Tuner with the project's conventions: one
 grid-search entry per trial config under the key ``"trial"``, TensorBoard runs
 with hparams, concise progress lines, two checkpoints kept per trial, one retry.
 :func:`experiment_cli` wraps a CLI's ``main``: the exit-status convention (2: refused before
@@ -22,8 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from ..fast import native
 from ..cli.common import UsageError, check_gpus, fail, format_table
+from ..fast import native
 from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
 
 __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops",
@@ -129,7 +130,8 @@ def init_ray(args) -> str | None:
     package_root = str(Path(__file__).resolve().parents[2])  # the folder holding tune_node/
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     # Worker logs would repeat every checkpoint's path; failures still show (error.txt, progress lines).
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     address, source = ray_address(args)
     try:
         if address == "local":

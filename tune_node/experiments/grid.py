@@ -34,11 +34,11 @@ from pathlib import Path
 
 from ..cli.common import UsageError, check_gpus, format_table
 from ..data.datasets import SPHERE_DIMS, check_data_available
+from ..ode.solvers import METHODS
+from ..train.seed_groups import groupable
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
 from .search_space import SearchSpace, SearchSpaceError, available_spaces, load_space, train_config_from_trial
-from ..train.seed_groups import groupable
-from ..ode.solvers import METHODS
 from .trainable import is_group, trial_seeds
 from .tune_callbacks import group_label
 
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tune_node.grid", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     space = parser.add_argument_group("experiment")
-    space.add_argument("--space", default=None, help=f"search space name or TOML file (default: quick); shipped: {', '.join(available_spaces())}")
+    space.add_argument("--space", default=None,
+                       help=f"search space name or TOML file (default: quick); shipped: {', '.join(available_spaces())}")
     space.add_argument("--quick", action="store_true", help="same as --space quick: a small Sphere2 grid for laptops")
     space.add_argument("--seeds", default=None, help="override the seeds: a count (5) or a list (0,1,2)")
     space.add_argument("--iterations", type=int, default=None, help="override training iterations")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("--download", action="store_true", help="let torchvision download missing MNIST/CIFAR10 files")
     res = parser.add_argument_group("resources")
     res.add_argument("--gpus", type=float, default=0, help="GPUs to use in total (0: CPU only)")
-    res.add_argument("--gpus-per-trial", type=float, default=0.25, help="GPU share of one trial when --gpus > 0, so small models share cards (default 0.25)")
+    res.add_argument("--gpus-per-trial", type=float, default=0.25,
+                     help="GPU share of one trial when --gpus > 0, so small models share cards (default 0.25)")
     res.add_argument("--cpus", type=int, default=None, help="CPUs to use in total on a local Ray (default: all)")
     res.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of one trial; also its torch threads (default 1)")
     res.add_argument("--seed-groups", action=argparse.BooleanOptionalAction, default=None,
@@ -167,6 +169,16 @@ def data_problem(trials: list[dict], to_config=train_config_from_trial) -> str |
         except (ImportError, TypeError, ValueError) as err:
             return str(err)
     return None
+
+
+def resumed_experiment(args, storage: Path, name: str, kind: str) -> tuple[Path, dict, list[dict], str]:
+    """``(folder, record, trial configs, space name)`` of the experiment ``--resume`` continues,
+    checked to be of ``kind`` and to fit ``--space`` if given (UsageError otherwise)."""
+    experiment_dir, saved = check_existing(storage, name, kind)
+    problem = space_problem(resume_space(args), saved, name)
+    if problem:
+        raise UsageError(problem)
+    return experiment_dir, saved, saved["trials"], saved.get("space", "?")
 
 
 def resume_space(args) -> str | None:
@@ -296,11 +308,7 @@ def _run(args, argv: list[str] | None):
         if changed:
             raise UsageError(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
         name = args.name if args.name is not None else default_name(args.space)
-        experiment_dir, saved = check_existing(storage, name, "grid")
-        problem = space_problem(resume_space(args), saved, name)
-        if problem:
-            raise UsageError(problem)
-        trials, space_name = saved["trials"], saved.get("space", "?")
+        experiment_dir, saved, trials, space_name = resumed_experiment(args, storage, name, "grid")
         try:
             # Experiments from before seed groups have no "units": one seed per trial.
             units = [[trials[i] for i in unit] for unit in saved.get("units", [[i] for i in range(len(trials))])]
@@ -343,8 +351,8 @@ def _run(args, argv: list[str] | None):
     if problem:
         raise UsageError(problem)
 
-    from .experiment import finish, fit
     from ..results import write_results
+    from .experiment import finish, fit
     from .trainable import train_trial
 
     grid = fit(train_trial, [_ray_config(u) for u in units], name=name, storage=storage, resume=args.resume,

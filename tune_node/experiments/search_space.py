@@ -48,16 +48,17 @@ autonomous (``forward(z)``) or time-dependent (``forward(t, z)``).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+import tomllib
+
 from ..data.datasets import DATASETS
+from ..data.user_code import is_reference, resolve_function
 from ..ode.solvers import GRADIENT_MODES, METHODS, SolverSetting
 from ..train.training import OPTIMIZERS, TrainConfig
 from .trial import Trial
-from ..data.user_code import is_reference, resolve_function
 
 __all__ = ["SearchSpaceError", "SearchSpace", "available_spaces", "load_space", "parse_seeds"]
 

@@ -34,11 +34,11 @@ import pyarrow.fs
 import torch
 from ray import tune
 
-from ..results.adaptation import history_rows, summary_row
 from ..data.datasets import majority_share
-from .experiment_folder import CHECKPOINT_FILE, FINAL_FILE
+from ..results.adaptation import history_rows, summary_row
 from ..train.seed_groups import train_seed_group
 from ..train.training import Progress, load_checkpoint, save_checkpoint, train
+from .experiment_folder import CHECKPOINT_FILE, FINAL_FILE
 from .trial import Trial
 
 __all__ = ["run_trial", "train_trial", "CHECKPOINT_FILE", "FINAL_FILE", "trial_resources", "is_group", "trial_seeds", "seed_subdir"]

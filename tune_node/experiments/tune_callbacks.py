@@ -330,8 +330,10 @@ class ProgressCallback(Callback):
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + len(trial_seeds(t.config))
         running = [
-            f"{group_label(trial_seeds(t.config))} it {self.latest.get(t.trial_id, {}).get('iteration', 0)}/{trial_seeds(t.config)[0]['iterations']}"
+            f"{group_label(trial_seeds(t.config))} it {self.latest.get(t.trial_id, {}).get('iteration', 0)}"
+            f"/{trial_seeds(t.config)[0]['iterations']}"
             for t in trials if t.status == "RUNNING"
         ]
         status = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        self.out(f"[{self._elapsed()}] {status} of {self.total} seeds" + (f"; running: {'; '.join(running)}" if running else ""), flush=True)
+        self.out(f"[{self._elapsed()}] {status} of {self.total} seeds" + (f"; running: {'; '.join(running)}" if running else ""),
+                 flush=True)

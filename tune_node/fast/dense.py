@@ -21,11 +21,12 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .dense_solve import PythonLoops, dense_rk_solve, solve_loops
 from ..ode.integrate import PreparedField, Solution, integrate
 from ..ode.solvers import SolverSetting
+from .dense_solve import PythonLoops, dense_rk_solve, solve_loops
 
-__all__ = ["prepare_conv_field", "DENSE_MAX_DIM", "FUSED_MIN_EVALUATIONS", "fused_min_evaluations", "dense_conv_weights", "dense_field", "prepare_dense", "StackedSphereClassifier"]
+__all__ = ["prepare_conv_field", "DENSE_MAX_DIM", "FUSED_MIN_EVALUATIONS", "fused_min_evaluations", "dense_conv_weights", "dense_field",
+           "prepare_dense", "StackedSphereClassifier"]
 
 # Signal lengths up to which the dense form is used automatically. Measured on CPU
 # (`python benchmarks/bench_sphere.py --crossover`: one thread, batch 128, forward and

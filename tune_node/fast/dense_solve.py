@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from . import native
 from ..ode.solvers import ButcherTableau
+from . import native
 
 __all__ = ["dense_rk_solve", "PythonLoops", "solve_loops"]
 

@@ -21,10 +21,9 @@ tolerance and evaluations spent, in place of torchdiffeq's bare AssertionErrors.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
-
-import inspect
 
 import torch
 import torchdiffeq
@@ -399,7 +398,8 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
         steps = setting.steps
         # The grid as given: exactly `steps` equal steps between the requested times
         # (also in the adjoint's reversed solve), free of arange rounding.
-        kwargs["options"] = {"grid_constructor": lambda func, y0, tt: torch.linspace(tt[0], tt[-1], steps + 1, dtype=tt.dtype, device=tt.device)}
+        kwargs["options"] = {
+            "grid_constructor": lambda func, y0, tt: torch.linspace(tt[0], tt[-1], steps + 1, dtype=tt.dtype, device=tt.device)}
     if setting.gradient == "adjoint":
         if not setting.is_adaptive:
             kwargs["adjoint_options"] = kwargs["options"]

@@ -4,6 +4,7 @@
 Nothing here imports Ray, so analyses and notebooks can use it on a machine without it.
 """
 
+from .cli import main
 from .critical_step import (
     CHANCE,
     SUMMARY_COLUMNS,
@@ -24,7 +25,6 @@ from .table import (
     read_results,
     write_results,
 )
-from .cli import main
 
 __all__ = [
     "COLUMNS", "collect", "write_results", "read_results", "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError",

@@ -171,7 +171,8 @@ def describe(summary: pd.DataFrame, history: pd.DataFrame) -> str:
             f"    training passes    {(group['train_nfe_forward'] / iterations).mean():.1f} forward, "
             f"{(group['train_nfe_backward'] / iterations).mean():.1f} backward",
             f"    checks             {(group['check_nfe'] / iterations).mean():.1f} "
-            f"({100 * group['check_nfe'].sum() / max(1, group['total_nfe'].sum()):.1f} % of all {group['total_nfe'].sum():.4g} evaluations)",
+            f"({100 * group['check_nfe'].sum() / max(1, group['total_nfe'].sum()):.1f} % of all "
+            f"{group['total_nfe'].sum():.4g} evaluations)",
             f"  {'final steps' if mode == 'step' else 'final tolerance':<21}{', '.join(map(str, final))}",
         ]
     lines += ["", format_table(per_seed_rows(summary, history))]

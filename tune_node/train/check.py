@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .evaluation import cross_solver_table
 from ..ode.integrate import Solution, integrate
-from ..results.critical_step import qualifying_tests
 from ..ode.solvers import SolverSetting
+from ..results.critical_step import qualifying_tests
+from .evaluation import cross_solver_table
 
 __all__ = ["SolverCheck", "check_model"]
 

@@ -107,7 +107,8 @@ def build_model(family: str, input_shape: tuple[int, ...], seed: int | None = No
         raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(MODEL_SHAPES)}")
     conv_dim, channels, hidden, classes = MODEL_SHAPES[family]
     if len(input_shape) != conv_dim + 1 or input_shape[0] != channels:
-        raise ValueError(f"{family} model needs examples of shape ({channels}, {'...' if conv_dim == 2 else 'dim'}), got {tuple(input_shape)}")
+        raise ValueError(f"{family} model needs examples of shape ({channels}, {'...' if conv_dim == 2 else 'dim'}), "
+                         f"got {tuple(input_shape)}")
     features = 1
     for s in input_shape:
         features *= s

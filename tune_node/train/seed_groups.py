@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..fast import dense
 from ..data.datasets import BUILTIN_DATASETS, Dataset
+from ..fast import dense
 from .models import build_model
 from .training import Progress, TrainConfig, TrainResult, train, train_seeds
 

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import BUILTIN_DATASETS, TRAIN_SIZES, Dataset, check_dataset_name, load_dataset
-from .evaluation import accuracy, cross_solver_table, test_matrix, unevaluated_table
-from ..ode.integrate import SolverStepLimitError, StepSizeUnderflowError
-from .models import NeuralODEClassifier, build_for, build_model
 from ..data.user_code import is_reference
+from ..ode.integrate import SolverStepLimitError, StepSizeUnderflowError
 from ..ode.solvers import SolverSetting
+from .evaluation import accuracy, cross_solver_table, test_matrix, unevaluated_table
+from .models import NeuralODEClassifier, build_for, build_model
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -211,7 +211,8 @@ class SolverController(Protocol):
     setting for the next iteration and the function evaluations it spent.
     """
 
-    def update(self, iteration: int, model: NeuralODEClassifier, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, setting: SolverSetting) -> tuple[SolverSetting, int]: ...
+    def update(self, iteration: int, model: NeuralODEClassifier, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+               setting: SolverSetting) -> tuple[SolverSetting, int]: ...
 
     def state_dict(self) -> dict: ...
 
