@@ -126,6 +126,14 @@ USER_MODULE = """
 
     def not_a_model(data):
         return nn.Linear(2, 2)
+
+    class BufferedField(Field):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1))
+
+    def buffered(data):
+        return NeuralODEClassifier(BufferedField(), 2, data.classes)
 """
 
 
@@ -303,3 +311,46 @@ def test_an_adaptation_table_in_the_search_space_gives_the_adapt_cli_its_default
     bad.write_text(space.read_text().replace("k = 25", "checks = 25"))
     assert adapt_main(["--space", str(bad), "--dry-run", "--storage", str(tmp_path)]) == 2
     assert "unknown key(s) 'checks' in [adaptation]" in capsys.readouterr().err
+
+
+def group_configs(user_folder, model="build"):
+    folder, module = user_folder
+    return [train_config_from_trial(t) for t in load_space(str(space_file(folder, module, model=model))).trials()]
+
+
+def test_a_user_model_s_seeds_stack_through_torch_func_and_equal_separate_runs(user_folder):
+    from tune_node.seed_groups import FuncStack, stack_for, train_seed_group
+
+    configs = group_configs(user_folder)
+    assert stack_for(configs[0], ()) is FuncStack
+    grouped, separate = train_seed_group(configs), [train(c) for c in configs]
+    for g, s in zip(grouped, separate):
+        assert g.total_nfe_forward == s.total_nfe_forward and g.test_accuracy == s.test_accuracy
+        for a, b in zip(g.model.state_dict().values(), s.model.state_dict().values()):
+            assert torch.equal(a, b)  # CPU: the stacked products give each seed's own bits
+
+
+def test_a_stacked_user_group_resumes_as_if_never_stopped(user_folder):
+    from tune_node.seed_groups import train_seed_group
+
+    configs = group_configs(user_folder)
+    states = {}
+    full = train_seed_group(configs, on_report=lambda i, p, state: states.setdefault((i, p.iteration), state()))
+    resumed = train_seed_group(configs, resume_from=[states[(0, 20)], states[(1, 20)]])
+    for a, b in zip(full, resumed):
+        assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_a_user_model_with_buffers_trains_one_seed_per_trial(user_folder):
+    from tune_node.grid import plan_trials
+    from tune_node.seed_groups import FuncStack
+    from tune_node.user_study import stackable
+
+    folder, module = user_folder
+    trials = load_space(str(space_file(folder, module, model="buffered"))).trials()
+    assert not stackable(train_config_from_trial(trials[0]))
+    assert all(len(unit) == 1 for unit in plan_trials(trials))
+    assert {len(u) for u in plan_trials(load_space(str(space_file(folder, module))).trials())} == {2}
+    configs = [train_config_from_trial(t) for t in trials]
+    with pytest.raises(ValueError, match="has buffers .* cannot be stacked"):
+        FuncStack(configs, [c.load_data() for c in configs], torch.device("cpu"))

@@ -11,7 +11,8 @@ tolerance) per dataset, train method and gradient mode. Examples::
     python -m tune_node.grid --space sphere2_fixed --name sphere2_fixed --resume   # after a crash
 
 A Ray Tune trial trains one seed, or, where it pays (fixed-step backprop on a
-sphere of up to :data:`~tune_node.dense.DENSE_MAX_DIM` dimensions), a *seed group*:
+sphere of up to :data:`~tune_node.fast.dense.DENSE_MAX_DIM` dimensions, or of a user's
+model without buffers: :func:`~tune_node.seed_groups.stack_for`), a *seed group*:
 the seeds of one setting trained as one batched model
 (:func:`~tune_node.seed_groups.train_seed_group`), with results, checkpoints and
 TensorBoard runs still per seed (``--no-seed-groups``: one seed per trial). Trials
@@ -36,6 +37,7 @@ from ..cli.common import UsageError, check_gpus, format_table
 from ..data.datasets import SPHERE_DIMS, check_data_available
 from ..ode.solvers import METHODS
 from ..train.seed_groups import groupable
+from ..train.user_study import stackable
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
 from .search_space import SearchSpace, SearchSpaceError, available_spaces, load_space, train_config_from_trial
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of one trial; also its torch threads (default 1)")
     res.add_argument("--seed-groups", action=argparse.BooleanOptionalAction, default=None,
                      help="train the seeds of one setting in one trial as one batched model where it pays (fixed-step "
-                          "backprop spheres of <= 10 dims); results, checkpoints, TensorBoard stay per seed (default: on; "
+                          "backprop spheres of <= 10 dims, a user's model without buffers); results, checkpoints, TensorBoard "
+                          "stay per seed (default: on; "
                           "--no-seed-groups: one seed per trial)")
     res.add_argument("--seeds-per-trial", type=int, default=None,
                      help="at most this many seeds in one seed-group trial (default: all seeds of a setting)")
@@ -205,9 +208,12 @@ def _seed_groups_problem(args) -> str | None:
 
 
 def _groupable(trial: dict) -> bool:
+    config = train_config_from_trial(trial)
+    if config.model is not None:  # a user's model: stacked through torch.func, unless it has buffers
+        return groupable(config, ()) and stackable(config)
     if trial["dataset"] not in SPHERE_DIMS:
         return False
-    return groupable(train_config_from_trial(trial), (1, SPHERE_DIMS[trial["dataset"]]))
+    return groupable(config, (1, SPHERE_DIMS[trial["dataset"]]))
 
 
 def estimated_nfe(unit: list[dict]) -> float:

@@ -1,11 +1,13 @@
 """Several seeds of one configuration trained at once: ``train_seed_group(configs)``.
 
-Plain PyTorch; knows nothing of Ray. The seeds' models are stacked into one
-:class:`~tune_node.dense.StackedSphereClassifier` and trained with one optimizer on
-the stacked weights, which amounts to separate training runs: each seed keeps its
-own data, initial weights (those of ``build_model(..., seed)``), batch order and
-optimizer state (Adam and SGD act elementwise, and the summed loss gives every
-seed exactly its own gradient). Results, reports and checkpoints are per seed, and a
+Plain PyTorch; knows nothing of Ray. The seeds' models are stacked into one model
+(:class:`SphereStack` for the paper's small spheres: a
+:class:`~tune_node.fast.dense.StackedSphereClassifier`; :class:`FuncStack` for a user's
+model: ``torch.func``) and trained by the one training loop
+(:func:`~tune_node.training.train_seeds`) with one optimizer on the stacked weights,
+which amounts to separate training runs: each seed keeps its own data, initial weights,
+batch order and optimizer state (Adam and SGD act elementwise, and the summed loss gives
+every seed exactly its own gradient). Results, reports and checkpoints are per seed, and a
 seed's checkpoint is the one :func:`~tune_node.training.train` would write, so it
 resumes with either function.
 """
@@ -17,25 +19,41 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.datasets import BUILTIN_DATASETS, Dataset
 from ..fast import dense
+from ..ode.integrate import Solution
 from .models import build_model
 from .training import Progress, TrainConfig, TrainResult, train, train_seeds
 
-__all__ = ["groupable", "train_seed_group", "SphereStack"]
+__all__ = ["groupable", "stack_for", "train_seed_group", "SphereStack", "FuncStack"]
 
 GroupReportFn = Callable[[int, Progress, Callable[[], dict]], None]
 
 
-def groupable(config: TrainConfig, input_shape: tuple[int, ...]) -> bool:
-    """Whether seeds of ``config`` train as one stacked model: fixed-step backprop of the
-    paper's model on a sphere short enough for the dense field (:data:`~tune_node.dense.DENSE_MAX_DIM`)."""
+def stack_for(config: TrainConfig, input_shape: tuple[int, ...]):
+    """The :class:`~tune_node.training.SeedStack` class that trains seeds of ``config`` as one
+    model, or None (they train seed after seed).
+
+    Fixed-step backprop only: the paper's model on a sphere short enough for the dense field
+    (:data:`~tune_node.fast.dense.DENSE_MAX_DIM`) stacks as :class:`SphereStack`; a user's
+    model (``config.model``) as :class:`FuncStack`.
+    """
     s = config.solver
+    if s.is_adaptive or s.gradient != "backprop":
+        return None
+    if config.model is not None:
+        return FuncStack
     info = BUILTIN_DATASETS.get(config.dataset)
-    return (not s.is_adaptive and s.gradient == "backprop" and config.model is None
-            and info is not None and info.family == "sphere"
-            and len(input_shape) == 2 and input_shape[-1] <= dense.DENSE_MAX_DIM)
+    if info is not None and info.family == "sphere" and len(input_shape) == 2 and input_shape[-1] <= dense.DENSE_MAX_DIM:
+        return SphereStack
+    return None
+
+
+def groupable(config: TrainConfig, input_shape: tuple[int, ...]) -> bool:
+    """Whether seeds of ``config`` train as one stacked model (:func:`stack_for`)."""
+    return stack_for(config, input_shape) is not None
 
 
 def _check_group(configs: list[TrainConfig]) -> None:
@@ -91,13 +109,14 @@ def train_seed_group(
     device = torch.device(config.device)
     datasets = [(d or c.load_data()).to(device) for c, d in zip(configs, data or [None] * len(configs))]
 
-    if len(configs) == 1 or not groupable(config, datasets[0].input_shape):
+    stack = stack_for(config, datasets[0].input_shape)
+    if len(configs) == 1 or stack is None:
         results = []
         for i, (c, d) in enumerate(zip(configs, datasets)):
             report = None if on_report is None else (lambda p, s, i=i: on_report(i, p, s))
             results.append(train(c, on_report=report, resume_from=resume_from[i] if resume_from else None, data=d))
         return results
-    return train_seeds(configs, stack=SphereStack, on_report=on_report, resume_from=resume_from, data=datasets)
+    return train_seeds(configs, stack=stack, on_report=on_report, resume_from=resume_from, data=datasets)
 
 
 class SphereStack:
@@ -146,12 +165,88 @@ class SphereStack:
         with torch.no_grad():
             for key, p in zip(self.net.keys, self.net.stacked_parameters()):
                 p.copy_(torch.stack([s["model"][key] for s in states]))
-        first = states[0]["optimizer"]
-        stacked = {"state": {}, "param_groups": copy.deepcopy(first["param_groups"])}
-        for key, s0 in first["state"].items():
-            stacked["state"][key] = {name: torch.stack([s["optimizer"]["state"][key][name] for s in states])
-                                     if _is_per_seed(name, v) else _copy(v) for name, v in s0.items()}
-        optimizer.load_state_dict(stacked)
+        _load_optimizer_states(states, optimizer)
+
+
+class FuncStack:
+    """S seeds of a user's model (one architecture, no buffers) as one, through ``torch.func``
+    (a :class:`~tune_node.training.SeedStack`): the weights stacked with
+    ``stack_module_state``, the forward pass ``vmap``-ed over ``functional_call``, one
+    optimizer over the stacked weights. Fixed-step backprop solves only (an adaptive solve's
+    step control depends on the data, which ``vmap`` cannot batch)."""
+
+    def __init__(self, configs: list[TrainConfig], datasets: list[Dataset], device: torch.device):
+        from torch.func import stack_module_state
+
+        self.size = len(configs)
+        self.models = [c.build_model(d).to(device) for c, d in zip(configs, datasets)]
+        if any(True for _ in self.models[0].buffers()):
+            raise ValueError(f"model {configs[0].model!r} has buffers (batch norm, say): its seeds cannot be stacked; "
+                             f"train one seed per trial (--no-seed-groups)")
+        params, _ = stack_module_state(self.models)
+        self.names = list(params)
+        self.stacked = [params[name] for name in self.names]
+        self.template = copy.deepcopy(self.models[0]).to("meta")
+        self.net = nn.ParameterList([nn.Parameter(p) for p in self.stacked])
+        self.stacked = list(self.net)
+        self.x_train = torch.stack([d.x_train for d in datasets])
+        self.y_train = torch.stack([d.y_train for d in datasets])
+        self.rows = torch.arange(self.size, device=device)[:, None]
+
+    def parameters(self):
+        return self.stacked
+
+    def batch(self, idx):
+        idx = torch.stack(idx)
+        return self.x_train[self.rows, idx], self.y_train[self.rows, idx]
+
+    def forward(self, x, setting):
+        from torch.func import functional_call, vmap
+
+        counters = []
+
+        def one(weights, xi):
+            logits, solution = functional_call(self.template, dict(zip(self.names, weights)), (xi, setting))
+            counters.append(solution.counter)
+            return logits
+
+        logits = vmap(one)(tuple(self.stacked), x)
+        # The one traced solve's counts are each seed's.
+        return logits, Solution(logits, setting, counters[0])
+
+    def losses(self, logits, y):
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.size, -1).mean(1)
+        return losses.detach(), losses.sum()
+
+    def batch_accuracies(self, logits, y):
+        return (logits.argmax(2) == y).float().mean(1).tolist()
+
+    def model(self, i):
+        m = copy.deepcopy(self.models[i])
+        m.load_state_dict(self.model_state(i))
+        return m
+
+    def model_state(self, i):
+        return {name: p[i].detach().clone() for name, p in zip(self.names, self.stacked)}
+
+    def optimizer_state(self, stacked, i):
+        return _seed_optimizer_state(stacked, i)
+
+    def load(self, states, optimizer):
+        with torch.no_grad():
+            for name, p in zip(self.names, self.stacked):
+                p.copy_(torch.stack([s["model"][name] for s in states]))
+        _load_optimizer_states(states, optimizer)
+
+
+def _load_optimizer_states(states: list[dict], optimizer: torch.optim.Optimizer) -> None:
+    """Load the seeds' optimizer states (``train``'s format) into the stacked optimizer."""
+    first = states[0]["optimizer"]
+    stacked = {"state": {}, "param_groups": copy.deepcopy(first["param_groups"])}
+    for key, s0 in first["state"].items():
+        stacked["state"][key] = {name: torch.stack([s["optimizer"]["state"][key][name] for s in states])
+                                 if _is_per_seed(name, v) else _copy(v) for name, v in s0.items()}
+    optimizer.load_state_dict(stacked)
 
 
 def _is_per_seed(name: str, value) -> bool:
