@@ -233,3 +233,19 @@ def test_tolerance_trial_config_trains_and_is_summarised(tmp_path):
     assert "fehlberg2 trained, dopri5 tests, tolerance adaptation, 1 seed " in text
     assert f"final tolerance      {result.setting.tol:.3g}" in text and "tol min..max" in text
     assert f"{history.tol.min():.3g}..{history.tol.max():.3g}" in text
+
+
+def test_run_adaptation_from_python_returns_what_the_cli_writes(tiny_runs, tmp_path):
+    from tune_node.adapt import run_adaptation
+    from tune_node.cli import UsageError
+
+    _, _, _, exp = tiny_runs
+    summary = run_adaptation("tiny", storage=str(tmp_path), name="adapt_api", k=5, train_solver="euler",
+                             test_solver="midpoint")  # ADAPT_ARGS as keywords
+    cli = pd.read_csv(exp / SUMMARY_CSV)
+    same = ["seed", "iterations", "test_accuracy", "nfe_per_iteration", "check_nfe", "final_steps"]
+    pd.testing.assert_frame_equal(summary[same].reset_index(drop=True), cli[same].reset_index(drop=True), check_dtype=False)
+    with pytest.raises(UsageError, match="--k 0|k must be"):
+        run_adaptation("tiny", storage=str(tmp_path), name="bad", k=0)
+    with pytest.raises(TypeError, match="unknown option.*colour"):
+        run_adaptation("tiny", colour="red")

@@ -344,3 +344,18 @@ def test_tiny_grid_table_is_bit_identical_to_the_stored_one(tiny_runs, mode):
     table[list(stored.columns)].to_csv(buffer, index=False)
     buffer.seek(0)
     pd.testing.assert_frame_equal(pd.read_csv(buffer), stored, check_exact=True)
+
+
+def test_run_grid_from_python_returns_the_cli_s_table(tiny_runs, tmp_path):
+    from tune_node.cli import UsageError
+    from tune_node.grid import run_grid
+
+    table = run_grid(load_space("tiny"), storage=str(tmp_path), name="tiny_api")
+    cli = collect(tiny_runs("seed-groups")[2])
+    same = [c for c in COLUMNS if c not in ("trial_id", "wall_time", "checkpoint")]
+    pd.testing.assert_frame_equal(table[same], cli[same])
+    assert (tmp_path / "tiny_api" / RESULTS_CSV).is_file()
+    with pytest.raises(UsageError, match="seeds must be distinct"):
+        run_grid("tiny", storage=str(tmp_path), name="bad", seeds="0,0")
+    with pytest.raises(TypeError, match="unknown option.*colour"):
+        run_grid("tiny", colour="red")
