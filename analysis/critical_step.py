@@ -11,9 +11,12 @@ import argparse
 import sys
 
 from tune_node.results import critical_step as _rule
-from tune_node.results.critical_step import (
+from tune_node.results.critical_step import (  # noqa: F401  (GROUP, SETTING, TEST: the table's key columns)
     CHANCE,
+    GROUP,
+    SETTING,
     SUMMARY_COLUMNS,
+    TEST,
     chance_accuracy,
     critical_steps,
     display_rows,

@@ -107,10 +107,12 @@ def critical_for(critical: Mapping | None, dataset: str, method: str, gradient: 
 
 
 def trajectory_trials(results: pd.DataFrame) -> list:
-    """Trials worth a trajectory figure, as result rows: per 2-D dataset, fixed train
+    """Trials worth a trajectory figure, as result rows: per dataset that may be 2-D (Sphere2,
+    or a user's ``"module:function"``, whose shape only its checkpoint tells), fixed train
     method and gradient, at the smallest seed, the trial trained with 2 steps (the
     paper's h = 1/2; else the fewest steps) and the one trained with the most."""
-    fixed = results[results.train_steps.notna() & results.dataset.eq("sphere2")].drop_duplicates("trial_id")
+    maybe_2d = results.dataset.eq("sphere2") | results.dataset.astype(str).str.contains(":", regex=False)
+    fixed = results[results.train_steps.notna() & maybe_2d].drop_duplicates("trial_id")
     chosen = []
     for _, group in fixed.groupby(["dataset", "train_method", "gradient"]):
         group = group[group.seed == group.seed.min()]

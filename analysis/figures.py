@@ -127,8 +127,14 @@ def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None
             log(f"skipped trajectories of {t.trial_id}: checkpoint {t.checkpoint} is missing")
             continue
         log(f"drawing trajectories of {t.trial_id} ...")
-        fig = trajectory_figure(t.checkpoint)
-        written += save_figure(fig, out, f"trajectories_{t.dataset}_{t.train_method}_{int(t.train_steps)}steps_seed{t.seed}", svg)
+        try:
+            fig = trajectory_figure(t.checkpoint)
+        except ValueError as err:  # a user's dataset that is not 2-D
+            log(f"skipped trajectories of {t.trial_id}: {err}")
+            continue
+        # No ':' of a user's "module:function" in a file name.
+        dataset = str(t.dataset).replace(":", "-")
+        written += save_figure(fig, out, f"trajectories_{dataset}_{t.train_method}_{int(t.train_steps)}steps_seed{t.seed}", svg)
     if trials:
         log("measuring trajectory crossing of every 2-D fixed-step trial ...")
         table = crossing_table(results)

@@ -52,7 +52,9 @@ METHOD_NAMES = {"euler": "Euler", "midpoint": "Midpoint", "rk4": "RK4", "fehlber
 
 
 def _name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+    from tune_node.solvers import METHODS
+
+    return METHOD_NAMES.get(method) or (METHODS[method].paper_name if method in METHODS else method)
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, figsize=None, **kwargs):

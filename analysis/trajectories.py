@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tune_node.datasets import load_dataset
 from tune_node.solvers import SolverSetting
 from tune_node.training import load_checkpoint, restore_model
 
@@ -131,7 +130,7 @@ def model_trajectories(checkpoint: str | Path, finer: SolverSetting | None = Non
     model.eval()
     if setting.is_adaptive:
         raise ValueError(f"trajectory figures need a fixed-step train solver; {checkpoint} was trained with {setting.label()}")
-    data = load_dataset(config.dataset, config.seed, config.data_root)
+    data = config.load_data()
     if tuple(data.input_shape) not in ((1, 2), (2,)):
         raise ValueError(f"trajectory figures need 2-D data; {config.dataset} has examples of shape {data.input_shape}")
     labels = data.y_test.numpy()
@@ -159,8 +158,8 @@ def crossing_table(results: pd.DataFrame, max_pairs: int = 1000, seed: int = 0) 
         if not Path(t.checkpoint).is_file():
             continue
         model, setting, config = restore_model(load_checkpoint(t.checkpoint))
-        data = load_dataset(config.dataset, config.seed, config.data_root)
-        if tuple(data.input_shape) != (1, 2):
+        data = config.load_data()
+        if tuple(data.input_shape) not in ((1, 2), (2,)):
             continue
         pairs = min(max_pairs, max(100, CROSSING_BUDGET // (setting.steps * setting.steps)))
         stats = crossing_stats(solver_paths(model, data.x_test, setting), data.y_test.numpy(), pairs, seed)

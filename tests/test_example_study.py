@@ -58,6 +58,10 @@ def test_critical_step_table1_and_figures_read_the_study(study, tmp_path):
     figures = run("analysis.figures", "runs/crescents", "--out", str(tmp_path / "fig"), "--no-svg", cwd=cwd)
     assert figures.returncode == 0, figures.stderr
     assert (tmp_path / "fig" / "accuracy_vs_steps.png").is_file()
+    # 2-D data: the paths of the coarsest and finest Euler models, and crossing against steps.
+    assert sorted(p.name for p in (tmp_path / "fig").glob("trajectories_crescents-load_euler_*steps_seed0.png")) == [
+        "trajectories_crescents-load_euler_2steps_seed0.png", "trajectories_crescents-load_euler_32steps_seed0.png"]
+    assert (tmp_path / "fig" / "crossing_vs_steps.png").is_file()
 
 
 def test_the_notebook_opens_on_the_user_study(study, tmp_path, monkeypatch):

@@ -134,6 +134,17 @@ USER_MODULE = """
 
     def buffered(data):
         return NeuralODEClassifier(BufferedField(), 2, data.classes)
+
+    class DropoutField(Field):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, t, z):
+            return self.drop(super().forward(t, z))
+
+    def dropout(data):
+        return NeuralODEClassifier(DropoutField(), 2, data.classes)
 """
 
 
@@ -343,8 +354,7 @@ def test_a_stacked_user_group_resumes_as_if_never_stopped(user_folder):
 
 def test_a_user_model_with_buffers_trains_one_seed_per_trial(user_folder):
     from tune_node.grid import plan_trials
-    from tune_node.seed_groups import FuncStack
-    from tune_node.user_study import stackable
+    from tune_node.seed_groups import FuncStack, stackable
 
     folder, module = user_folder
     trials = load_space(str(space_file(folder, module, model="buffered"))).trials()
@@ -354,3 +364,38 @@ def test_a_user_model_with_buffers_trains_one_seed_per_trial(user_folder):
     configs = [train_config_from_trial(t) for t in trials]
     with pytest.raises(ValueError, match="has buffers .* cannot be stacked"):
         FuncStack(configs, [c.load_data() for c in configs], torch.device("cpu"))
+
+
+def test_a_user_model_that_vmap_cannot_run_trains_seed_by_seed(user_folder):
+    from tune_node.grid import plan_trials
+    from tune_node.seed_groups import stack_for, train_seed_group
+
+    configs = group_configs(user_folder, model="dropout")  # vmap refuses dropout's random numbers
+    assert stack_for(configs[0], ()) is None
+    folder, module = user_folder
+    assert all(len(u) == 1 for u in plan_trials(load_space(str(space_file(folder, module, model="dropout"))).trials()))
+    assert [r.iterations for r in train_seed_group(configs)] == [30, 30]
+
+
+def test_a_user_loader_that_raises_stops_the_grid_with_one_error_line(user_folder, capsys):
+    from tune_node.grid import main as grid_main
+
+    folder, module = user_folder
+    (folder / f"{module}.py").write_text((folder / f"{module}.py").read_text() + """
+def broken(seed):
+    raise RuntimeError("no such file: crescents.npz")
+""")
+    sys.modules.pop(module, None)
+    path = space_file(folder, module, dataset="broken")
+    assert grid_main(["--space", str(path), "--storage", str(folder / "runs"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "RuntimeError: no such file: crescents.npz" in err and "Traceback" not in err
+
+
+def test_chance_is_one_over_classes_for_built_in_data_and_the_majority_share_for_a_user_s():
+    from tune_node.datasets import chance_accuracy
+
+    assert chance_accuracy(load_dataset("sphere2")) == 0.5
+    y = torch.tensor([0] * 9 + [1])
+    imbalanced = Dataset("mine", torch.zeros(10, 2), y, torch.zeros(10, 2), y, 2)
+    assert chance_accuracy(imbalanced) == 0.9

@@ -18,6 +18,7 @@ from .user_code import is_reference, resolve_function
 __all__ = [
     "Dataset", "DatasetInfo", "BUILTIN_DATASETS", "PAPER_TRAINING", "DATASETS", "TRAIN_SIZES", "load_dataset",
     "check_data_available", "check_dataset", "concentric_spheres", "xor_points", "dataset_family", "majority_share",
+    "chance_accuracy",
 ]
 
 # Shells of Dupont et al. (2019) as the paper's code draws them: (rmin, rmax, share, label).
@@ -138,9 +139,19 @@ def check_dataset_name(name: str) -> None:
 
 
 def majority_share(labels: torch.Tensor) -> float:
-    """The accuracy of always guessing the most frequent class of ``labels`` (chance level)."""
+    """The accuracy of always guessing the most frequent class of ``labels``."""
     counts = torch.bincount(labels.flatten())
     return float(counts.max()) / len(labels)
+
+
+def chance_accuracy(data: "Dataset") -> float:
+    """Chance level of a dataset, as the critical-step rule uses it: ``1 / classes`` for a
+    built-in dataset (the paper's, so its studies are judged as before: 0.5 for the spheres,
+    0.1 for MNIST and CIFAR10), the share of the most frequent training class for a user's
+    (an imbalanced set is guessed better than ``1 / classes``)."""
+    if data.name in BUILTIN_DATASETS:
+        return 1.0 / BUILTIN_DATASETS[data.name].classes
+    return majority_share(data.y_train)
 
 
 def check_dataset(data, source: str) -> "Dataset":

@@ -54,7 +54,7 @@ def resolve_function(reference: str, *, code_dir: str | None = None, what: str =
     where = f"in {code_dir!r} or on sys.path" if code_dir is not None else "on sys.path (PYTHONPATH)"
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except Exception as err:  # a typo inside the module (SyntaxError, NameError, ...) too
         raise UserCodeError(f"{what} {reference!r}: module {module_name!r} does not import ({type(err).__name__}: {err}); "
                             f"looked {where}") from err
     function = getattr(module, function_name, None)

@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mode", choices=MODES, default=None,
                        help="step: adapt the step size (Algorithm 2); tolerance: the tolerance (Algorithm 3); "
                             "default: what the train solver needs")
-    group.add_argument("--train-solver", default=None, help="euler or midpoint (step mode, default euler); "
+    group.add_argument("--train-solver", default=None, help="euler, midpoint or heun (step mode, default euler); "
                                                             "fehlberg2 or dopri5 (tolerance mode, default fehlberg2)")
-    group.add_argument("--test-solver", default=None, help="euler -> midpoint (default) or rk4; midpoint -> rk4; "
+    group.add_argument("--test-solver", default=None, help="euler -> midpoint (default) or rk4; midpoint, heun -> rk4; "
                                                            "fehlberg2 or dopri5 -> dopri5")
     group.add_argument("--k", type=int, default=None, help=f"iterations between checks (default {DEFAULTS['k']})")
     group.add_argument("--initial-tol", type=float, default=None,
@@ -223,7 +223,7 @@ def _run(args, argv: list[str] | None):
             raise UsageError(f"search space {space.name!r} ({space.path}) gives no seeds to adapt")
         too_few = sorted({t["iterations"] for t in trials if t["iterations"] < settings["k"]})
         if too_few:
-            given = "" if args.k is not None else " (the default)"
+            given = "" if args.k is not None else (" (from [adaptation])" if "k" in space_defaults else " (the default)")
             raise UsageError(f"--k {settings['k']}{given} exceeds the {too_few[0]} training iterations: no check would ever "
                          f"run; use --k between 1 and {too_few[0]} (or more --iterations)")
         space_name = space.name

@@ -225,21 +225,37 @@ def experiment_cli(main: Callable) -> Callable:
 
 def run_from_python(parser: argparse.ArgumentParser, run: Callable, space, options: dict, cli: str):
     """An experiment CLI's work called from Python: the ``run(args, argv) -> (status, table)``
-    of ``cli`` with ``parser``'s defaults, ``space`` and ``options`` (keywords named as the
-    options' destinations). Returns the table; folders opened are closed as :func:`experiment_cli`
-    closes them. Raises TypeError naming an unknown option, and the run's UsageError as it is.
+    of ``cli`` with ``space`` and ``options`` (keywords named as the options' destinations,
+    ``cpus_per_trial=2``), read by ``parser`` as the command line would be, so values are
+    converted and checked the same way. Returns the table; folders opened are closed as
+    :func:`experiment_cli` closes them. Raises TypeError naming an unknown option, and the
+    run's UsageError or ExperimentFolderError (both ValueErrors) as they are.
     """
-    args = parser.parse_args([])
-    allowed = sorted(vars(args))
-    unknown = sorted(set(options) - set(allowed))
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    unknown = sorted(set(options) - set(actions) | ({"space"} & set(options)))
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)} of {cli}; allowed: {', '.join(a for a in allowed if a != 'space')}")
-    for key, value in options.items():
-        setattr(args, key, value)
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} of {cli}; allowed: "
+                        f"{', '.join(sorted(d for d in actions if d not in ('help', 'space')))}")
+    argv = []
+    for dest, value in options.items():
+        action = actions[dest]
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if value is not None:
+                argv.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:  # store_true
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            argv += [flag, str(value)]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # argparse printed why; say it as Python does
+        raise UsageError(f"{cli}: invalid options {options!r} (see the message above)") from None
     args.space = space
     before = open_folders()
     try:
-        status, table = run(args, [])
+        status, table = run(args, argv)
     finally:
         for folder in open_folders():
             if folder not in before:

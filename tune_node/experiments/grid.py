@@ -37,7 +37,6 @@ from ..cli.common import UsageError, check_gpus, format_table
 from ..data.datasets import SPHERE_DIMS, check_data_available
 from ..ode.solvers import METHODS
 from ..train.seed_groups import groupable
-from ..train.user_study import stackable
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
 from .search_space import SearchSpace, SearchSpaceError, available_spaces, load_space, train_config_from_trial
@@ -165,12 +164,14 @@ def data_problem(trials: list[dict], to_config=train_config_from_trial) -> str |
             return str(err)
     first = {}
     for t in trials:
-        first.setdefault((t.get("dataset"), t.get("model")), t)
+        first.setdefault((t.get("dataset"), t.get("model"), t.get("batch_size"), t.get("method"), t.get("gradient")), t)
     for t in first.values():
         try:
             check_user_study(to_config(t))
         except (ImportError, TypeError, ValueError) as err:
             return str(err)
+        except Exception as err:  # the user's own code failed: an input error, shown as one line
+            return f"dataset {t.get('dataset')!r} with model {t.get('model')!r} fails before training: {type(err).__name__}: {err}"
     return None
 
 
@@ -209,8 +210,8 @@ def _seed_groups_problem(args) -> str | None:
 
 def _groupable(trial: dict) -> bool:
     config = train_config_from_trial(trial)
-    if config.model is not None:  # a user's model: stacked through torch.func, unless it has buffers
-        return groupable(config, ()) and stackable(config)
+    if config.model is not None:  # a user's model: stacked through torch.func where it can be
+        return groupable(config, ())
     if trial["dataset"] not in SPHERE_DIMS:
         return False
     return groupable(config, (1, SPHERE_DIMS[trial["dataset"]]))
@@ -332,10 +333,12 @@ def _run(args, argv: list[str] | None):
                          f"at least one step count or tolerance")
         space_name, name = space.name, args.name if args.name is not None else space.name
         experiment_dir = check_new(storage, name, "grid")
-        units = plan_trials(trials, seed_groups=args.seed_groups is not False, seeds_per_trial=args.seeds_per_trial)
+    # Before planning: planning builds a user's model to see whether its seeds stack.
     problem = data_problem(trials)
     if problem:
         raise UsageError(problem)
+    if not args.resume:
+        units = plan_trials(trials, seed_groups=args.seed_groups is not False, seeds_per_trial=args.seeds_per_trial)
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:

@@ -34,7 +34,7 @@ import pyarrow.fs
 import torch
 from ray import tune
 
-from ..data.datasets import majority_share
+from ..data.datasets import chance_accuracy
 from ..results.adaptation import history_rows, summary_row
 from ..train.seed_groups import train_seed_group
 from ..train.training import Progress, load_checkpoint, save_checkpoint, train
@@ -302,7 +302,7 @@ def run_trial(config: dict) -> None:
             "config": t,
             "device": device,
             # What guessing scores on this data: the analysis needs no dataset table for it.
-            "chance_accuracy": majority_share(d.y_train),
+            "chance_accuracy": chance_accuracy(d),
             "classes": d.classes,
             "cross_solver": rows,
             "metrics": metrics,

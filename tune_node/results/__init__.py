@@ -20,7 +20,7 @@ from .table import (
     RESULTS_CSV,
     RESULTS_PARQUET,
     NotAnExperimentError,
-    _final_files,  # noqa: F401  (tune_node.adaptation_results reads the same final.json layout)
+    _final_files,  # noqa: F401  (tune_node.results.adaptation reads the same final.json layout)
     collect,
     read_results,
     write_results,

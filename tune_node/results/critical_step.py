@@ -11,11 +11,12 @@ The rule (Ott et al. 2021, Section 2.4), step by step:
    setting) did not train when it diverged (its loss stopped being finite:
    ``status`` ``diverged`` in the results table) or when its final train accuracy
    (whole train set, train solver) is below ``chance + margin``; chance is the
-   share of the most frequent class in the trial's training labels (the table's
-   ``chance_accuracy``: 0.5 for the spheres, ~0.11 for MNIST, not exactly 0.1;
-   tables without it fall back to 1/classes by dataset name), ``margin`` defaults
-   to 0.1. Excluded trials are counted, never silently dropped: the summary gives
-   the excluded and the diverged ones, and names every setting left undetermined.
+   table's ``chance_accuracy`` (:func:`tune_node.datasets.chance_accuracy`: 1/classes
+   for the built-in datasets, 0.5 for the spheres and 0.1 for MNIST and CIFAR10; for a
+   user's dataset the share of its most frequent training class; tables without the
+   column fall back to 1/classes by dataset name), ``margin`` defaults to 0.1.
+   Excluded trials are counted, never silently dropped: the summary gives the
+   excluded and the diverged ones, and names every setting left undetermined.
 2. **Test solvers of equal or smaller error.** A test setting qualifies for a
    training setting when its global error order is not larger. Fixed step:
    ``h_test ** p_test <= h_train ** p_train`` with ``h = 1 / steps`` (T = 1) and ``p``

@@ -13,8 +13,8 @@ and the reason in ``diverged_iteration`` and ``diverged_reason``, NaN accuracies
 no checkpoint (``status`` is ``"trained"`` otherwise). A ``final.json`` that cannot be
 read (truncated, corrupt) costs only its own trial's rows: the table holds every
 readable trial and names the others (a warning each, and ``table.attrs["unreadable"]``).
-``chance_accuracy`` is the accuracy of always guessing the most frequent class of the
-trial's training labels, as its ``final.json`` records it; trials from before it was
+``chance_accuracy`` is the trial's chance level as its ``final.json`` records it
+(:func:`tune_node.datasets.chance_accuracy`); trials from before it was
 recorded get :data:`~tune_node.results.critical_step.CHANCE` by dataset name (NaN for
 a name not there).
 """

@@ -15,6 +15,7 @@ resumes with either function.
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -24,10 +25,11 @@ from torch import nn
 from ..data.datasets import BUILTIN_DATASETS, Dataset
 from ..fast import dense
 from ..ode.integrate import Solution
+from ..ode.solvers import SolverSetting
 from .models import build_model
 from .training import Progress, TrainConfig, TrainResult, train, train_seeds
 
-__all__ = ["groupable", "stack_for", "train_seed_group", "SphereStack", "FuncStack"]
+__all__ = ["groupable", "stack_for", "stackable", "train_seed_group", "SphereStack", "FuncStack"]
 
 GroupReportFn = Callable[[int, Progress, Callable[[], dict]], None]
 
@@ -38,17 +40,41 @@ def stack_for(config: TrainConfig, input_shape: tuple[int, ...]):
 
     Fixed-step backprop only: the paper's model on a sphere short enough for the dense field
     (:data:`~tune_node.fast.dense.DENSE_MAX_DIM`) stacks as :class:`SphereStack`; a user's
-    model (``config.model``) as :class:`FuncStack`.
+    model (``config.model``) as :class:`FuncStack` where :func:`stackable` says it can.
     """
     s = config.solver
     if s.is_adaptive or s.gradient != "backprop":
         return None
     if config.model is not None:
-        return FuncStack
+        return FuncStack if stackable(config) else None
     info = BUILTIN_DATASETS.get(config.dataset)
     if info is not None and info.family == "sphere" and len(input_shape) == 2 and input_shape[-1] <= dense.DENSE_MAX_DIM:
         return SphereStack
     return None
+
+
+def stackable(config: TrainConfig) -> bool:
+    """Whether two seeds of ``config``'s user model train as one :class:`FuncStack`: the model
+    has no buffers (batch norm's running statistics would need per-seed updates) and one
+    stacked training step on two examples runs (``vmap`` refuses, for instance, dropout's
+    random numbers). Tried once per dataset, model, folder and solver setting."""
+    return _stacks(config.dataset, config.model, config.code_dir, config.data_root, config.download,
+                   config.solver.method, config.solver.steps)
+
+
+@lru_cache(maxsize=None)
+def _stacks(dataset, model, code_dir, data_root, download, method, steps) -> bool:
+    configs = [TrainConfig(dataset=dataset, solver=SolverSetting.fixed(method, steps), seed=seed, model=model,
+                           code_dir=code_dir, data_root=data_root, download=download, batch_size=2) for seed in (0, 1)]
+    try:
+        data = [c.load_data() for c in configs]
+        stack = FuncStack(configs, data, torch.device("cpu"))
+        x, y = stack.batch([torch.arange(2), torch.arange(2)])
+        logits, _ = stack.forward(x, configs[0].solver)
+        stack.losses(logits, y)[1].backward()
+    except Exception:  # noqa: BLE001 - whatever fails here trains seed by seed instead
+        return False
+    return True
 
 
 def groupable(config: TrainConfig, input_shape: tuple[int, ...]) -> bool:
@@ -91,14 +117,14 @@ def train_seed_group(
         data: the seeds' loaded datasets, to skip loading them again.
 
     Returns one :class:`~tune_node.training.TrainResult` per config, in order. Where
-    :func:`groupable` allows, the seeds train as one :class:`SphereStack` through the one
-    training loop, :func:`~tune_node.training.train_seeds`; other settings (adaptive,
-    adjoint, images, long spheres, a user's model) train seed after seed with ``train``.
-    Grouped, each seed's weights equal those of its own ``train`` run up to floating-point
-    rounding; ``wall_time`` and ``elapsed`` are the group's. A seed whose loss stops being
-    finite is marked as diverged at that iteration (as ``train`` does) while the others
-    train on: seeds share no weights, so its non-finite values stay in its own slice;
-    once every seed has diverged, training stops.
+    :func:`stack_for` allows, the seeds train as one :class:`SphereStack` or :class:`FuncStack`
+    through the one training loop, :func:`~tune_node.training.train_seeds`; other settings
+    (adaptive, adjoint, images, long spheres, a user's model that does not stack) train seed
+    after seed with ``train``. Grouped, each seed's weights equal those of its own ``train``
+    run up to floating-point rounding (bit for bit on CPU in the tests); ``wall_time`` and
+    ``elapsed`` are the group's. A seed whose loss stops being finite is marked as diverged
+    at that iteration (as ``train`` does) while the others train on: seeds share no weights,
+    so its non-finite values stay in its own slice; once every seed has diverged, training stops.
     """
     _check_group(configs)
     if resume_from is not None and len(resume_from) != len(configs):

@@ -10,16 +10,11 @@ experiment before Ray starts, with a message naming the function and what was ex
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..data.datasets import BUILTIN_DATASETS
-from ..ode.solvers import SolverSetting
 from .models import check_model_output
 from .training import TrainConfig
 
-_ANY_SETTING = SolverSetting.fixed("euler", 1)  # building a model needs a config, not a particular solver
-
-__all__ = ["uses_user_code", "check_user_study", "stackable"]
+__all__ = ["uses_user_code", "check_user_study"]
 
 
 def uses_user_code(config: TrainConfig) -> bool:
@@ -44,17 +39,3 @@ def check_user_study(config: TrainConfig) -> None:
     source = f"model {config.model!r}" if config.model is not None else "the paper's model"
     check_model_output(model, data, config.solver, source=f"{source} on dataset {config.dataset!r}")
 
-
-def stackable(config: TrainConfig) -> bool:
-    """Whether the seeds of ``config``'s user model can train stacked
-    (:class:`~tune_node.seed_groups.FuncStack`): its model has no buffers (batch norm's
-    running statistics, say, would need per-seed updates that ``vmap`` does not make).
-    Builds the model once per dataset, model and folder."""
-    return _has_no_buffers(config.dataset, config.model, config.code_dir, config.data_root, config.download)
-
-
-@lru_cache(maxsize=None)
-def _has_no_buffers(dataset: str, model: str, code_dir: str | None, data_root: str, download: bool) -> bool:
-    config = TrainConfig(dataset=dataset, solver=_ANY_SETTING, model=model, code_dir=code_dir, data_root=data_root,
-                         download=download)
-    return not any(True for _ in config.build_model(config.load_data()).buffers())
