@@ -65,7 +65,7 @@ def test_cli_help_states_the_rule_from_the_library(capsys):
     with pytest.raises(SystemExit):
         analysis.critical_step.main(["--help"])
     out = capsys.readouterr().out
-    assert "Seeds that did not train are excluded" in out and "most frequent class" in out and "Critical setting" in out
+    assert "Seeds that did not train are excluded" in out and "chance_accuracy" in out and "1/classes" in out and "Critical setting" in out
 
 
 def test_python_m_tune_node_results_runs(tmp_path):
