@@ -145,29 +145,20 @@ def train_seed_group(
     return train_seeds(configs, stack=stack, on_report=on_report, resume_from=resume_from, data=datasets)
 
 
-class SphereStack:
-    """The paper's sphere models of S seeds as one :class:`~tune_node.dense.StackedSphereClassifier`
-    (a :class:`~tune_node.training.SeedStack`): batched matrix products, one optimizer over the
-    stacked weights (Adam and SGD act elementwise, so it equals S separate optimizers)."""
+class _StackedData:
+    """What every stack of S > 1 seeds shares: the seeds' training sets stacked, batches
+    gathered per seed, per-seed losses (their sum is differentiated: seeds share no weights)
+    and accuracies, and each seed's slice of the stacked optimizer's state."""
 
-    def __init__(self, configs: list[TrainConfig], datasets: list[Dataset], device: torch.device):
-        self.size = len(configs)
-        self.family, self.input_shape, self.device = datasets[0].family, datasets[0].input_shape, device
-        self.net = dense.StackedSphereClassifier([build_model(self.family, self.input_shape, seed=c.seed)
-                                                  for c in configs]).to(device)
-        self.x_train = torch.stack([d.x_train for d in datasets])  # (seeds, N, 1, D)
+    def __init__(self, datasets: list[Dataset], device: torch.device):
+        self.size = len(datasets)
+        self.x_train = torch.stack([d.x_train for d in datasets])  # (seeds, N, *input_shape)
         self.y_train = torch.stack([d.y_train for d in datasets])
         self.rows = torch.arange(self.size, device=device)[:, None]
-
-    def parameters(self):
-        return self.net.stacked_parameters()
 
     def batch(self, idx):
         idx = torch.stack(idx)
         return self.x_train[self.rows, idx], self.y_train[self.rows, idx]
-
-    def forward(self, x, setting):
-        return self.net(x, setting)
 
     def losses(self, logits, y):
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.size, -1).mean(1)
@@ -175,6 +166,27 @@ class SphereStack:
 
     def batch_accuracies(self, logits, y):
         return (logits.argmax(2) == y).float().mean(1).tolist()
+
+    def optimizer_state(self, stacked, i):
+        return _seed_optimizer_state(stacked, i)
+
+
+class SphereStack(_StackedData):
+    """The paper's sphere models of S seeds as one :class:`~tune_node.dense.StackedSphereClassifier`
+    (a :class:`~tune_node.training.SeedStack`): batched matrix products, one optimizer over the
+    stacked weights (Adam and SGD act elementwise, so it equals S separate optimizers)."""
+
+    def __init__(self, configs: list[TrainConfig], datasets: list[Dataset], device: torch.device):
+        super().__init__(datasets, device)
+        self.family, self.input_shape, self.device = datasets[0].family, datasets[0].input_shape, device
+        self.net = dense.StackedSphereClassifier([build_model(self.family, self.input_shape, seed=c.seed)
+                                                  for c in configs]).to(device)
+
+    def parameters(self):
+        return self.net.stacked_parameters()
+
+    def forward(self, x, setting):
+        return self.net(x, setting)
 
     def model(self, i):
         m = build_model(self.family, self.input_shape).to(self.device)
@@ -184,9 +196,6 @@ class SphereStack:
     def model_state(self, i):
         return self.net.model_state_dict(i)
 
-    def optimizer_state(self, stacked, i):
-        return _seed_optimizer_state(stacked, i)
-
     def load(self, states, optimizer):
         with torch.no_grad():
             for key, p in zip(self.net.keys, self.net.stacked_parameters()):
@@ -194,7 +203,7 @@ class SphereStack:
         _load_optimizer_states(states, optimizer)
 
 
-class FuncStack:
+class FuncStack(_StackedData):
     """S seeds of a user's model (one architecture, no buffers) as one, through ``torch.func``
     (a :class:`~tune_node.training.SeedStack`): the weights stacked with
     ``stack_module_state``, the forward pass ``vmap``-ed over ``functional_call``, one
@@ -204,7 +213,7 @@ class FuncStack:
     def __init__(self, configs: list[TrainConfig], datasets: list[Dataset], device: torch.device):
         from torch.func import stack_module_state
 
-        self.size = len(configs)
+        super().__init__(datasets, device)
         self.models = [c.build_model(d).to(device) for c, d in zip(configs, datasets)]
         if any(True for _ in self.models[0].buffers()):
             raise ValueError(f"model {configs[0].model!r} has buffers (batch norm, say): its seeds cannot be stacked; "
@@ -215,16 +224,9 @@ class FuncStack:
         self.template = copy.deepcopy(self.models[0]).to("meta")
         self.net = nn.ParameterList([nn.Parameter(p) for p in self.stacked])
         self.stacked = list(self.net)
-        self.x_train = torch.stack([d.x_train for d in datasets])
-        self.y_train = torch.stack([d.y_train for d in datasets])
-        self.rows = torch.arange(self.size, device=device)[:, None]
 
     def parameters(self):
         return self.stacked
-
-    def batch(self, idx):
-        idx = torch.stack(idx)
-        return self.x_train[self.rows, idx], self.y_train[self.rows, idx]
 
     def forward(self, x, setting):
         from torch.func import functional_call, vmap
@@ -240,13 +242,6 @@ class FuncStack:
         # The one traced solve's counts are each seed's.
         return logits, Solution(logits, setting, counters[0])
 
-    def losses(self, logits, y):
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.size, -1).mean(1)
-        return losses.detach(), losses.sum()
-
-    def batch_accuracies(self, logits, y):
-        return (logits.argmax(2) == y).float().mean(1).tolist()
-
     def model(self, i):
         m = copy.deepcopy(self.models[i])
         m.load_state_dict(self.model_state(i))
@@ -254,9 +249,6 @@ class FuncStack:
 
     def model_state(self, i):
         return {name: p[i].detach().clone() for name, p in zip(self.names, self.stacked)}
-
-    def optimizer_state(self, stacked, i):
-        return _seed_optimizer_state(stacked, i)
 
     def load(self, states, optimizer):
         with torch.no_grad():
