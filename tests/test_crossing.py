@@ -131,11 +131,12 @@ def test_crossing_separates_coarse_from_fine_training():
     crossing = {}
     for steps in (2, 16):
         setting = SolverSetting.fixed("euler", steps)
-        result = train(TrainConfig(dataset="sphere2", solver=setting, seed=0, iterations=600, lr=3e-3, report_every=600), data=data)
+        # lr 3e-3 left Euler at 16 steps at 0.842 test accuracy with torch 2.14.1 (also at a67e539).
+        result = train(TrainConfig(dataset="sphere2", solver=setting, seed=0, iterations=600, lr=1e-2, report_every=600), data=data)
         assert result.test_accuracy > 0.9, f"Euler {steps} steps did not train: {result.test_accuracy}"
         paths = solver_paths(result.model, data.x_test, setting)
         crossing[steps] = crossing_fraction(paths, data.y_test, max_pairs=5000, seed=0)
-    # Measured: 0.53 against 0.036 (seed 1: 0.44 against 0.009).
+    # Measured (torch 2.14.1, lr 1e-2): 0.79 against 0.053; earlier, at lr 3e-3: 0.53 against 0.036.
     print(f"crossing fraction: h = 1/2 {crossing[2]:.3f}, h = 1/16 {crossing[16]:.3f}")
     assert crossing[2] > 0.2
     assert crossing[16] < 0.1

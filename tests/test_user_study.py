@@ -399,3 +399,13 @@ def test_chance_is_one_over_classes_for_built_in_data_and_the_majority_share_for
     y = torch.tensor([0] * 9 + [1])
     imbalanced = Dataset("mine", torch.zeros(10, 2), y, torch.zeros(10, 2), y, 2)
     assert chance_accuracy(imbalanced) == 0.9
+
+
+def test_run_grid_reads_options_as_the_command_line_does(tmp_path, capsys):
+    from tune_node.cli import UsageError
+    from tune_node.grid import run_grid
+
+    assert run_grid("tiny", storage=str(tmp_path), dry_run=True, cpus_per_trial="2", seed_groups=False) is None
+    assert "6 Ray trials of one seed each; each Ray trial requests 2 CPU" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=r"argument --cpus-per-trial: invalid float value: 'x'"):
+        run_grid("tiny", storage=str(tmp_path), dry_run=True, cpus_per_trial="x")

@@ -12,7 +12,9 @@ folder it held (:mod:`tune_node.experiment_folder`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import logging
 import os
 import shlex
@@ -248,10 +250,13 @@ def run_from_python(parser: argparse.ArgumentParser, run: Callable, space, optio
                 argv.append(flag)
         elif value is not None:
             argv += [flag, str(value)]
+    complaint = io.StringIO()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit:  # argparse printed why; say it as Python does
-        raise UsageError(f"{cli}: invalid options {options!r} (see the message above)") from None
+        with contextlib.redirect_stderr(complaint):
+            args = parser.parse_args(argv)
+    except SystemExit:  # argparse's "usage: ... error: ..." becomes the exception's message
+        why = complaint.getvalue().strip().splitlines()[-1:] or ["invalid options"]
+        raise UsageError(f"{why[0].split('error: ', 1)[-1]} (options {options!r})") from None
     args.space = space
     before = open_folders()
     try:
