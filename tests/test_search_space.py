@@ -117,3 +117,24 @@ def test_parse_seeds(value, seeds):
 def test_parse_seeds_rejects(value):
     with pytest.raises(ValueError, match="seed"):
         parse_seeds(value)
+
+
+@pytest.mark.parametrize("name", available_spaces())
+def test_a_trial_dict_round_trips_through_the_trial_type(name):
+    from tune_node.trial import Trial
+
+    for trial in load_space(name).trials():
+        assert Trial.from_dict(trial).to_dict() == trial
+        assert list(Trial.from_dict(trial).to_dict()) == list(trial)  # same keys in the same order
+
+
+def test_an_adaptation_trial_round_trips_and_trains_its_starting_setting():
+    from tune_node.trial import Adaptation, Trial
+
+    adaptation = Adaptation("tolerance", "fehlberg2", "dopri5", k=50, threshold=0.1, initial_tol=1e-6)
+    trial = Trial.of("demo", train_config_from_trial(load_space("tiny").trials()[0]), adaptation)
+    again = Trial.from_dict(trial.to_dict())
+    assert again == trial and again.adaptation == adaptation
+    from tune_node.solvers import SolverSetting
+
+    assert again.train_config().solver == SolverSetting.adaptive("fehlberg2", 1e-6)

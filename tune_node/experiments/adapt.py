@@ -27,7 +27,6 @@ from ..cli.common import UsageError
 from ..ode.solvers import GRADIENT_MODES, METHODS
 from ..train.adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
 from ..train.training import TrainConfig
-from .adapt_trainable import train_config_from_adapt_trial
 from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import ADAPT_FILE, check_new, open_existing, open_new
 from .grid import build_parser as _grid_parser
@@ -228,7 +227,7 @@ def _run(args, argv: list[str] | None):
                          f"run; use --k between 1 and {too_few[0]} (or more --iterations)")
         space_name = space.name
         experiment_dir = check_new(storage, name, "adaptation")
-    problem = data_problem(trials, to_config=train_config_from_adapt_trial)
+    problem = data_problem(trials)
     if problem:
         raise UsageError(problem)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..ode.solvers import SolverSetting
 from ..train.training import TrainConfig
+from .search_space import train_config_from_trial
 from .trainable import run_trial
 from .trial import TRAINING_KEYS, Adaptation, Trial
 
@@ -27,9 +28,9 @@ def starting_setting(mode: str, method: str, gradient: str, initial_tol: float) 
     return Adaptation(mode, method, method, 1, 0.1, initial_tol, gradient).starting_setting()
 
 
-def train_config_from_adapt_trial(trial: dict, device: str = "cpu") -> TrainConfig:
-    """The :class:`TrainConfig` of an adaptation trial config, at a placeholder starting setting."""
-    return Trial.from_dict(trial).train_config(device)
+#: The :class:`TrainConfig` of an adaptation trial config, at a placeholder starting setting:
+#: one function serves both kinds of trial config (:meth:`~tune_node.trial.Trial.train_config`).
+train_config_from_adapt_trial = train_config_from_trial
 
 
 def controller_for(trial: dict, config: TrainConfig, data=None):

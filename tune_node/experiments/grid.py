@@ -150,10 +150,10 @@ def space_problem(given: str | None, saved: dict, name: str) -> str | None:
             f"experiment under another --name")
 
 
-def data_problem(trials: list[dict], to_config=train_config_from_trial) -> str | None:
+def data_problem(trials: list[dict]) -> str | None:
     """Whether the data of every trial can be loaded here (:func:`~tune_node.datasets.check_data_available`),
     and a user's loader and model give what they must (:func:`~tune_node.user_study.check_user_study`,
-    on the first trial of each dataset and model; ``to_config`` makes a trial's TrainConfig)."""
+    on the first trial of each dataset and model; grid and adaptation trials alike)."""
     from ..train.user_study import check_user_study
 
     needed = dict.fromkeys((t.get("dataset"), t.get("data_root", "data"), bool(t.get("download"))) for t in trials)
@@ -167,7 +167,7 @@ def data_problem(trials: list[dict], to_config=train_config_from_trial) -> str |
         first.setdefault((t.get("dataset"), t.get("model"), t.get("batch_size"), t.get("method"), t.get("gradient")), t)
     for t in first.values():
         try:
-            check_user_study(to_config(t))
+            check_user_study(train_config_from_trial(t))
         except (ImportError, TypeError, ValueError) as err:
             return str(err)
         except Exception as err:  # the user's own code failed: an input error, shown as one line

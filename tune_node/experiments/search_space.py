@@ -154,10 +154,6 @@ class SearchSpace:
                 out.append(Trial.of(self.name, config).to_dict())
         return out
 
-    def user_code(self) -> dict:
-        """The ``model`` and ``code_dir`` a trial config carries (only those set)."""
-        return {k: v for k, v in (("model", self.model), ("code_dir", self.code_dir)) if v is not None}
-
     def with_overrides(self, seeds=None, iterations=None, lr=None, report_every=None) -> "SearchSpace":
         """This space with command-line overrides applied (``None``: keep), re-validated."""
         given = {"iterations": iterations, "lr": lr, "report_every": report_every}

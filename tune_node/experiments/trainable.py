@@ -97,16 +97,15 @@ def _trial_metrics(config: dict, per_seed: list[dict]) -> dict:
     return {**top, "seeds": {str(t["seed"]): m for t, m in zip(config["trial"], per_seed)}}
 
 
-def _report_with_checkpoint(metrics: dict, state: dict | None, extra_files: dict | None = None, source: Path | None = None,
+def _report_with_checkpoint(metrics: dict, extra_files: dict | None = None, *, source: Path | None = None,
                             states: dict[str, dict] | None = None) -> None:
-    """``tune.report`` with a fresh checkpoint: a copy of ``source``, or ``state`` saved as
-    ``checkpoint.pt`` (``states``: one state per seed subdirectory), plus ``extra_files``
-    (relative path -> text)."""
+    """``tune.report`` with a fresh checkpoint: a copy of ``source``, or ``states`` (seed
+    subdirectory -> state, ``""`` for a one-seed trial) saved as ``checkpoint.pt``, plus
+    ``extra_files`` (relative path -> text)."""
     with tempfile.TemporaryDirectory(prefix="tune_node_ckpt_") as tmp:
         if source is not None:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
-        chosen = states if states is not None else ({"": state} if source is None and state is not None else {})
-        for subdir, s in chosen.items():
+        for subdir, s in (states or {}).items():
             save_checkpoint(Path(tmp) / subdir / CHECKPOINT_FILE, s)
         for name, content in (extra_files or {}).items():
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
@@ -114,15 +113,13 @@ def _report_with_checkpoint(metrics: dict, state: dict | None, extra_files: dict
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _final_checkpoint(final_files: list[str] | None = None) -> tune.Checkpoint | None:
-    """This trial's newest checkpoint holding every one of ``final_files`` (default
-    ``[final.json]``), if it finished before.
+def _final_checkpoint(final_files: list[str]) -> tune.Checkpoint | None:
+    """This trial's newest checkpoint holding every one of ``final_files``, if it finished before.
 
     Looks in the trial's storage directory, not only at ``tune.get_checkpoint()``: a driver
     stopped right after the trial's last report may have persisted that checkpoint without
     registering it, and the trial must not train its last stretch again.
     """
-    final_files = final_files or [FINAL_FILE]
     try:
         storage = tune.get_context().get_storage()
         fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
@@ -146,16 +143,15 @@ def _final_names(config: dict) -> list[str]:
     return [str(Path(seed_subdir(config, t)) / FINAL_FILE) for t in trial_seeds(config)]
 
 
-def _resume_finished(config: dict | None = None) -> bool:
+def _resume_finished(config: dict) -> bool:
     """Re-report a trial that finished already (same files, nothing recomputed)."""
-    config = config or {"trial": {}}
     names = _final_names(config)
     checkpoint = _final_checkpoint(names)
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as directory:
         per_seed = [json.loads((Path(directory) / name).read_text())["metrics"] for name in names]
-        _report_with_checkpoint(_trial_metrics(config, per_seed), None, source=Path(directory))
+        _report_with_checkpoint(_trial_metrics(config, per_seed), source=Path(directory))
     return True
 
 
@@ -168,13 +164,7 @@ def _restored_states(config: dict) -> list[dict] | None:
         return [load_checkpoint(Path(directory) / seed_subdir(config, t) / CHECKPOINT_FILE) for t in trial_seeds(config)]
 
 
-def _restored_state() -> dict | None:
-    """The state of a one-seed trial's latest checkpoint, or ``None`` for a fresh start."""
-    states = _restored_states({"trial": {}})
-    return states[0] if states else None
-
-
-def start_trial(config: dict | None = None) -> str | None:
+def start_trial(config: dict) -> str | None:
     """The device a trial trains on, or None when it finished before (it was re-reported).
 
     Torch uses as many threads as the trial requested CPUs; the device is CUDA when
@@ -267,7 +257,7 @@ def run_trial(config: dict) -> None:
         last["metrics"] = [metrics_of(pending[j][0], states[j]) for j in range(n)]
         pending.clear()
         if progress.iteration < iterations:
-            _report_with_checkpoint(_trial_metrics(config, last["metrics"]), None, states=dict(zip(subdirs, states)))
+            _report_with_checkpoint(_trial_metrics(config, last["metrics"]), states=dict(zip(subdirs, states)))
 
     cpu_start = time.process_time()
     if controller is None:
@@ -322,7 +312,7 @@ def run_trial(config: dict) -> None:
     # A diverged seed's weights are not finite: nothing worth reloading.
     states = {d: fn() for d, fn, result in zip(subdirs, last["state_fns"] or [None] * n, results)
               if fn is not None and result.diverged is None}
-    _report_with_checkpoint(_trial_metrics(config, per_seed), None, files, states=states)
+    _report_with_checkpoint(_trial_metrics(config, per_seed), files, states=states)
 
 
 def _grid_final(result, seeds_in_trial: int) -> dict:

@@ -9,7 +9,6 @@ wrote, so recorded experiments resume and give the same trial names and tables.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..ode.solvers import SolverSetting
@@ -96,11 +95,6 @@ class Trial:
         if (self.solver is None) == (self.adaptation is None):
             raise ValueError("a trial has either a train solver (grid) or an adaptation, not both nor neither")
 
-    @property
-    def kind(self) -> str:
-        """``"grid"`` or ``"adaptation"``."""
-        return "grid" if self.adaptation is None else "adaptation"
-
     def train_config(self, device: str = "cpu") -> TrainConfig:
         """The :class:`~tune_node.training.TrainConfig` this trial trains (an adaptation trial's at
         its placeholder starting setting, which the controller replaces)."""
@@ -140,12 +134,3 @@ class Trial:
         training = {k: getattr(config, k) for k in TRAINING_KEYS if k != "seed"}
         return cls(experiment, config.dataset, config.seed, training, solver=None if adaptation else config.solver,
                    adaptation=adaptation, model=config.model, code_dir=config.code_dir)
-
-    def label(self) -> str:
-        """Short human-readable name: ``euler(steps=8) seed 0`` or ``euler->midpoint step seed 0``."""
-        if self.adaptation is None:
-            s = self.solver
-            value = f"tol={s.tol:g}" if s.tol is not None and not math.isnan(s.tol) else f"steps={s.steps}"
-            return f"{s.method}({value}) seed {self.seed}"
-        a = self.adaptation
-        return f"{a.method}->{a.test_method} {a.mode} seed {self.seed}"

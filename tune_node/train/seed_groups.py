@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
 from ..data.datasets import BUILTIN_DATASETS, Dataset
 from ..fast import dense
@@ -211,8 +212,6 @@ class FuncStack(_StackedData):
     step control depends on the data, which ``vmap`` cannot batch)."""
 
     def __init__(self, configs: list[TrainConfig], datasets: list[Dataset], device: torch.device):
-        from torch.func import stack_module_state
-
         super().__init__(datasets, device)
         self.models = [c.build_model(d).to(device) for c, d in zip(configs, datasets)]
         if any(True for _ in self.models[0].buffers()):
@@ -220,17 +219,14 @@ class FuncStack(_StackedData):
                              f"train one seed per trial (--no-seed-groups)")
         params, _ = stack_module_state(self.models)
         self.names = list(params)
-        self.stacked = [params[name] for name in self.names]
         self.template = copy.deepcopy(self.models[0]).to("meta")
-        self.net = nn.ParameterList([nn.Parameter(p) for p in self.stacked])
+        self.net = nn.ParameterList([nn.Parameter(params[name]) for name in self.names])
         self.stacked = list(self.net)
 
     def parameters(self):
         return self.stacked
 
     def forward(self, x, setting):
-        from torch.func import functional_call, vmap
-
         counters = []
 
         def one(weights, xi):
