@@ -55,14 +55,15 @@ def solver_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(str(err))
 
 
-def check_gpus(gpus: float) -> None:
-    """Refuse a bad GPU request, or one on a machine without CUDA, before anything starts.
+def check_gpus(gpus: float, *, need_cuda: bool = True) -> None:
+    """Refuse a bad GPU request, or (``need_cuda``) one on a machine without CUDA, before
+    anything starts.
 
     Raises :class:`UsageError` (exit status 2 in the CLIs) naming the value and what is allowed.
     """
     if not (math.isfinite(gpus) and gpus >= 0):
         raise UsageError(f"--gpus must be a finite number >= 0, got {gpus:g}")
-    if gpus > 0 and not torch.cuda.is_available():
+    if need_cuda and gpus > 0 and not torch.cuda.is_available():
         raise UsageError(
             f"--gpus {gpus:g} requested, but CUDA is not available on this machine "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False); run with --gpus 0 to use CPUs"

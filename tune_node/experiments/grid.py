@@ -113,13 +113,10 @@ def check_arguments(args) -> str | None:
         value = getattr(args, option)
         if value is not None and value < 1:
             return f"--{option.replace('_', '-')} must be an integer >= 1, got {value}"
-    if not (math.isfinite(args.gpus) and args.gpus >= 0):
-        return f"--gpus must be a finite number >= 0, got {args.gpus:g}"
-    if not args.dry_run:
-        try:
-            check_gpus(args.gpus)  # CUDA missing: refused at once
-        except UsageError as err:
-            return str(err)
+    try:
+        check_gpus(args.gpus, need_cuda=not args.dry_run)  # a dry run only notes a missing CUDA
+    except UsageError as err:
+        return str(err)
     return _check_resources(args) or check_cluster_options(args)
 
 
