@@ -294,18 +294,15 @@ def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, st
     Arguments:
         finished, total: seeds finished and planned.
         failed: the run's ResultGrid (its failed Ray trials are counted in seeds and in
-            trials), or a number of failed Ray trials.
+            trials).
         cli, storage, name: the module and ``--storage``/``--name`` of the resume command
             (``storage`` printed absolute).
     """
     print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
     if finished >= total:
         return 0
-    if isinstance(failed, int):
-        failed_part = f"{failed} Ray trials failed"
-    else:
-        seeds, trials = _failed_seeds(failed)
-        failed_part = f"{seeds} seeds in {trials} failed Ray trials" if trials else "no Ray trial failed"
+    seeds, trials = _failed_seeds(failed)
+    failed_part = f"{seeds} seeds in {trials} failed Ray trials" if trials else "no Ray trial failed"
     missing = f"{total - finished} of {total} seeds did not finish ({failed_part})"
     if experiment_kind(experiment_dir) in (None, "unknown"):
         print(f"{missing}; the experiment folder {experiment_dir} is gone (or lost its record) since the run started, "
