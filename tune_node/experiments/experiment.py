@@ -34,7 +34,7 @@ __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address"
 
 
 def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
-        dirname: Callable, progress_total: int | None = None):
+        dirname: Callable, progress_total: int | None = None, search_alg=None, stop=None, max_concurrent: int = 0):
     """Run every trial config with ``trainable`` in ``storage / name``; returns Ray's ResultGrid.
 
     Arguments:
@@ -46,12 +46,16 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
         resources: one trial's request, ``{"cpu": ..., "gpu": ...}``.
         dirname: ``dirname(trial) -> str``, the trial's directory name.
         progress_total: seeds the progress lines count to (default: one per trial config).
+        search_alg, stop, max_concurrent: a Ray Tune ``Searcher`` that suggests the trial configs
+            instead of ``trials`` (which is then ignored) until it says it is finished, a
+            ``Stopper``, and the most trials at once (0: as resources allow). A restored
+            experiment restores its searcher's state.
     """
     from ray import tune
 
     from .tune_callbacks import ProgressCallback, ProgressCSVCallback, TensorBoardCallback
 
-    if not resume and not trials:
+    if not resume and not trials and search_alg is None:
         raise ValueError("no trial configs: an experiment needs at least one trial")  # Tune would fail mid-start
 
     # Tune warns on every forced state snapshot that checkpoint rotation causes; it is cheap here.
@@ -63,13 +67,16 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
     if resume:
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_unfinished=True, resume_errored=True)
     else:
+        searched = dict(search_alg=search_alg, num_samples=-1) if search_alg is not None else {}
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(trial_dirname_creator=dirname, reuse_actors=True),
+            param_space={} if search_alg is not None else {"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(trial_dirname_creator=dirname, reuse_actors=True, max_concurrent_trials=max_concurrent,
+                                        **searched),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
+                stop=stop,
                 callbacks=[TensorBoardCallback(), ProgressCSVCallback(), ProgressCallback(progress_total or len(trials))],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=1),

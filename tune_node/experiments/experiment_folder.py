@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "GRID_FILE", "ADAPT_FILE", "LOCK_FILE", "RECORD_FILES", "CLIS", "experiment_kind", "describe_contents", "check_name",
+    "GRID_FILE", "ADAPT_FILE", "SEARCH_FILE", "LOCK_FILE", "RECORD_FILES", "CLIS", "experiment_kind", "describe_contents", "check_name",
     "ExperimentFolderError", "ExperimentBusy", "ExperimentLock", "ExperimentFolder", "open_new", "open_existing",
     "read_record", "open_folders", "running_holder", "check_new", "check_existing", "CHECKPOINT_FILE",
     "FINAL_FILE",
@@ -39,17 +39,18 @@ __all__ = [
 
 GRID_FILE = "grid.json"
 ADAPT_FILE = "adapt.json"
+SEARCH_FILE = "search.json"
 LOCK_FILE = ".tune_node.lock"
 CHECKPOINT_FILE = "checkpoint.pt"
 FINAL_FILE = "final.json"
 #: The record file of each kind of experiment tune-node starts.
-RECORD_FILES = {"grid": GRID_FILE, "adaptation": ADAPT_FILE}
+RECORD_FILES = {"grid": GRID_FILE, "adaptation": ADAPT_FILE, "search": SEARCH_FILE}
 #: The CLI that starts and resumes each kind.
-CLIS = {"grid": "tune_node.grid", "adaptation": "tune_node.adapt"}
+CLIS = {"grid": "tune_node.grid", "adaptation": "tune_node.adapt", "search": "tune_node.search"}
 # Files Ray Tune writes at the top of an experiment folder.
 _RAY_PATTERNS = ("tuner.pkl", "trainable.pkl", "experiment_state*.json", "basic-variant-state*.json",
                  "search_gen_state*.json", ".validate_storage_marker")
-_ARTICLE = {"grid": "a grid", "adaptation": "an adaptation"}
+_ARTICLE = {"grid": "a grid", "adaptation": "an adaptation", "search": "a critical-step search"}
 
 
 class ExperimentFolderError(ValueError):

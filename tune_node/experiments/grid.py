@@ -48,8 +48,11 @@ __all__ = ["main", "run_grid", "build_parser", "plan_trials", "estimated_nfe", "
 # GRID_FILE (grid.json, what the experiment was started with) lives in experiment_folder, beside ADAPT_FILE.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tune_node.grid", description=__doc__.splitlines()[0],
+def build_parser(prog: str = "python -m tune_node.grid", description: str | None = None, *,
+                 seed_groups: bool = True) -> argparse.ArgumentParser:
+    """The grid's command line; the search (:mod:`tune_node.search`) shares it, without the
+    seed-group options (``seed_groups=False``: its trials are always a setting's seeds)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     space = parser.add_argument_group("experiment")
     space.add_argument("--space", default=None,
@@ -67,13 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPU share of one trial when --gpus > 0, so small models share cards (default 0.25)")
     res.add_argument("--cpus", type=int, default=None, help="CPUs to use in total on a local Ray (default: all)")
     res.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of one trial; also its torch threads (default 1)")
-    res.add_argument("--seed-groups", action=argparse.BooleanOptionalAction, default=None,
-                     help="train the seeds of one setting in one trial as one batched model where it pays (fixed-step "
-                          "backprop spheres of <= 10 dims, a user's model without buffers); results, checkpoints, TensorBoard "
-                          "stay per seed (default: on; "
-                          "--no-seed-groups: one seed per trial)")
-    res.add_argument("--seeds-per-trial", type=int, default=None,
-                     help="at most this many seeds in one seed-group trial (default: all seeds of a setting)")
+    if seed_groups:
+        _add_seed_group_options(res)
     res.add_argument("--address", default=None, help="join a running Ray cluster: host:port or auto (default: start a local Ray)")
     out = parser.add_argument_group("output")
     out.add_argument("--storage", default="runs", help="where experiments are written (default ./runs)")
@@ -82,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--dry-run", action="store_true", help="print every trial's config and resource request; start nothing")
     out.add_argument("--threshold", type=float, default=0.1, help="accuracy drop that makes a setting solver-dependent (default 0.1)")
     return parser
+
+
+def _add_seed_group_options(res) -> None:
+    res.add_argument("--seed-groups", action=argparse.BooleanOptionalAction, default=None,
+                     help="train the seeds of one setting in one trial as one batched model where it pays (fixed-step "
+                          "backprop spheres of <= 10 dims, a user's model without buffers); results, checkpoints, TensorBoard "
+                          "stay per seed (default: on; "
+                          "--no-seed-groups: one seed per trial)")
+    res.add_argument("--seeds-per-trial", type=int, default=None,
+                     help="at most this many seeds in one seed-group trial (default: all seeds of a setting)")
 
 
 def _check_resources(args) -> str | None:

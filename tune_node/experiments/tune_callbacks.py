@@ -284,7 +284,7 @@ def _flatten(result: dict, prefix: str = "", skip=frozenset({"config"})) -> dict
 class ProgressCallback(Callback):
     """Concise progress on stdout: a line per finished seed or failed trial, a status line every ``every`` s.
 
-    ``total`` counts seeds (a seed-group trial finishes several at once).
+    ``total`` counts seeds (a seed-group trial finishes several at once); 0 when unknown (a search).
     """
 
     def __init__(self, total: int, every: float = 30.0, out=print):
@@ -315,7 +315,8 @@ class ProgressCallback(Callback):
                 numbers = (f": test acc {r['test_accuracy']:.3f}, train acc {r.get('train_accuracy', float('nan')):.3f}, "
                            f"lowest acc under other test solvers {r.get('cross_solver_min_accuracy', float('nan')):.3f}, "
                            f"NFE/iter {r.get('nfe_per_iteration', float('nan')):.1f}")
-            self.out(f"[{self._elapsed()}] done {done}/{self.total}  {trial_label(config)}{numbers}", flush=True)
+            of = f"/{self.total}" if self.total else ""  # a search does not know its total beforehand
+            self.out(f"[{self._elapsed()}] done {done}{of}  {trial_label(config)}{numbers}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.out(f"[{self._elapsed()}] FAILED {group_label(trial_seeds(trial.config))} (trial {trial.trial_id}); "
@@ -335,5 +336,5 @@ class ProgressCallback(Callback):
             for t in trials if t.status == "RUNNING"
         ]
         status = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        self.out(f"[{self._elapsed()}] {status} of {self.total} seeds" + (f"; running: {'; '.join(running)}" if running else ""),
-                 flush=True)
+        of = f" of {self.total}" if self.total else ""
+        self.out(f"[{self._elapsed()}] {status}{of} seeds" + (f"; running: {'; '.join(running)}" if running else ""), flush=True)

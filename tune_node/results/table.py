@@ -150,15 +150,16 @@ class NotAnExperimentError(ValueError):
 def write_results(experiment_dir: str | Path) -> tuple[pd.DataFrame, Path]:
     """Rebuild ``results.csv`` (and ``results.parquet``) in ``experiment_dir``; returns the table and the CSV path.
 
-    Raises :class:`NotAnExperimentError`, writing nothing, when the folder is not a grid
-    experiment's (no ``grid.json``: an adaptation experiment, or any other folder).
+    Raises :class:`NotAnExperimentError`, writing nothing, when the folder is neither a grid
+    experiment's nor a critical-step search's (:mod:`tune_node.search`): an adaptation
+    experiment, or any other folder.
     """
     experiment_dir = Path(experiment_dir)
     if not experiment_dir.is_dir():
         raise FileNotFoundError(f"experiment directory {str(experiment_dir)!r} does not exist")
-    if experiment_kind(experiment_dir) != "grid":
+    if experiment_kind(experiment_dir) not in ("grid", "search"):
         raise NotAnExperimentError(f"{experiment_dir} holds {describe_contents(experiment_dir)}, not a grid experiment "
-                                   f"(no {GRID_FILE}): no results table written there")
+                                   f"(no {GRID_FILE}) or a critical-step search: no results table written there")
     table = collect(experiment_dir)
     csv = experiment_dir / RESULTS_CSV
     table.to_csv(csv, index=False)
