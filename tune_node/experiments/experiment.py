@@ -34,7 +34,8 @@ __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address"
 
 
 def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
-        dirname: Callable, progress_total: int | None = None, search_alg=None, stop=None, max_concurrent: int = 0):
+        dirname: Callable, progress_total: int | None = None, search_alg=None, stop=None, max_concurrent: int = 0,
+        num_samples: int = -1):
     """Run every trial config with ``trainable`` in ``storage / name``; returns Ray's ResultGrid.
 
     Arguments:
@@ -46,10 +47,10 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
         resources: one trial's request, ``{"cpu": ..., "gpu": ...}``.
         dirname: ``dirname(trial) -> str``, the trial's directory name.
         progress_total: seeds the progress lines count to (default: one per trial config).
-        search_alg, stop, max_concurrent: a Ray Tune ``Searcher`` that suggests the trial configs
-            instead of ``trials`` (which is then ignored) until it says it is finished, a
-            ``Stopper``, and the most trials at once (0: as resources allow). A restored
-            experiment restores its searcher's state.
+        search_alg, stop, max_concurrent, num_samples: a Ray Tune ``Searcher`` that suggests the
+            trial configs instead of ``trials`` (which is then ignored), ``num_samples`` of them
+            or (-1) until it says it is finished; a ``Stopper``; the most trials at once (0: as
+            resources allow). A restored experiment restores its searcher's state.
     """
     from ray import tune
 
@@ -67,7 +68,7 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
     if resume:
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        searched = dict(search_alg=search_alg, num_samples=-1) if search_alg is not None else {}
+        searched = dict(search_alg=search_alg, num_samples=num_samples) if search_alg is not None else {}
         tuner = tune.Tuner(
             trainable,
             param_space={} if search_alg is not None else {"trial": tune.grid_search(trials)},

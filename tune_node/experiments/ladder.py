@@ -17,6 +17,9 @@ The search in two phases:
    of those turns out dependent), coarser ones useless. This is the rule of
    :func:`~tune_node.results.critical_steps` applied to the rungs trained: the coarsest
    setting from which every finer trained one is independent.
+   Once the candidate has one independent rung, the first bisection point of the
+   bracket below it comes first among the speculative rungs: it is needed if the
+   candidate is confirmed, the likelier outcome, and cheaper than the next rung up.
 2. **Refinement.** With a bracket (*d* dependent, *c* independent) wider than
    ``refine`` (a ratio of step counts, or of tolerances), the setting halfway in
    log h (``round(sqrt(steps_d * steps_c))`` steps; ``sqrt(tol_d * tol_c)``) is trained
@@ -195,10 +198,14 @@ class Ladder:
         if state.phase == "done":
             return [], []
         if state.phase == "climb":
-            c, _ = self._climb()
+            c, support = self._climb()
             window = self.rungs[c:c + self.confirm]
             needed = [r for r in window if r not in self.verdicts]
             speculative = [r for r in self.rungs[c + self.confirm:] if r not in self.verdicts]
+            if c > 0 and support > 0:  # the candidate holds so far: the first bisection is likely next
+                first = self._first_bisection(self.rungs[c - 1], self.rungs[c])
+                if first is not None and first not in self.verdicts:
+                    speculative.insert(0, first)
             return needed, speculative
         low, high = state.dependent, state.critical
         middle = bisect(low, high, adaptive=self.adaptive)
@@ -206,9 +213,14 @@ class Ladder:
                     if m is not None and m not in self.verdicts]
         return [middle], sorted(children, key=self.fineness)
 
+    def _first_bisection(self, coarse: float, fine: float) -> float | None:
+        if self.ratio(coarse, fine) <= self.refine * (1 + 1e-9):
+            return None
+        return bisect(coarse, fine, adaptive=self.adaptive)
+
     def useful(self, value: float) -> bool:
-        """Whether training ``value`` can still change this group's answer (its verdict is not known,
-        and it is needed, speculative, or the climb has not passed it)."""
+        """Whether training ``value`` can still change this group's answer: its verdict is not
+        known, and it is needed or speculative (:meth:`wanted`)."""
         value = float(value)
         if value in self.verdicts:
             return False

@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from .experiment_folder import SEARCH_FILE, check_new, open_existing, open_new
 from .grid import build_parser as _grid_parser
 from .grid import check_arguments, data_problem, default_name, resumed_experiment
 from .ladder import Ladder
+from .optuna_study import OBJECTIVES, SAMPLERS
 from .search_space import SearchSpaceError, load_space
 from .tune_callbacks import group_label
 
@@ -68,6 +70,12 @@ def build_parser():
                         help=f"consecutive solver-independent rungs that confirm the critical step (default {DEFAULT_CONFIRM})")
     search.add_argument("--refine", type=float, default=None,
                         help=f"bisect the bracket until its ratio is at most this; > 1 (default {DEFAULT_REFINE}; inf: no refinement)")
+    study = parser.add_argument_group("Optuna study (spaces with ranges, such as sphere2_cheapest)")
+    study.add_argument("--sampler", default=None, help=f"Optuna sampler: {', '.join(SAMPLERS)} (default tpe)")
+    study.add_argument("--samples", type=int, default=None, help="settings to train (default 24)")
+    study.add_argument("--objectives", default=None, help=f"{' or '.join(OBJECTIVES)}: minimise training NFE per iteration, "
+                       f"and maximise accuracy too (default nfe)")
+    study.add_argument("--sampler-seed", type=int, default=0, help="the sampler's seed (default 0)")
     return parser
 
 
@@ -323,6 +331,12 @@ def _slots(args) -> int:
 
 
 def _search_problem(args) -> str | None:
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        return f"unknown --sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}"
+    if args.objectives is not None and args.objectives not in OBJECTIVES:
+        return f"--objectives must be one of {', '.join(OBJECTIVES)}, got {args.objectives!r}"
+    if args.samples is not None and args.samples < 1:
+        return f"--samples must be an integer >= 1, got {args.samples}"
     if args.confirm is not None and args.confirm < 1:
         return f"--confirm must be an integer >= 1 (rungs that confirm the critical step), got {args.confirm}"
     if args.refine is not None and not args.refine > 1:  # also refuses nan
@@ -361,6 +375,8 @@ def _run(args, argv: list[str] | None):
         if changed:
             raise UsageError(f"--resume continues the search as it was started; drop {', '.join(changed)}")
         experiment_dir, saved, trials, space_name = resumed_experiment(args, storage, name, "search")
+        if "study" in saved:
+            return _run_study(args, argv, None, saved), None
         confirm, refine = saved["confirm"], saved["refine"]
         description = saved.get("description", "")
     else:
@@ -370,6 +386,12 @@ def _run(args, argv: list[str] | None):
             trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
         except (SearchSpaceError, ValueError) as err:
             raise UsageError(str(err))
+        if space.ranges:
+            return _run_study(args, argv, space, None), None
+        study_options = [f"--{k}" for k in ("sampler", "samples", "objectives") if getattr(args, k) is not None]
+        if study_options:
+            raise UsageError(f"{', '.join(study_options)} configure an Optuna study, for spaces with ranges "
+                             f"(steps = {{min = 1, max = 64}}); {space.name!r} gives a ladder of values: drop them")
         confirm = args.confirm if args.confirm is not None else DEFAULT_CONFIRM
         refine = args.refine if args.refine is not None else DEFAULT_REFINE
         space_name, description = space.name, space.description
@@ -416,9 +438,74 @@ def _run(args, argv: list[str] | None):
         print(f"\ncritical step per train solver (threshold {args.threshold:g}; {plan}; this run's wall time {wall / 60:.1f} min):")
         print(format_table(_display(summary)))
     running = [r for r in (summary.to_dict("records") if summary is not None else []) if r["status"] == "running"]
-    unfinished = sum(1 for i in range(len(results)) if results[i].error is not None)
-    done = 0 if running or unfinished else 1
-    return finish(experiment_dir, done, 1, results, "tune_node.search", storage, name), summary
+    failed = any(results[i].error is not None for i in range(len(results)))
+    return finish(experiment_dir, int(not (running or failed)), 1, results, "tune_node.search", storage, name), summary
+
+
+def _run_study(args, argv, space, saved) -> int:
+    """The Optuna study of a space with ranges (:mod:`tune_node.experiments.optuna_study`); exit status."""
+    from .optuna_study import make_optuna_searcher, read_study, write_study
+
+    storage = Path(args.storage).resolve()
+    name = args.name if args.name is not None else f"{default_name(args.space)}_search"
+    ladder_options = [f"--{k}" for k in ("confirm", "refine") if getattr(args, k) is not None]
+    if ladder_options:
+        raise UsageError(f"{', '.join(ladder_options)} configure a ladder search; this space gives ranges (an Optuna study): "
+                         f"drop them")
+    if saved is None:
+        study = {"sampler": args.sampler or "tpe", "samples": args.samples or 24, "objectives": args.objectives or "nfe",
+                 "sampler_seed": args.sampler_seed, "threshold": args.threshold}
+        experiment_dir = check_new(storage, name, "search")
+        probe = space.setting_trials(space.ranges[0].setting(space.ranges[0].low), space.ranges[0].overrides)
+        problem = data_problem([t for r in space.ranges for t in space.setting_trials(r.setting(r.low), r.overrides)] or probe)
+        if problem:
+            raise UsageError(problem)
+    else:
+        study, experiment_dir = saved["study"], storage / name
+        if args.sampler or args.samples or args.objectives:
+            raise UsageError("--resume continues the study as it was started; drop --sampler, --samples and --objectives")
+    plan = (f"Optuna {study['sampler']} sampler, {study['samples']} settings, objectives {study['objectives']}, "
+            f"solver-independence (threshold {study['threshold']:g}) as the constraint")
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
+    if args.dry_run:
+        rows = [{"method": r.label, r.key: f"{r.low:g} .. {r.high:g} (log)", "seeds": len(space.seeds)} for r in space.ranges]
+        return print_dry_run(f"Optuna study of {space.name!r} -> {experiment_dir}; {plan}", rows, args.gpus)
+    command = command_line("tune_node.search", argv)
+    folder = open_existing(storage, name, "search", command)[0] if saved else open_new(storage, name, "search", command)
+    problem = start_experiment(
+        args, folder, study["samples"],
+        record=lambda: {"space": space.name, "space_file": space.path, "description": space.description, "trials": [],
+                        "study": study},
+        announce=lambda: f"Optuna study of {space.name!r} ({space.description}) -> {experiment_dir}; {plan}")
+    if problem:
+        raise UsageError(problem)
+
+    from .experiment import finish, fit
+    from .grid import _trial_dirname
+    from .trainable import train_trial
+
+    # The objectives are the searcher's, computed from the results on disk: no trial reports them.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    search = None
+    if saved is None:  # a resumed study restores its searcher, the sampler's state included, from Ray's checkpoint
+        search = make_optuna_searcher(space, experiment_dir, sampler=study["sampler"], objectives=study["objectives"],
+                                      threshold=study["threshold"], seed=study["sampler_seed"],
+                                      data_root=str(Path(args.data_root).resolve()), download=args.download)
+    results = fit(train_trial, [], name=name, storage=storage, resume=saved is not None, resources=resources,
+                  dirname=_trial_dirname, progress_total=0, search_alg=search, num_samples=study["samples"],
+                  max_concurrent=_slots(args))
+    from ..results import write_results
+
+    write_results(experiment_dir)
+    table, cheapest = write_study(read_study(experiment_dir), experiment_dir)
+    print(f"\n{len(table)} settings trained; study: {experiment_dir / 'study.csv'}, front: {experiment_dir / 'front.png'}")
+    if len(cheapest):
+        print("\ncheapest solver-independent setting per method (training NFE per iteration, forward + backward):")
+        print(format_table([{"method": r["method"], r["setting"]: f"{r['value']:g}", "NFE/iter": f"{r['nfe_per_iteration']:.1f}",
+                             "accuracy": f"{100 * r['accuracy']:.1f} %", "worst difference": f"{100 * r['max_difference']:.1f} points"}
+                            for r in cheapest.to_dict("records")]))
+    complete = len(table) >= study["samples"] and not any(results[i].error is not None for i in range(len(results)))
+    return finish(experiment_dir, int(complete), 1, results, "tune_node.search", storage, name)
 
 
 def _final_summary(experiment_dir: Path):

@@ -29,6 +29,10 @@ A search space is a TOML file; the ones shipped with tune-node live in the
                                     # (default: solvers.DEFAULT_MAX_ADAPTIVE_STEPS)
     lr = 1e-4                       # a solver table may override training keys
 
+    [[solvers]]                     # a range instead of a list: a continuous parameter, for the
+    method = "rk4"                  # Optuna study of python -m tune_node.search (not the grid)
+    steps = {min = 1, max = 16}     # whole steps, sampled in log scale; tol = {min = 1e-6, max = 1e-2}
+
     [adaptation]                    # optional: python -m tune_node.adapt's defaults for this space
     train_solver = "euler"          # also: mode, test_solver, k, threshold, initial_tol, gradient
     test_solver = "rk4"
@@ -60,7 +64,7 @@ from ..ode.solvers import GRADIENT_MODES, METHODS, SolverSetting
 from ..train.training import OPTIMIZERS, TrainConfig
 from .trial import Trial
 
-__all__ = ["SearchSpaceError", "SearchSpace", "available_spaces", "load_space", "parse_seeds"]
+__all__ = ["SearchSpaceError", "SearchSpace", "ParameterRange", "available_spaces", "load_space", "parse_seeds"]
 
 TOP_KEYS = {"description", "dataset", "model", "seeds", "training", "solvers", "adaptation"}
 #: Keys of an ``[adaptation]`` table: the defaults of ``python -m tune_node.adapt``'s options.
@@ -109,6 +113,28 @@ def parse_seeds(value) -> list[int]:
 
 
 @dataclass(frozen=True)
+class ParameterRange:
+    """A continuous accuracy parameter of one train method: ``steps`` (whole, log scale) or ``tol``
+    (log scale) between ``low`` and ``high``, for the Optuna study of :mod:`tune_node.search`."""
+
+    method: str
+    key: str
+    low: float
+    high: float
+    gradient: str = "backprop"
+    max_steps: int | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def setting(self, value: float) -> SolverSetting:
+        value = int(round(value)) if self.key == "steps" else float(value)
+        return SolverSetting(self.method, **{self.key: value}, gradient=self.gradient, max_steps=self.max_steps)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.gradient == "backprop" else f"{self.method}_{self.gradient}"
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     """A validated experiment definition.
 
@@ -125,6 +151,8 @@ class SearchSpace:
             first; None when the space names no user code.
         adaptation: the ``[adaptation]`` table: defaults of the adaptation CLI's options
             (checked when an adaptation starts); empty when absent.
+        ranges: the solver tables that give a range (``steps = {min = 1, max = 64}``) instead
+            of values: :class:`ParameterRange` each, for an Optuna study; they give no trials.
     """
 
     name: str
@@ -137,22 +165,25 @@ class SearchSpace:
     model: str | None = None
     code_dir: str | None = None
     adaptation: dict = field(default_factory=dict)
+    ranges: tuple[ParameterRange, ...] = ()
 
     def trials(self, data_root: str = "data", download: bool = False) -> list[dict]:
         """One flat, JSON-friendly config per (solver setting, seed), every value resolved:
-        :meth:`~tune_node.trial.Trial.to_dict` of each trial.
+        :meth:`~tune_node.trial.Trial.to_dict` of each trial. Ranges give none.
 
         Guarantees: each config builds a valid :class:`~tune_node.training.TrainConfig`
         via :func:`train_config_from_trial`.
         """
-        out = []
-        for setting, overrides in self.solvers:
-            training = {**self.training, **overrides}
-            for seed in self.seeds:
-                config = TrainConfig(dataset=self.dataset, solver=setting, seed=seed, data_root=data_root, download=download,
-                                     model=self.model, code_dir=self.code_dir, **training)
-                out.append(Trial.of(self.name, config).to_dict())
-        return out
+        return [t for setting, overrides in self.solvers
+                for t in self.setting_trials(setting, overrides, data_root=data_root, download=download)]
+
+    def setting_trials(self, setting: SolverSetting, overrides: dict | None = None, *, data_root: str = "data",
+                       download: bool = False) -> list[dict]:
+        """The per-seed trial configs of one solver setting (with a solver table's training ``overrides``)."""
+        training = {**self.training, **(overrides or {})}
+        return [Trial.of(self.name, TrainConfig(dataset=self.dataset, solver=setting, seed=seed, data_root=data_root,
+                                                download=download, model=self.model, code_dir=self.code_dir, **training)).to_dict()
+                for seed in self.seeds]
 
     def with_overrides(self, seeds=None, iterations=None, lr=None, report_every=None) -> "SearchSpace":
         """This space with command-line overrides applied (``None``: keep), re-validated."""
@@ -252,7 +283,7 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
     tables = doc["solvers"]
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise ValueError("solvers must be a non-empty array of tables ([[solvers]])")
-    solvers = []
+    solvers, ranges = [], []
     for i, table in enumerate(tables, 1):
         what = f"solver table {i}"
         _check_keys(table, SOLVER_KEYS, what)
@@ -268,15 +299,18 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
         if "max_steps" in table and not adaptive:
             raise ValueError(f"{what}: {method} is fixed-step: 'max_steps' is for adaptive methods only "
                              f"({', '.join(m for m in METHODS if METHODS[m].adaptive)}), got max_steps={table['max_steps']!r}")
-        values = _as_list(table[key])
-        if not values:
-            raise ValueError(f"{what}: {key} = [] gives no {method} setting; allowed: one value or a non-empty list")
         gradients = _as_list(table.get("gradient", "backprop"))
         if not gradients:
             raise ValueError(f"{what}: gradient = [] gives no setting; allowed: {', '.join(GRADIENT_MODES)} or a non-empty list of them")
         for g in gradients:
             if g not in GRADIENT_MODES:
                 raise ValueError(f"{what}: unknown gradient {g!r}; allowed: {', '.join(GRADIENT_MODES)}")
+        if isinstance(table[key], dict):
+            ranges.extend(_range(what, method, key, table, gradients))
+            continue
+        values = _as_list(table[key])
+        if not values:
+            raise ValueError(f"{what}: {key} = [] gives no {method} setting; allowed: one value or a non-empty list")
         overrides = {k: v for k, v in table.items() if k in TRAINING_KEYS}
         for gradient in gradients:
             for value in values:
@@ -300,6 +334,27 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
         model=model,
         code_dir=code_dir,
         adaptation=adaptation,
+        ranges=tuple(ranges),
     )
+    if ranges and solvers:
+        raise ValueError("a space gives either ranges (steps = {min = ..., max = ...}: an Optuna study) or values "
+                         "(a grid, a search ladder), not both")
     space.trials()  # builds every TrainConfig: bad training values fail here, before any work
     return space
+
+
+def _range(what: str, method: str, key: str, table: dict, gradients: list) -> list[ParameterRange]:
+    bounds = table[key]
+    _check_keys(bounds, {"min", "max"}, f"{what}'s {key} range")
+    low, high = bounds.get("min"), bounds.get("max")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not numbers or not 0 < low < high or (key == "steps" and not (float(low).is_integer() and float(high).is_integer())):
+        kind = "whole numbers 1 <= min < max" if key == "steps" else "numbers 0 < min < max"
+        raise ValueError(f"{what}: {key} = {bounds!r} is no range; allowed: {{min = ..., max = ...}} with {kind}")
+    out = []
+    for gradient in gradients:
+        r = ParameterRange(method, key, float(low), float(high), gradient, table.get("max_steps"),
+                           {k: v for k, v in table.items() if k in TRAINING_KEYS})
+        r.setting(low), r.setting(high)  # both ends must be valid settings
+        out.append(r)
+    return out
