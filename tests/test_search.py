@@ -75,11 +75,12 @@ def test_the_ladder_s_ends():
 def test_rungs_beyond_the_confirming_ones_become_useless():
     ladder = Ladder([1, 2, 4, 8, 16], adaptive=False, confirm=2, refine=float("inf"))
     assert ladder.wanted() == ([1, 2], [4, 8, 16])  # needed, then speculative
-    ladder.record(1, False)
+    ladder.record(2, False)
     assert ladder.useful(16)
-    ladder.record(2, True)
-    ladder.record(4, True)  # confirmed: 2 steps
-    assert not ladder.useful(8) and not ladder.useful(16)
+    assert ladder.useful(1)  # coarser than the candidate: it finishes, showing whether the ladder is monotone
+    ladder.record(4, True)
+    ladder.record(8, True)  # confirmed: 4 steps
+    assert not ladder.useful(16)
     assert ladder.wanted() == ([], [])
 
 
@@ -103,6 +104,10 @@ def test_bisect_takes_whole_steps_between_the_ends():
     (["--refine", "nan"], "--refine must be a ratio > 1"),
     (["--confirm", "0"], "--confirm must be an integer >= 1"),
     (["--space", "tiny"], "sphere2/rk4/backprop: a search needs at least 2 rungs"),
+    (["--sampler", "cmaes"], "unknown --sampler 'cmaes'; allowed: tpe, nsga2, random"),
+    (["--space", "quick", "--sampler", "tpe"], "--sampler configure an Optuna study, for spaces with ranges"),
+    (["--space", "sphere2_cheapest", "--refine", "1.5"], "--refine configure a ladder search; this space gives ranges"),
+    (["--space", "sphere2_cheapest", "--samples", "0"], "--samples must be an integer >= 1"),
 ])
 def test_bad_input_fails_before_ray_starts(args, expected, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tune_node.search", *args, "--storage", str(tmp_path)],
@@ -206,3 +211,64 @@ def test_a_killed_search_resumes_without_retraining_a_finished_rung(ray_cluster,
     assert summary.loc[0, "status"] in ("found", "coarsest", "none", "unconfirmed")
     if summary.loc[0, "status"] in ("found", "coarsest"):  # the rule on the rungs trained agrees
         assert critical_steps(collect(exp), threshold=0.02).loc[0, "critical_steps"] == summary.loc[0, "critical_steps"]
+
+
+def test_the_grid_refuses_a_space_with_ranges(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tune_node.grid", "--space", "sphere2_cheapest", "--storage", str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and "gives ranges" in proc.stderr and "tune_node.search" in proc.stderr
+
+
+def test_the_optuna_study_finds_the_cheapest_independent_setting_per_method_and_resumes_after_sigint(ray_cluster, tmp_path):
+    space = tmp_path / "ranges.toml"
+    space.write_text("""description = "test ranges"
+dataset = "sphere2"
+seeds = [1]
+[training]
+iterations = 100
+lr = 3e-3
+report_every = 10
+test_every = 50
+[[solvers]]
+method = "euler"
+steps = {min = 1, max = 8}
+[[solvers]]
+method = "rk4"
+steps = {min = 1, max = 4}
+""")
+    exp = tmp_path / "study"
+    cmd = [sys.executable, "-m", "tune_node.search", "--space", str(space), "--storage", str(tmp_path), "--name", "study",
+           "--cpus", "2", "--samples", "6", "--threshold", "0.5", "--objectives", "nfe,accuracy"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and len(list(exp.glob("*/checkpoint_*/final.json"))) < 2:
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    finished = {p: p.read_text() for p in exp.glob("*/checkpoint_*/final.json")}
+    assert 2 <= len(finished) < 6
+    assert main(["--storage", str(tmp_path), "--name", "study", "--resume"]) == 0
+    for path, text in finished.items():
+        assert path.read_text() == text  # finished settings are not trained again
+    study = pd.read_csv(exp / "study.csv")
+    assert len(study) == 6 and study["ray_trial"].is_unique
+    assert len(list(exp.glob("*/checkpoint_*/final.json"))) == 6
+    # Each trial's verdict is the rule's on its own rows of the results table.
+    table = collect(exp)
+    for r in study.itertuples():
+        rows = table[table.trial_id == r.ray_trial]
+        steps = int(rows.train_steps.iloc[0])
+        assert steps == r.value
+        assert r.feasible == (critical_steps(rows, threshold=0.5).loc[0, "status"] == "coarsest")
+    cheapest = pd.read_csv(exp / "cheapest.csv")
+    for r in cheapest.itertuples():
+        mine = study[(study.method == r.method) & study.feasible]
+        assert r.nfe_per_iteration == mine.nfe_per_iteration.min()
+    assert set(cheapest.method) == set(study[study.feasible].method)
+    front = pd.read_csv(exp / "front.csv")
+    assert len(front) >= 1 and front.feasible.all() and (exp / "front.png").stat().st_size > 0
+    for r in front.itertuples():  # nothing feasible is both cheaper and more accurate
+        better = study[study.feasible & (study.nfe_per_iteration <= r.nfe_per_iteration) & (study.accuracy >= r.accuracy)
+                       & ((study.nfe_per_iteration < r.nfe_per_iteration) | (study.accuracy > r.accuracy))]
+        assert better.empty

@@ -333,6 +333,10 @@ def _run(args, argv: list[str] | None):
             trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
         except (SearchSpaceError, ValueError) as err:
             raise UsageError(str(err))
+        if space.ranges:
+            raise UsageError(f"search space {space.name!r} ({space.path}) gives ranges (steps = {{min = ..., max = ...}}), "
+                             f"which a grid cannot enumerate: run python -m tune_node.search --space {args.space}, an Optuna "
+                             f"study, or give lists of values")
         if not trials:
             raise UsageError(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
                          f"at least one step count or tolerance")

@@ -14,18 +14,20 @@ The search in two phases:
    start). The candidate critical rung is the next finer one, *c*; it is confirmed when
    it and the ``confirm - 1`` rungs after it are trained and solver-independent. So the
    rungs from *c* to ``c + confirm - 1`` are needed, finer ones speculative (needed if one
-   of those turns out dependent), coarser ones useless. This is the rule of
+   of those turns out dependent); coarser ones cannot move the answer, but one already in
+   training finishes (it is cheap and shows whether the ladder is monotone). This is the rule of
    :func:`~tune_node.results.critical_steps` applied to the rungs trained: the coarsest
    setting from which every finer trained one is independent.
-   Once the candidate has one independent rung, the first bisection point of the
-   bracket below it comes first among the speculative rungs: it is needed if the
-   candidate is confirmed, the likelier outcome, and cheaper than the next rung up.
+   Once the candidate has one independent rung, the refinement points of the bracket
+   below it come first among the speculative rungs: they are needed if the candidate is
+   confirmed, the likelier outcome, and cheaper than the rungs further up.
 2. **Refinement.** With a bracket (*d* dependent, *c* independent) wider than
    ``refine`` (a ratio of step counts, or of tolerances), the setting halfway in
    log h (``round(sqrt(steps_d * steps_c))`` steps; ``sqrt(tol_d * tol_c)``) is trained
    and replaces the end of the bracket its verdict matches, until the ratio is at most
-   ``refine`` or, for steps, no whole number lies between the ends. The two settings the
-   next bisection may need are speculative.
+   ``refine`` or, for steps, no whole number lies between the ends. With several slots,
+   each further point goes into the widest gap that the points in training leave; a
+   point in training inside the bracket is never stopped (either verdict narrows it).
 
 **The assumption**, and its risk: solver-independence is taken to be monotone in the
 step size beyond the confirmed rungs and inside the bracket (a finer solver does not
@@ -191,38 +193,60 @@ class Ladder:
         return LadderState("refine", "running", low, high, ratio, notes,
                            f"bracket {self.label(low)} - {self.label(high)} (ratio {ratio:.3g} > {self.refine:g}): bisect")
 
-    def wanted(self) -> tuple[list[float], list[float]]:
+    def wanted(self, running=()) -> tuple[list[float], list[float]]:
         """``(needed, speculative)``: untrained settings the answer needs now, and those it may need
-        next (each coarse to fine, the cheap first)."""
+        next (each coarse to fine, the cheap first), given the settings ``running`` (in training:
+        a refinement point goes into the widest part of the bracket that they leave)."""
         state = self.state()
         if state.phase == "done":
             return [], []
-        if state.phase == "climb":
-            c, support = self._climb()
-            window = self.rungs[c:c + self.confirm]
-            needed = [r for r in window if r not in self.verdicts]
-            speculative = [r for r in self.rungs[c + self.confirm:] if r not in self.verdicts]
-            if c > 0 and support > 0:  # the candidate holds so far: the first bisection is likely next
-                first = self._first_bisection(self.rungs[c - 1], self.rungs[c])
-                if first is not None and first not in self.verdicts:
-                    speculative.insert(0, first)
-            return needed, speculative
-        low, high = state.dependent, state.critical
-        middle = bisect(low, high, adaptive=self.adaptive)
-        children = [m for m in (bisect(low, middle, adaptive=self.adaptive), bisect(middle, high, adaptive=self.adaptive))
-                    if m is not None and m not in self.verdicts]
-        return [middle], sorted(children, key=self.fineness)
+        running = {float(v) for v in running}
+        if state.phase == "refine":
+            return self._split(state.dependent, state.critical, running), []
+        c, support = self._climb()
+        window = self.rungs[c:c + self.confirm]
+        needed = [r for r in window if r not in self.verdicts]
+        speculative = [r for r in self.rungs[c + self.confirm:] if r not in self.verdicts]
+        if c > 0 and support > 0:  # the candidate holds so far: the bracket's refinement is likely next
+            speculative = self._split(*self._bracket(c), running) + speculative
+        return needed, speculative
 
-    def _first_bisection(self, coarse: float, fine: float) -> float | None:
-        if self.ratio(coarse, fine) <= self.refine * (1 + 1e-9):
-            return None
-        return bisect(coarse, fine, adaptive=self.adaptive)
+    def _split(self, low: float, high: float, running: set[float]) -> list[float]:
+        """The next refinement point of the bracket ``low`` - ``high``: the middle of the widest gap
+        that the points in training leave, if that gap is wider than ``refine`` (else none)."""
+        inside = sorted((v for v in running if self.fineness(low) < self.fineness(v) < self.fineness(high)), key=self.fineness)
+        ends = [low, *inside, high]
+        gaps = sorted(zip(ends, ends[1:]), key=lambda g: -self.ratio(*g))
+        for a, b in gaps:
+            if self.ratio(a, b) <= self.refine * (1 + 1e-9):
+                break
+            middle = bisect(a, b, adaptive=self.adaptive)
+            if middle is not None and middle not in self.verdicts and middle not in running:
+                return [middle]
+        return []
+
+    def _inside_bracket(self, value: float) -> bool:
+        """Whether ``value`` lies strictly inside the bracket being refined (or about to be)."""
+        c, support = self._climb()
+        if c == 0 or c >= len(self.rungs) or support == 0:
+            return False
+        low, high = self._bracket(c)
+        return self.ratio(low, high) > self.refine * (1 + 1e-9) and self.fineness(low) < self.fineness(value) < self.fineness(high)
 
     def useful(self, value: float) -> bool:
-        """Whether training ``value`` can still change this group's answer: its verdict is not
-        known, and it is needed or speculative (:meth:`wanted`)."""
+        """Whether a setting in training should go on: its verdict is not known, the search is not
+        done, and it is needed or speculative (:meth:`wanted`), or inside the bracket being
+        refined (either verdict narrows it), or a ladder rung coarser than the candidate
+        critical one (cheap, and it shows whether the ladder is monotone)."""
         value = float(value)
         if value in self.verdicts:
             return False
+        if self.state().phase == "done":
+            return False
         needed, speculative = self.wanted()
-        return value in needed or value in speculative
+        if value in needed or value in speculative or self._inside_bracket(value):
+            return True
+        # A rung coarser than the candidate no longer moves the answer, but it is cheap and tells
+        # whether the ladder is monotone: one in training finishes.
+        c, _ = self._climb()
+        return value in self.rungs and c < len(self.rungs) and self.fineness(value) < self.fineness(self.rungs[c])

@@ -147,6 +147,7 @@ def make_searcher(groups: dict[str, dict], experiment_dir: Path, *, threshold: f
             self.stopped: dict[str, int] = {k: 0 for k in groups}
             self.settings: dict[tuple[str, float], dict] = {}  # the rule's row of each trained setting
             self.decisions: list[dict] = []
+            self.failures: dict[tuple[str, float], int] = {}
             self.started = time.time()
 
         # --- what to train -------------------------------------------------------------
@@ -156,7 +157,7 @@ def make_searcher(groups: dict[str, dict], experiment_dir: Path, *, threshold: f
             busy = {(g, v) for g, v, _ in self.running.values()}
             options = []
             for key, group in self.groups.items():
-                needed, speculative = group["ladder"].wanted()
+                needed, speculative = group["ladder"].wanted(running=[v for g, v in busy if g == key])
                 for tier, values in ((0, needed), (1, speculative)):
                     for depth, value in enumerate(values):
                         if (key, value) not in busy:
@@ -197,8 +198,14 @@ def make_searcher(groups: dict[str, dict], experiment_dir: Path, *, threshold: f
                 self._decide(key, value, role, trial_id, "stopped", f"stopped: {ladder.label(value)} can no longer change the answer")
                 return
             if error:
-                ladder.fail(value)
-                self._decide(key, value, role, trial_id, "failed", "the trial failed (see its error.txt); this group stops")
+                # A trial can fail for reasons of its own (a checkpoint lost to a killed driver): the
+                # rung is tried once more as a fresh trial before the group gives up.
+                self.failures[(key, value)] = self.failures.get((key, value), 0) + 1
+                if self.failures[(key, value)] >= 2:
+                    ladder.fail(value)
+                why = ("the trial failed (see its error.txt); this group stops" if ladder.failed is not None
+                       else "the trial failed (see its error.txt); the rung is trained again as a new trial")
+                self._decide(key, value, role, trial_id, "failed", why)
                 return
             self._sync()
             if value not in ladder.verdicts:
@@ -520,7 +527,7 @@ def _display(summary) -> list[dict]:
 
     rows = []
     for r in summary.to_dict("records"):
-        unit = "steps" if pd.notna(r["critical_steps"]) or pd.notna(r["dependent_steps"]) else "tol"
+        unit = "tol" if METHODS[r["train_method"]].adaptive else "steps"
         ends = [r[f"dependent_{unit}"], r[f"critical_{unit}"]]
         text = " - ".join("?" if pd.isna(v) else (f"{int(v)}" if unit == "steps" else f"{v:g}") for v in ends)
         rows.append({
