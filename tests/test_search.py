@@ -84,6 +84,21 @@ def test_rungs_beyond_the_confirming_ones_become_useless():
     assert ladder.wanted() == ([], [])
 
 
+def test_parallel_refinement_fills_the_widest_gap_and_keeps_points_inside_the_bracket():
+    ladder = Ladder([16, 32, 64, 128], adaptive=False, confirm=2, refine=1.25)
+    for value, independent in ((16, False), (32, False), (64, True)):
+        ladder.record(value, independent)
+    # 128 is still needed; the bracket's first bisection is the best speculative rung, ahead of nothing finer.
+    assert ladder.wanted() == ([128], [45])
+    ladder.record(45, False)
+    assert ladder.wanted(running=[128]) == ([128], [54])
+    ladder.record(128, True)  # confirmed: refine 45 - 64
+    assert ladder.wanted(running=[54]) == ([], [])  # 54 leaves both gaps within 1.25: wait for it
+    assert ladder.useful(54) and not ladder.useful(256)
+    ladder.record(54, True)
+    assert ladder.state().status == "found" and (ladder.state().dependent, ladder.state().critical) == (45, 54)
+
+
 def test_tolerance_ladders_climb_from_large_to_small_and_bisect_in_log():
     ladder = Ladder([1e-2, 1e-3, 1e-4, 1e-5, 1e-6], adaptive=True, confirm=2, refine=1.25)
     order = run_ladder(ladder, lambda tol: tol <= 2e-4)

@@ -360,8 +360,10 @@ def run_search(space="quick", **options):
     """Run a critical-step search from Python; the same work as ``python -m tune_node.search``.
 
     ``space`` and ``options`` as for :func:`tune_node.grid.run_grid` (plus ``confirm=``,
-    ``refine=``). Returns the search summary (:data:`SUMMARY_COLUMNS`, one row per group)
-    as a DataFrame; raises :class:`~tune_node.cli.UsageError` for bad input, before any work.
+    ``refine=``; ``sampler=``, ``samples=``, ``objectives=`` for a study). Returns the search
+    summary (:data:`SUMMARY_COLUMNS`, one row per group) as a DataFrame, or for a space with
+    ranges the Optuna study's table (``study.csv``); raises :class:`~tune_node.cli.UsageError`
+    for bad input, before any work.
     """
     from .experiment import run_from_python
 
@@ -383,9 +385,10 @@ def _run(args, argv: list[str] | None):
             raise UsageError(f"--resume continues the search as it was started; drop {', '.join(changed)}")
         experiment_dir, saved, trials, space_name = resumed_experiment(args, storage, name, "search")
         if "study" in saved:
-            return _run_study(args, argv, None, saved), None
+            return _run_study(args, argv, None, saved)
         confirm, refine = saved["confirm"], saved["refine"]
         description = saved.get("description", "")
+        args.threshold = saved.get("threshold", args.threshold)  # the restored searcher judges with its own
     else:
         try:
             space = load_space(args.space or "quick").with_overrides(
@@ -394,7 +397,7 @@ def _run(args, argv: list[str] | None):
         except (SearchSpaceError, ValueError) as err:
             raise UsageError(str(err))
         if space.ranges:
-            return _run_study(args, argv, space, None), None
+            return _run_study(args, argv, space, None)
         study_options = [f"--{k}" for k in ("sampler", "samples", "objectives") if getattr(args, k) is not None]
         if study_options:
             raise UsageError(f"{', '.join(study_options)} configure an Optuna study, for spaces with ranges "
@@ -449,8 +452,9 @@ def _run(args, argv: list[str] | None):
     return finish(experiment_dir, int(not (running or failed)), 1, results, "tune_node.search", storage, name), summary
 
 
-def _run_study(args, argv, space, saved) -> int:
-    """The Optuna study of a space with ranges (:mod:`tune_node.experiments.optuna_study`); exit status."""
+def _run_study(args, argv, space, saved):
+    """The Optuna study of a space with ranges (:mod:`tune_node.experiments.optuna_study`):
+    ``(exit status, study table or None)``."""
     from .optuna_study import make_optuna_searcher, read_study, write_study
 
     storage = Path(args.storage).resolve()
@@ -476,7 +480,7 @@ def _run_study(args, argv, space, saved) -> int:
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
         rows = [{"method": r.label, r.key: f"{r.low:g} .. {r.high:g} (log)", "seeds": len(space.seeds)} for r in space.ranges]
-        return print_dry_run(f"Optuna study of {space.name!r} -> {experiment_dir}; {plan}", rows, args.gpus)
+        return print_dry_run(f"Optuna study of {space.name!r} -> {experiment_dir}; {plan}", rows, args.gpus), None
     command = command_line("tune_node.search", argv)
     folder = open_existing(storage, name, "search", command)[0] if saved else open_new(storage, name, "search", command)
     problem = start_experiment(
@@ -512,7 +516,7 @@ def _run_study(args, argv, space, saved) -> int:
                              "accuracy": f"{100 * r['accuracy']:.1f} %", "worst difference": f"{100 * r['max_difference']:.1f} points"}
                             for r in cheapest.to_dict("records")]))
     complete = len(table) >= study["samples"] and not any(results[i].error is not None for i in range(len(results)))
-    return finish(experiment_dir, int(complete), 1, results, "tune_node.search", storage, name)
+    return finish(experiment_dir, int(complete), 1, results, "tune_node.search", storage, name), table
 
 
 def _final_summary(experiment_dir: Path):
