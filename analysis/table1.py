@@ -2,12 +2,14 @@
 
 Usage::
 
-    python -m analysis.table1 GRID_DIR ADAPT_DIR [--out DIR] [--critical-fn MODULE:FUNCTION]
+    python -m analysis.table1 GRID_DIR ADAPT_DIR [--search SEARCH_DIR] [--out DIR] [--critical-fn MODULE:FUNCTION]
 
-Reads ``GRID_DIR/results.csv`` (one row per grid trial and test setting) and
+Reads ``GRID_DIR/results.csv`` (one row per grid trial and test setting),
 ``ADAPT_DIR/adaptation.csv`` (one row per adaptation trial, see
-:mod:`tune_node.adaptation_results`), writes ``table1.md`` and ``table1.csv`` to
-``--out`` (default ``ADAPT_DIR``) and prints the Markdown table.
+:mod:`tune_node.adaptation_results`) and, with ``--search``,
+``SEARCH_DIR/search_summary.csv`` (one row per group of the critical-step search),
+writes ``table1.md`` and ``table1.csv`` to ``--out`` (default ``ADAPT_DIR``) and
+prints the Markdown table.
 
 One row per (dataset, train method, gradient) present in both, and per adaptation
 test method:
@@ -22,7 +24,13 @@ test method:
   training (every trial of that train method: all step sizes or tolerances, all
   seeds; forward and backward) against those of the adaptation trials (forward,
   backward and checks), and the summed wall-clock time of the trials of each.
-  Post-training test evaluations are left out on both sides.
+  Post-training test evaluations are left out on both sides;
+- with ``--search``, the critical-step search (coarse-to-fine climb plus bisection)
+  beside them: the bracket it found (finest solver-dependent to coarsest
+  solver-independent step count, or tolerance, and their ratio; its status word
+  where it found no bracket), the accuracy mean +- std over seeds at its critical
+  setting, the function evaluations it spent training (forward and backward,
+  stopped rungs included), grid over search total NFE, and its summed wall-clock time.
 """
 
 from __future__ import annotations
@@ -39,9 +47,11 @@ __all__ = [
     "CRITICAL_COLUMNS",
     "GRID_COLUMNS",
     "ADAPTATION_COLUMNS",
+    "SEARCH_COLUMNS",
     "DEFAULT_CRITICAL_FN",
     "grid_costs",
     "adaptation_summary",
+    "search_costs",
     "build_table1",
     "to_markdown",
     "main",
@@ -53,6 +63,10 @@ CRITICAL_COLUMNS = ("dataset", "train_method", "gradient", "critical_steps", "cr
 GRID_COLUMNS = ("trial_id", "dataset", "train_method", "gradient", "total_nfe_forward", "total_nfe_backward", "wall_time")
 ADAPTATION_COLUMNS = ("trial_id", "dataset", "mode", "train_method", "test_method", "seed", "test_accuracy",
                       "nfe_per_iteration", "check_nfe", "total_nfe", "wall_time")
+# The critical-step search's search_summary.csv: one row per (dataset, train_method, gradient).
+SEARCH_COLUMNS = ("dataset", "train_method", "gradient", "status", "dependent_steps", "critical_steps", "dependent_tol",
+                  "critical_tol", "bracket_ratio", "accuracy_mean", "accuracy_std", "seeds", "rungs_trained", "rungs_stopped",
+                  "train_nfe", "wall_time", "non_monotone")
 DEFAULT_CRITICAL_FN = "analysis.critical_step:critical_steps"
 KEY = ["dataset", "train_method", "gradient"]
 
@@ -109,7 +123,22 @@ def adaptation_summary(adapt: pd.DataFrame) -> pd.DataFrame:
                  adapt_wall_time=("wall_time", "sum")))
 
 
-def build_table1(grid: pd.DataFrame, adapt: pd.DataFrame, critical_fn: CriticalFn) -> pd.DataFrame:
+def search_costs(search: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, train_method, gradient): the search's status, bracket, accuracy at the critical setting and cost.
+
+    ``search`` is the search's ``search_summary.csv`` (:data:`SEARCH_COLUMNS`);
+    ``search_total_nfe`` is its ``train_nfe``, the training evaluations of all rungs,
+    stopped ones included.
+    """
+    _require(search, SEARCH_COLUMNS, "search summary")
+    kept = ["status", "dependent_steps", "critical_steps", "dependent_tol", "critical_tol", "bracket_ratio",
+            "accuracy_mean", "accuracy_std", "seeds", "train_nfe", "wall_time"]
+    names = {c: f"search_{c}" for c in kept} | {"train_nfe": "search_total_nfe"}
+    return search[KEY + kept].rename(columns=names).reset_index(drop=True)
+
+
+def build_table1(grid: pd.DataFrame, adapt: pd.DataFrame, critical_fn: CriticalFn,
+                 search: pd.DataFrame | None = None) -> pd.DataFrame:
     """Table 1 as a DataFrame: grid columns (``grid_*``) beside adaptation columns (``adapt_*``).
 
     Arguments:
@@ -117,9 +146,12 @@ def build_table1(grid: pd.DataFrame, adapt: pd.DataFrame, critical_fn: CriticalF
         adapt: the adaptation results table (``adaptation.csv``).
         critical_fn: the critical-step analysis, ``critical_fn(grid)`` returning
             :data:`CRITICAL_COLUMNS`.
+        search: optionally the critical-step search's summary (``search_summary.csv``).
 
     Rows are the (dataset, train method, gradient) groups that both sides have,
     one per adaptation test method; ``cost_ratio`` is grid over adaptation total NFE.
+    With ``search``, its columns (``search_*``, empty for groups it lacks) follow,
+    and ``search_cost_ratio`` is grid over search total NFE.
     """
     critical = critical_fn(grid)
     _require(critical, CRITICAL_COLUMNS, "critical-step table")
@@ -127,6 +159,9 @@ def build_table1(grid: pd.DataFrame, adapt: pd.DataFrame, critical_fn: CriticalF
     left = critical.merge(grid_costs(grid), on=KEY, how="left")
     table = left.merge(adaptation_summary(adapt), on=KEY, how="inner")
     table["cost_ratio"] = table["grid_total_nfe"] / table["adapt_total_nfe"]
+    if search is not None:
+        table = table.merge(search_costs(search), on=KEY, how="left", validate="many_to_one")
+        table["search_cost_ratio"] = table["grid_total_nfe"] / table["search_total_nfe"]
     order = KEY + ["mode", "test_method"] + [c for c in table.columns if c not in KEY + ["mode", "test_method"]]
     return table[order].sort_values(KEY + ["test_method"]).reset_index(drop=True)
 
@@ -156,11 +191,49 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _tol(x: float) -> str:
+    """A tolerance in short scientific notation: 1e-4, 2.5e-5."""
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _bracket(r) -> str:
+    """The search's bracket ("32-38 steps (1.19x)", "tol 1e-4-5e-5 (2.00x)") or, without one, its status."""
+    if not isinstance(r.search_status, str):
+        return "–"
+    steps = not pd.isna(r.search_critical_steps) or not pd.isna(r.search_dependent_steps)
+    critical = r.search_critical_steps if steps else r.search_critical_tol
+    dependent = r.search_dependent_steps if steps else r.search_dependent_tol
+    if r.search_status == "none":
+        return "none found"
+    if pd.isna(critical):
+        return r.search_status
+    if pd.isna(dependent):
+        setting = f"{_number(critical)} step{'' if critical == 1 else 's'}" if steps else f"tol {_tol(critical)}"
+        return f"{r.search_status}: {setting}"
+    text = f"{_number(dependent)}-{_number(critical)} steps" if steps else f"tol {_tol(dependent)}-{_tol(critical)}"
+    if not pd.isna(r.search_bracket_ratio):
+        text += f" ({r.search_bracket_ratio:.2f}x)"
+    return text if r.search_status == "found" else f"{r.search_status}: {text}"
+
+
+def _ratio(x: float) -> str:
+    return "–" if pd.isna(x) else f"{x:.1f}x"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """The paper's layout (data set, grid NFE and accuracy, adaptation NFE and accuracy) plus cost columns."""
+    """The paper's layout (data set, grid NFE and accuracy, adaptation NFE and accuracy) plus cost columns.
+
+    A table with search columns (``build_table1(..., search=...)``) gains the search's
+    bracket, accuracy, total NFE, grid / search ratio and wall-clock after the
+    adaptation wall-clock.
+    """
+    with_search = "search_status" in table.columns
+    search_header = ("| Search bracket | Search accuracy | Search total NFE | Grid / search | Search wall-clock "
+                     if with_search else "")
     header = ("| Data set | Solvers (train / test) | Grid NFE | Grid accuracy | Adaptation NFE | Adaptation accuracy "
               "| Grid total NFE | Adaptation total NFE | Grid / adaptation | Grid wall-clock | Adaptation wall-clock "
-              "| Seeds (grid used / excluded, adaptation) |")
+              f"{search_header}| Seeds (grid used / excluded, adaptation) |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in table.itertuples(index=False):
         data = DATASET_NAMES.get(r.dataset, r.dataset)
@@ -169,6 +242,13 @@ def to_markdown(table: pd.DataFrame) -> str:
             solvers += f" ({r.gradient})"
         if r.mode == "tolerance":
             solvers += ", tolerance"
+        search_cells = [
+            _bracket(r),
+            _percent(r.search_accuracy_mean, r.search_accuracy_std),
+            _number(r.search_total_nfe),
+            _ratio(r.search_cost_ratio),
+            _duration(r.search_wall_time),
+        ] if with_search else []
         lines.append(" | ".join([
             f"| {data}",
             solvers,
@@ -178,9 +258,10 @@ def to_markdown(table: pd.DataFrame) -> str:
             _percent(r.adapt_accuracy_mean, r.adapt_accuracy_std),
             _number(r.grid_total_nfe),
             _number(r.adapt_total_nfe),
-            "–" if pd.isna(r.cost_ratio) else f"{r.cost_ratio:.1f}x",
+            _ratio(r.cost_ratio),
             _duration(r.grid_wall_time),
             _duration(r.adapt_wall_time),
+            *search_cells,
             f"{_count(r.grid_seeds)} / {_count(r.grid_excluded_seeds)}, {_count(r.adapt_seeds)} |",
         ]))
     return "\n".join(lines) + "\n"
@@ -219,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write table1.md and table1.csv (default: ADAPT_DIR)")
     parser.add_argument("--critical-fn", default=DEFAULT_CRITICAL_FN,
                         help=f"critical-step function MODULE:FUNCTION (default {DEFAULT_CRITICAL_FN})")
+    parser.add_argument("--search", type=Path, default=None, metavar="SEARCH_DIR",
+                        help="critical-step search experiment directory holding search_summary.csv")
     args = parser.parse_args(argv)
     try:
         grid = _read(args.grid_dir / "results.csv", "grid results table")
         adapt = _read(args.adapt_dir / "adaptation.csv", "adaptation results table")
-        table = build_table1(grid, adapt, load_critical_fn(args.critical_fn))
+        search = _read(args.search / "search_summary.csv", "search summary") if args.search else None
+        table = build_table1(grid, adapt, load_critical_fn(args.critical_fn), search)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

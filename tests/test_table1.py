@@ -4,7 +4,7 @@ import types
 import pandas as pd
 import pytest
 
-from analysis.table1 import CRITICAL_COLUMNS, build_table1, grid_costs, main, to_markdown
+from analysis.table1 import CRITICAL_COLUMNS, SEARCH_COLUMNS, build_table1, grid_costs, main, search_costs, to_markdown
 
 TEST_SETTINGS = ({"test_method": "euler", "factor": 1.0}, {"test_method": "midpoint", "factor": 1.0}, {"test_method": "rk4", "factor": 2.0})
 
@@ -120,6 +120,97 @@ def test_cli_writes_markdown_and_csv(tmp_path, monkeypatch, capsys):
     csv = pd.read_csv(tmp_path / "out" / "table1.csv")
     assert len(csv) == 3 and csv.loc[csv.dataset == "sphere2", "adapt_seeds"].tolist() == [3, 1]
     assert (tmp_path / "out" / "table1.md").read_text() in printed
+
+
+def search_table(**cifar) -> pd.DataFrame:
+    """A hand-made search summary: Sphere2 Euler bracketed at 32-38 steps, CIFAR10 Euler (overridable) at its coarsest."""
+    nan = float("nan")
+    rows = [("sphere2", "euler", "backprop", "found", 32, 38, nan, nan, 38 / 32, 0.985, 0.005, 3, 9, 4, 1240, 150.0, False),
+            ("cifar10", "euler", "backprop", "coarsest", nan, 1, nan, nan, nan, 0.5, nan, 1, 2, 0, 64, 7300.0, False),
+            ("sphere2", "rk4", "backprop", "found", 4, 5, nan, nan, 1.25, 0.99, 0.0, 2, 5, 1, 300, 20.0, True)]
+    search = pd.DataFrame(rows, columns=list(SEARCH_COLUMNS))
+    for column, value in cifar.items():
+        search.loc[search.dataset == "cifar10", column] = value
+    return search
+
+
+def test_table1_with_search_columns():
+    table = build_table1(grid_table(), adaptation_table(), critical, search_table())
+    plain = build_table1(grid_table(), adaptation_table(), critical)
+    # The search adds columns after the existing ones and changes neither rows nor values.
+    assert list(table.columns[:len(plain.columns)]) == list(plain.columns)
+    pd.testing.assert_frame_equal(table[plain.columns], plain)
+    assert list(table.columns[len(plain.columns):]) == [
+        "search_status", "search_dependent_steps", "search_critical_steps", "search_dependent_tol", "search_critical_tol",
+        "search_bracket_ratio", "search_accuracy_mean", "search_accuracy_std", "search_seeds", "search_total_nfe",
+        "search_wall_time", "search_cost_ratio"]
+    sphere = table[table.dataset == "sphere2"]
+    assert len(sphere) == 2 and (sphere.search_status == "found").all() and (sphere.search_total_nfe == 1240).all()
+    assert (sphere.search_dependent_steps == 32).all() and (sphere.search_critical_steps == 38).all()
+    assert sphere.search_bracket_ratio.tolist() == pytest.approx([38 / 32] * 2)
+    assert sphere.search_cost_ratio.tolist() == pytest.approx([7680 / 1240] * 2)
+    cifar = table[table.dataset == "cifar10"].iloc[0]
+    assert cifar.search_status == "coarsest" and pd.isna(cifar.search_dependent_steps) and cifar.search_wall_time == 7300.0
+    assert cifar.search_cost_ratio == pytest.approx(640 / 64)
+
+    md = to_markdown(table).splitlines()
+    assert md[0].endswith("| Grid wall-clock | Adaptation wall-clock | Search bracket | Search accuracy | Search total NFE "
+                          "| Grid / search | Search wall-clock | Seeds (grid used / excluded, adaptation) |")
+    assert md[0].count("|") == md[1].count("|") == md[2].count("|") == md[3].count("|")
+    assert ("| Concentric spheres 2d | Euler / Midpoint | 65-129 | 98.7 ± 1.0 % | 100.5 | 99.0 ± 1.0 % | 7680 | 5703 | 1.3x "
+            "| 10.0 min | 93 s | 32-38 steps (1.19x) | 98.5 ± 0.5 % | 1240 | 6.2x | 2.5 min | 5 / 0, 3 |") in md
+    assert ("| CIFAR10 | Euler / Midpoint | 17-33 | 54.7 ± 0.3 % | 21.9 | 55.0 % | 640 | 1904 | 0.3x | 33.4 min | 8.3 min "
+            "| coarsest: 1 step | 50.0 % | 64 | 10.0x | 2.0 h | 4 / 1, 1 |") in md
+    # Without search columns the Markdown is what it always was.
+    assert to_markdown(table[plain.columns]) == to_markdown(plain)
+    assert "Search" not in to_markdown(plain)
+
+
+@pytest.mark.parametrize("cifar,bracket", [
+    ({"status": "none", "critical_steps": float("nan"), "dependent_steps": 1}, "none found"),
+    ({"status": "coarsest", "critical_steps": 4}, "coarsest: 4 steps"),
+    ({"status": "found", "critical_steps": float("nan"), "dependent_tol": 1e-4, "critical_tol": 5e-5, "bracket_ratio": 2.0},
+     "tol 1e-4-5e-5 (2.00x)"),
+    ({"status": "unconfirmed", "dependent_steps": 8, "critical_steps": 12, "bracket_ratio": 1.5}, "unconfirmed: 8-12 steps (1.50x)"),
+    ({"status": "running", "critical_steps": float("nan")}, "running"),
+])
+def test_search_bracket_text(cifar, bracket):
+    md = to_markdown(build_table1(grid_table(), adaptation_table(), critical, search_table(**cifar)))
+    row = next(line for line in md.splitlines() if line.startswith("| CIFAR10"))
+    assert row.split(" | ")[11] == bracket
+
+
+def test_search_group_missing_is_a_dash():
+    table = build_table1(grid_table(), adaptation_table(), critical, search_table().query("dataset != 'cifar10'"))
+    cifar = table[table.dataset == "cifar10"].iloc[0]
+    assert pd.isna(cifar.search_status) and pd.isna(cifar.search_cost_ratio)
+    row = next(line for line in to_markdown(table).splitlines() if line.startswith("| CIFAR10"))
+    assert row.split(" | ")[11:16] == ["–"] * 5
+
+
+def test_search_summary_missing_columns_is_a_clear_error():
+    with pytest.raises(ValueError, match="search summary lacks columns bracket_ratio, train_nfe"):
+        search_costs(search_table().drop(columns=["train_nfe", "bracket_ratio"]))
+    with pytest.raises(ValueError, match="search summary lacks columns status"):
+        build_table1(grid_table(), adaptation_table(), critical, search_table().drop(columns=["status"]))
+
+
+def test_cli_with_search(tmp_path, monkeypatch, capsys):
+    grid_dir, adapt_dir = write_inputs(tmp_path)
+    search_dir = tmp_path / "search"
+    search_dir.mkdir()
+    search_table().to_csv(search_dir / "search_summary.csv", index=False)
+    monkeypatch.setitem(sys.modules, "hand_critical", types.SimpleNamespace(critical=critical))
+    args = [str(grid_dir), str(adapt_dir), "--out", str(tmp_path / "out"), "--critical-fn", "hand_critical:critical"]
+    assert main(args + ["--search", str(search_dir)]) == 0
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert "Search bracket" in md and "| 32-38 steps (1.19x) |" in md and "| coarsest: 1 step |" in md
+    csv = pd.read_csv(tmp_path / "out" / "table1.csv")
+    assert csv.loc[csv.dataset == "cifar10", "search_status"].tolist() == ["coarsest"]
+    assert csv.loc[csv.dataset == "sphere2", "search_cost_ratio"].tolist() == pytest.approx([7680 / 1240] * 2)
+    capsys.readouterr()
+    assert main(args + ["--search", str(tmp_path / "nowhere")]) == 2
+    assert "error: no search summary at" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
