@@ -249,7 +249,9 @@ def read_record(folder: str | Path, kind: str) -> dict:
     except ValueError as err:
         what = "is empty" if not text.strip() else f"is truncated or not valid JSON ({err})"
         raise ExperimentFolderError(f"{path} {what}; {fix}") from None
-    if not (isinstance(record, dict) and isinstance(record.get("trials"), list) and record["trials"]
+    # An Optuna study (a search record with "study") samples its trials: its list is empty.
+    study = isinstance(record, dict) and kind == "search" and isinstance(record.get("study"), dict)
+    if not (isinstance(record, dict) and isinstance(record.get("trials"), list) and (record["trials"] or study)
             and all(isinstance(t, dict) for t in record["trials"])):
         raise ExperimentFolderError(f"{path} is not a tune-node {kind} record (a JSON object with a non-empty "
                                     f"'trials' list of trial configs); {fix}")
