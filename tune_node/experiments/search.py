@@ -512,8 +512,9 @@ def _run_study(args, argv, space, saved):
     print(f"\n{len(table)} settings trained; study: {experiment_dir / 'study.csv'}, front: {experiment_dir / 'front.png'}")
     if len(cheapest):
         print("\ncheapest solver-independent setting per method (training NFE per iteration, forward + backward):")
-        print(format_table([{"method": r["method"], "setting": f"{r['setting']} {r['value']:g}", "NFE/iter": f"{r['nfe_per_iteration']:.1f}",
-                             "accuracy": f"{100 * r['accuracy']:.1f} %", "worst difference": f"{100 * r['max_difference']:.1f} points"}
+        print(format_table([{"method": r["method"], "setting": f"{r['setting']} {r['value']:g}",
+                             "NFE/iter": f"{r['nfe_per_iteration']:.1f}", "accuracy": f"{100 * r['accuracy']:.1f} %",
+                             "worst difference": f"{100 * r['max_difference']:.1f} points"}
                             for r in cheapest.to_dict("records")]))
     complete = len(table) >= study["samples"] and not any(results[i].error is not None for i in range(len(results)))
     return finish(experiment_dir, int(complete), 1, results, "tune_node.search", storage, name), table
