@@ -1,5 +1,6 @@
 """The tables the figures are drawn from: the grid's results and the adaptation history
-read from disk, the critical settings, and the choice of trials worth a trajectory figure.
+read from disk, the newest run under ``./runs``, the critical settings, and the choice of
+trials worth a trajectory figure (a representative trained seed).
 
 Tables only (pandas); nothing here draws or loads a model.
 """
@@ -20,8 +21,13 @@ __all__ = [
     "critical_from_summary",
     "critical_from_results",
     "critical_for",
+    "RUNS_FOLDER",
+    "find_run",
+    "representative_seed",
     "trajectory_trials",
 ]
+
+RUNS_FOLDER = "runs"  # the grid's and adaptation CLIs' default --storage
 
 RESULT_COLUMNS = (
     "trial_id", "dataset", "train_method", "train_steps", "train_tol", "gradient", "seed",
@@ -61,6 +67,27 @@ def load_adaptation_history(where: str | Path) -> pd.DataFrame | None:
     df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     require_columns(df, HISTORY_COLUMNS, ", ".join(map(str, files)))
     return df
+
+
+def find_run(marker: str = "results.csv", start: str | Path = ".", folder: str = RUNS_FOLDER) -> Path | None:
+    """The newest run folder holding ``marker``: the nearest ``folder`` (``runs``) in ``start`` or
+    one of its parents, then its subfolder whose ``marker`` was written last (or that folder itself
+    when it holds ``marker``). None when there is no such folder or no run in it.
+
+    The grid CLI writes ``runs/<name>/results.csv`` (``marker="results.csv"``), the adaptation
+    CLI ``runs/<name>/adaptation.csv``. Parents are searched because a Jupyter kernel starts in
+    the notebook's folder (``analysis/``), one below the ``runs`` of the project's root.
+    """
+    here = Path(start).resolve()
+    for parent in (here, *here.parents):
+        root = parent / folder
+        if not root.is_dir():
+            continue
+        found = [p for p in (root / marker, *root.glob(f"*/{marker}")) if p.is_file()]
+        if found:
+            return max(found, key=lambda p: (p.stat().st_mtime, str(p))).parent
+        return None  # the nearest runs folder is the project's, even when it holds no run yet
+    return None
 
 
 def critical_from_summary(summary: pd.DataFrame) -> dict:
@@ -106,18 +133,60 @@ def critical_for(critical: Mapping | None, dataset: str, method: str, gradient: 
     return None
 
 
-def trajectory_trials(results: pd.DataFrame) -> list:
+def _trained_ids(results: pd.DataFrame, margin: float) -> set | None:
+    """Trial ids of trained seeds by the critical-step rule (train accuracy >= chance + margin,
+    not diverged); None when the rule cannot judge (no chance accuracy known, or no rule)."""
+    try:
+        from .critical_step import trial_table
+    except ImportError:
+        return None
+    try:
+        trials = trial_table(results, margin)
+    except ValueError:  # a user's dataset without chance_accuracy in the table
+        return None
+    return set(trials.loc[trials["trained"], "trial_id"])
+
+
+def _seed_accuracy(trials: pd.DataFrame, results: pd.DataFrame) -> pd.Series:
+    """Per trial id: test accuracy under its own train solver (else the trial's test_accuracy)."""
+    own = results[results.trial_id.isin(trials.trial_id) & results.is_train_solver].groupby("trial_id").accuracy.mean()
+    fallback = trials.set_index("trial_id")["test_accuracy"] if "test_accuracy" in trials else pd.Series(dtype=float)
+    return own.reindex(trials.trial_id).fillna(fallback.reindex(trials.trial_id)).astype(float)
+
+
+def representative_seed(trials: pd.DataFrame, results: pd.DataFrame, trained: set | None = None) -> pd.Series:
+    """The row of ``trials`` (the trials of one training setting, one row each) to show as its example:
+    among the trained seeds (``trained``: their trial ids; None: every seed counts as trained), the one
+    whose accuracy under its train solver is nearest the median of theirs (ties: the smaller seed); when
+    no seed trained (every one at chance), the most accurate one. Diverged trials are never picked
+    while another is left."""
+    if "status" in trials:
+        alive = trials[trials["status"].astype(str) != "diverged"]
+        trials = alive if len(alive) else trials
+    accuracy = _seed_accuracy(trials, results).fillna(-1.0).to_numpy()
+    order = trials.assign(_acc=accuracy, _seed=trials.seed.to_numpy())
+    pool = order[order.trial_id.isin(trained)] if trained is not None else order
+    if pool.empty:
+        return trials.loc[order.sort_values(["_acc", "_seed"], ascending=[False, True]).index[0]]
+    distance = (pool["_acc"] - pool["_acc"].median()).abs().round(9)  # two seeds are equally near their median: the smaller
+    best = pool.assign(_distance=distance).sort_values(["_distance", "_seed"]).index[0]
+    return trials.loc[best]
+
+
+def trajectory_trials(results: pd.DataFrame, margin: float = 0.1) -> list:
     """Trials worth a trajectory figure, as result rows: per dataset that may be 2-D (Sphere2,
     or a user's ``"module:function"``, whose shape only its checkpoint tells), fixed train
-    method and gradient, at the smallest seed, the trial trained with 2 steps (the
-    paper's h = 1/2; else the fewest steps) and the one trained with the most."""
+    method and gradient, the trial trained with 2 steps (the paper's h = 1/2; else the fewest
+    steps) and the one trained with the most, each at a representative seed
+    (:func:`representative_seed`): a trained one (train accuracy >= chance + ``margin``, the
+    critical-step rule) of median accuracy, not one that stayed at chance."""
     maybe_2d = results.dataset.eq("sphere2") | results.dataset.astype(str).str.contains(":", regex=False)
     fixed = results[results.train_steps.notna() & maybe_2d].drop_duplicates("trial_id")
+    trained = _trained_ids(results, margin) if len(fixed) else None
     chosen = []
     for _, group in fixed.groupby(["dataset", "train_method", "gradient"]):
-        group = group[group.seed == group.seed.min()]
         steps = sorted(group.train_steps.unique())
         picks = [2.0 if 2.0 in steps else steps[0], steps[-1]]
         for s in dict.fromkeys(picks):
-            chosen.append(group[group.train_steps == s].iloc[0])
+            chosen.append(representative_seed(group[group.train_steps == s], results, trained))
     return chosen

@@ -4,16 +4,18 @@
 allow (PNG, and SVG unless ``--no-svg``) and prints a note for each it has to skip;
 ``python -m analysis.figures --checkpoint PATH`` draws one 2-D model's trajectories.
 
-- ``accuracy_vs_steps`` (Figure 4, Appendix B/E): per dataset and train method, test
-  accuracy against the test solver's number of steps; one colour per training step
-  count, the train solver's own point dark, other test solvers and factors light,
-  markers by test method; the critical setting marked when known.
+- ``accuracy_vs_steps`` (Figure 4, Appendix B/E): per dataset and train method a row of
+  panels, one per test method, of test accuracy against the test solver's number of
+  steps (shared axes); one colour-blind-safe colour and marker per training step count,
+  the train solver's own point large and edged in black; the critical setting dashed and
+  named in the titles when known.
 - ``accuracy_vs_tolerance``: the same for adaptive train solvers, against tolerance.
 - ``adaptation`` (Figure 5): test accuracy, number of steps (or tolerance) and check
   cost against iteration, one line per seed, checks marked.
 - ``trajectories_*`` (Figures 1 and 2): for 2-D models, the ODE block's paths of test
   points under the train solver and a finer one, and the classifier's decision regions
-  over the block's outputs; ``crossing_vs_steps``: the crossing fraction of every 2-D
+  over the block's outputs, at a representative trained seed (not one left at chance);
+  ``crossing_vs_steps``: the crossing fraction of every 2-D
   fixed-step trial.
 - ``xor`` (Figure 3) and ``appendix_a`` (Figures 6 and 7): the hand-made examples
   (also ``python -m analysis.examples``).
@@ -35,15 +37,20 @@ from .figure_data import (
     RESULT_COLUMNS,
     critical_from_results,
     critical_from_summary,
+    find_run,
     load_adaptation_history,
     load_results,
+    representative_seed,
     trajectory_trials,
 )
 from .plots import (
     CLASS_COLOURS,
     METHOD_MARKERS,
     METHOD_NAMES,
+    OKABE_ITO,
     REGION_COLOURS,
+    SETTING_COLOURS,
+    SETTING_MARKERS,
     accuracy_figure,
     adaptation_figure,
     appendix_a_figure,
@@ -51,6 +58,7 @@ from .plots import (
     model_trajectories_figure,
     png_bytes,
     save_figure,
+    setting_styles,
     xor_figure,
 )
 from .trajectories import crossing_table, model_trajectories
@@ -68,6 +76,8 @@ __all__ = [
     "save_figure",
     "png_bytes",
     "trajectory_trials",
+    "representative_seed",
+    "find_run",
     "crossing_table",
     "critical_from_summary",
     "appendix_a_figure",
@@ -76,6 +86,10 @@ __all__ = [
     "REGION_COLOURS",
     "METHOD_MARKERS",
     "METHOD_NAMES",
+    "OKABE_ITO",
+    "SETTING_COLOURS",
+    "SETTING_MARKERS",
+    "setting_styles",
 ]
 
 
@@ -91,7 +105,7 @@ def trajectory_figure(checkpoint: str | Path, finer=None, max_paths: int = 300, 
 
 
 def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None = None, adaptation_dir: str | Path | None = None,
-              svg: bool = True, examples_too: bool = True, log=print) -> list[Path]:
+              svg: bool = True, examples_too: bool = True, log=print, dpi: int = 130) -> list[Path]:
     """Write every figure the results allow to ``out``; ``log`` one note per skipped figure.
 
     Arguments:
@@ -102,6 +116,7 @@ def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None
         adaptation_dir: where to look for ``adaptation_history.csv`` (default: ``results_dir``).
         svg: also write SVG.
         examples_too: also draw the XOR and Appendix A examples.
+        dpi: resolution of the PNG files.
     """
     out = Path(out)
     results = load_results(results_dir)
@@ -113,12 +128,12 @@ def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None
         if fig is None:
             log(f"skipped {name}: the results hold no {'adaptive' if adaptive else 'fixed-step'} trials")
         else:
-            written += save_figure(fig, out, name, svg)
+            written += save_figure(fig, out, name, svg, dpi)
     history = load_adaptation_history(adaptation_dir or results_dir)
     if history is None:
         log(f"skipped adaptation: no adaptation_history.csv under {adaptation_dir or results_dir}")
     else:
-        written += save_figure(adaptation_figure(history), out, "adaptation", svg)
+        written += save_figure(adaptation_figure(history), out, "adaptation", svg, dpi)
     trials = trajectory_trials(results)
     if not trials:
         log("skipped trajectories: no fixed-step trials on 2-D data (sphere2)")
@@ -134,17 +149,17 @@ def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None
             continue
         # No ':' of a user's "module:function" in a file name.
         dataset = str(t.dataset).replace(":", "-")
-        written += save_figure(fig, out, f"trajectories_{dataset}_{t.train_method}_{int(t.train_steps)}steps_seed{t.seed}", svg)
+        written += save_figure(fig, out, f"trajectories_{dataset}_{t.train_method}_{int(t.train_steps)}steps_seed{t.seed}", svg, dpi)
     if trials:
         log("measuring trajectory crossing of every 2-D fixed-step trial ...")
         table = crossing_table(results)
         fig = crossing_vs_steps_figure(table)
         if fig is not None:
             table.to_csv(out / "crossing.csv", index=False)
-            written += save_figure(fig, out, "crossing_vs_steps", svg)
+            written += save_figure(fig, out, "crossing_vs_steps", svg, dpi)
     if examples_too:
-        written += save_figure(xor_figure(), out, "xor", svg)
-        written += save_figure(appendix_a_figure(), out, "appendix_a", svg)
+        written += save_figure(xor_figure(), out, "xor", svg, dpi)
+        written += save_figure(appendix_a_figure(), out, "appendix_a", svg, dpi)
     return written
 
 
@@ -158,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for the figures (default: RESULTS_DIR/figures, or . with --checkpoint)")
     parser.add_argument("--adaptation", default=None, help="folder with adaptation_history.csv (default: search RESULTS_DIR)")
     parser.add_argument("--no-svg", action="store_true", help="write PNG only")
-    parser.add_argument("--dpi", type=int, default=130, help="PNG resolution with --checkpoint (default 130)")
+    parser.add_argument("--dpi", type=int, default=130, help="PNG resolution (default 130)")
     parser.add_argument("--no-examples", action="store_true", help="skip the XOR and Appendix A examples")
     args = parser.parse_args(argv)
     if (args.results_dir is None) == (args.checkpoint is None):
@@ -170,7 +185,7 @@ def main(argv=None) -> int:
         else:
             out = Path(args.out) if args.out else Path(args.results_dir) / "figures"
             written = write_all(args.results_dir, out, adaptation_dir=args.adaptation, svg=not args.no_svg,
-                                examples_too=not args.no_examples)
+                                examples_too=not args.no_examples, dpi=args.dpi)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     for path in written:

@@ -35,6 +35,10 @@ __all__ = [
     "REGION_COLOURS",
     "METHOD_MARKERS",
     "METHOD_NAMES",
+    "OKABE_ITO",
+    "SETTING_COLOURS",
+    "SETTING_MARKERS",
+    "setting_styles",
     "png_bytes",
     "save_figure",
     "accuracy_figure",
@@ -45,8 +49,12 @@ __all__ = [
     "appendix_a_figure",
 ]
 
-CLASS_COLOURS = ("#1f5fa8", "#e8731a")  # class 0 blue, class 1 orange, as in the paper
-REGION_COLOURS = ("#d6e4f5", "#fbe1cc")
+# Okabe & Ito's colour-blind-safe palette (its yellow left out: too faint on white).
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000")
+SETTING_COLOURS = OKABE_ITO
+SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<")
+CLASS_COLOURS = ("#0072B2", "#E69F00")  # class 0 blue, class 1 orange, as in the paper (Okabe-Ito)
+REGION_COLOURS = ("#d3e5f2", "#fbe8c6")
 METHOD_MARKERS = {"euler": "o", "midpoint": "X", "rk4": "^", "fehlberg2": "o", "dopri5": "^"}
 METHOD_NAMES = {"euler": "Euler", "midpoint": "Midpoint", "rk4": "RK4", "fehlberg2": "Fehlberg21", "dopri5": "Dopri54"}
 
@@ -92,6 +100,18 @@ def _panel_keys(df: pd.DataFrame) -> list[tuple]:
     return sorted(keys)
 
 
+def _method_order(method: str) -> tuple:
+    names = list(METHOD_NAMES)
+    return (names.index(method) if method in names else len(names), method)
+
+
+def setting_styles(values) -> dict:
+    """A colour and a marker per training setting, ``values`` ordered coarse to fine: the
+    colour-blind-safe :data:`SETTING_COLOURS` in turn, with :data:`SETTING_MARKERS`, so that no
+    two of up to 56 settings share both."""
+    return {v: (SETTING_COLOURS[i % len(SETTING_COLOURS)], SETTING_MARKERS[i % len(SETTING_MARKERS)]) for i, v in enumerate(values)}
+
+
 def accuracy_figure(results: pd.DataFrame, adaptive: bool = False, critical: Mapping | None = None):
     """Figure 4 style: test accuracy against the test solver's steps (or tolerance).
 
@@ -99,75 +119,93 @@ def accuracy_figure(results: pd.DataFrame, adaptive: bool = False, critical: Map
         results: the grid's results table (see :func:`analysis.figure_data.load_results`).
         adaptive: draw adaptive train solvers against tolerance instead of fixed-step
             ones against steps.
-        critical: the critical train setting per panel, keyed by
+        critical: the critical train setting per row, keyed by
             ``(dataset, train_method, gradient)`` or ``(dataset, train_method)``: a
-            number of steps (fixed) or a tolerance (adaptive). Marked by a dashed line.
+            number of steps (fixed) or a tolerance (adaptive). Marked by a dashed line
+            and named in the panel titles.
 
-    Each point is the mean over seeds of one (train setting, test setting); error bars
-    span +- one standard deviation. Returns None when the table has no such trials.
+    One row of panels per dataset, train method and gradient, one panel per test method it was
+    tested with (left to right, lower order first); all panels share their axes. In each panel
+    one line per training setting (its own colour and marker, :func:`setting_styles`) joins the
+    mean accuracy over seeds at each of the test method's steps (tolerances); the train solver's
+    own point is drawn large and edged in black, with a bar of +- one standard deviation over
+    seeds. The legend lists each training setting once. Returns None when the table has no such
+    trials.
     """
     train_col, test_col = ("train_tol", "test_tol") if adaptive else ("train_steps", "test_steps")
-    df = results[results[train_col].notna()]
+    df = results[results[train_col].notna() & results[test_col].notna()]
     if df.empty:
         return None
     keys = _panel_keys(df)
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = _subplots(nrows, ncols, figsize=(5.0 * ncols + 1.6, 4.0 * nrows), squeeze=False)
+    tests_of = {k: sorted(df[(df.dataset == k[0]) & (df.train_method == k[1]) & (df.gradient == k[2])].test_method.unique(),
+                          key=_method_order) for k in keys}
     train_values = sorted(df[train_col].unique(), reverse=adaptive)  # coarse -> fine
-    cmap = matplotlib.colormaps["plasma"]  # dark to bright, stopping before the pale yellow end
-    colour = {v: cmap(0.85 * i / max(1, len(train_values) - 1)) for i, v in enumerate(train_values)}
-    for ax, (dataset, method, gradient) in zip(axes.flat, keys):
+    style = setting_styles(train_values)
+    nrows, ncols = len(keys), max(len(t) for t in tests_of.values())
+    # The legend goes into the last row's empty panels when there are two, else right of the panels.
+    legend_inside = ncols - len(tests_of[keys[-1]]) >= 2
+    width = 3.9 * ncols + (0.0 if legend_inside else 2.3)
+    fig, axes = _subplots(nrows, ncols, figsize=(width, 3.3 * nrows + 0.7), squeeze=False, sharex=True, sharey=True)
+    for row, key in enumerate(keys):
+        for col in range(len(tests_of[key]), ncols):
+            axes[row, col].set_visible(False)
+    lowest = 100.0
+    for row, (dataset, method, gradient) in enumerate(keys):
         panel = df[(df.dataset == dataset) & (df.train_method == method) & (df.gradient == gradient)]
         seeds = panel.seed.nunique()
-        for value in sorted(panel[train_col].unique()):
-            trained = panel[panel[train_col] == value]
-            stats = trained.groupby(["test_method", test_col, "is_train_solver"]).accuracy.agg(["mean", "std"]).reset_index()
-            for test_method, by_method in stats.groupby("test_method"):
-                marker = METHOD_MARKERS.get(test_method, "s")
-                line = by_method.groupby(test_col)["mean"].mean().sort_index()
-                ax.plot(line.index, 100 * line.values, color=colour[value], alpha=0.3, lw=1)
-                light = by_method[~by_method.is_train_solver]
-                ax.scatter(light[test_col], 100 * light["mean"], marker=marker, color=colour[value], alpha=0.45, s=30, zorder=2, lw=0)
-                dark = by_method[by_method.is_train_solver]
-                if dark.empty:
-                    continue
-                ax.errorbar(dark[test_col], 100 * dark["mean"], yerr=100 * dark["std"].fillna(0), fmt=marker, color=colour[value],
-                            ms=9, mec="black", mew=0.8, elinewidth=1.0, capsize=2, zorder=3)
         crit = critical_for(critical, dataset, method, gradient)
-        if crit is not None:
-            ax.axvline(crit, color="crimson", ls="--", lw=1.2, zorder=1)
-            label = f"critical: {crit:g} steps" if not adaptive else f"critical: tol {crit:g}"
-            ax.annotate(label, (crit, 0.02), xycoords=("data", "axes fraction"), color="crimson", fontsize=8,
-                        rotation=90, ha="right", va="bottom")
-        if adaptive:
-            ax.set_xscale("log")
-            ax.invert_xaxis()  # finer solvers to the right, as with steps
-            ax.set_xlabel("test tolerance (finer to the right)")
-        else:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.set_xlabel("test solver: number of steps")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(min(45.0, float(100 * panel.accuracy.min()) - 3), 101)
-        grad = "" if gradient == "backprop" else f", {gradient}"
-        ax.set_title(f"{dataset}: trained with {_name(method)}{grad} ({seeds} seed{'s' if seeds != 1 else ''})", fontsize=10)
-        ax.grid(alpha=0.25)
-    for ax in axes.flat[len(keys):]:
-        ax.set_visible(False)
-    unit_of = (lambda v: "tol") if adaptive else (lambda v: "step" if v == 1 else "steps")
-    handles = [Line2D([], [], marker="s", ls="", color=colour[v], ms=8, label=f"trained with {v:g} {unit_of(v)}") for v in train_values]
-    handles.append(Line2D([], [], ls="", label=""))
-    methods = sorted(df.test_method.unique(), key=lambda m: list(METHOD_MARKERS).index(m) if m in METHOD_MARKERS else 99)
-    handles += [Line2D([], [], marker=METHOD_MARKERS.get(m, "s"), ls="", color="0.35", label=f"test: {_name(m)}") for m in methods]
-    handles.append(Line2D([], [], marker="o", ls="", color="0.2", mec="black", ms=9, label="train solver itself"))
-    handles.append(Line2D([], [], marker="o", ls="", color="0.2", alpha=0.4, label="other test settings"))
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
+        for col, test_method in enumerate(tests_of[(dataset, method, gradient)]):
+            ax = axes[row, col]
+            tested = panel[panel.test_method == test_method]
+            for value in sorted(tested[train_col].unique(), reverse=adaptive):
+                colour, marker = style[value]
+                trained = tested[tested[train_col] == value]
+                line = trained.groupby(test_col).accuracy.mean().sort_index()
+                ax.plot(line.index, 100 * line.values, color=colour, marker=marker, ms=4.5, lw=1.3, zorder=2)
+                lowest = min(lowest, float(100 * line.min()))
+                own = trained[trained.is_train_solver]
+                if own.empty:
+                    continue
+                stats = own.groupby(test_col).accuracy.agg(["mean", "std"])
+                ax.errorbar(stats.index, 100 * stats["mean"], yerr=100 * stats["std"].fillna(0), fmt=marker, color=colour, ms=9,
+                            mec="black", mew=1.0, ecolor="black", elinewidth=1.0, capsize=2.5, zorder=4)
+                lowest = min(lowest, float((100 * (stats["mean"] - stats["std"].fillna(0))).min()))
+            if crit is not None:
+                ax.axvline(crit, color="0.3", ls="--", lw=1.1, zorder=1)
+            grad = "" if gradient == "backprop" else f", {gradient}"
+            second = f"{dataset}, {seeds} seed{'s' if seeds != 1 else ''}"
+            if crit is not None:
+                second += f"; critical: tol {crit:g}" if adaptive else f"; critical: {crit:g} steps"
+            ax.set_title(f"trained with {_name(method)}{grad}, tested with {_name(test_method)}\n{second}", fontsize=9.5)
+            ax.grid(alpha=0.3, lw=0.6)
+            if col == 0:
+                ax.set_ylabel("test accuracy (%)")
+            if row == nrows - 1 or not axes[row + 1, col].get_visible():  # the lowest panel of its column
+                ax.xaxis.set_tick_params(labelbottom=True)
+                ax.set_xlabel("test tolerance (finer to the right)" if adaptive else "test solver: number of steps")
+    first = axes[0, 0]
+    if adaptive:
+        first.set_xscale("log")
+        first.invert_xaxis()  # finer solvers to the right, as with steps
+    else:
+        first.set_xscale("log", base=2)
+        first.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    first.set_ylim(min(45.0, 5 * math.floor((lowest - 2) / 5)), 102)
+    unit = (lambda v: f"tol {v:g}") if adaptive else (lambda v: f"{v:g} step{'s' if v != 1 else ''}")
+    handles = [Line2D([], [], color=style[v][0], marker=style[v][1], ms=6, lw=1.3, label=f"trained with {unit(v)}") for v in train_values]
+    handles.append(Line2D([], [], ls="", marker="o", color="0.6", mec="black", mew=1.0, ms=9,
+                          label="the train solver itself\n(mean ± 1 std over seeds)"))
+    if any(critical_for(critical, *k) is not None for k in keys):
+        handles.append(Line2D([], [], color="0.3", ls="--", lw=1.1, label="critical train setting"))
     what = "tolerance" if adaptive else "number of steps"
-    sep = "\n" if ncols == 1 else " "
-    fig.suptitle(f"Test accuracy against the test solver's {what}:{sep}means over seeds; dark: the train solver (bars +- 1 std)",
-                 fontsize=11)
+    fig.suptitle(f"Test accuracy against the test solver's {what} (means over seeds)", fontsize=11)
     fig.tight_layout()
+    if legend_inside:
+        empty = [axes[-1, col].get_position() for col in range(len(tests_of[keys[-1]]), ncols)]
+        centre = ((empty[0].x0 + empty[-1].x1) / 2, (empty[0].y0 + empty[0].y1) / 2)
+        fig.legend(handles=handles, loc="center", bbox_to_anchor=centre, frameon=False, fontsize=9, ncol=2)
+    else:
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
     return fig
 
 
@@ -179,7 +217,8 @@ def adaptation_figure(history: pd.DataFrame):
     against iteration, one line per seed (``trial_id``), one marker per check.
 
     A filled marker is a check that moved the setting to its proposal (halved, or grew
-    and was confirmed), an open one a check whose proposal was rejected. Rows without ``test_accuracy`` are left out of
+    and was confirmed), an open one a check whose proposal was rejected (all filled without an
+    ``accepted`` column); the legend names only the kinds present. Rows without ``test_accuracy`` are left out of
     the accuracy panel (the batch accuracy under the train solver is drawn instead
     when no row has it).
     """
@@ -193,7 +232,8 @@ def adaptation_figure(history: pd.DataFrame):
     n_runs = history["trial_id"].nunique()
     for k, (trial, run) in enumerate(history.groupby("trial_id", sort=True)):
         c = colours(k % 10)
-        accepted = run["accepted"].astype(str).str.lower().eq("true") if "accepted" in run else pd.Series(False, index=run.index)
+        # Without an accepted column every check is drawn filled (as one that changed the setting).
+        accepted = run["accepted"].astype(str).str.lower().eq("true") if "accepted" in run else pd.Series(True, index=run.index)
         seed = run["seed"].iloc[0]
         acc = run[run[acc_col].notna()] if acc_col in run else run.iloc[0:0]
         axes[0].plot(acc.iteration, 100 * acc[acc_col], color=c, lw=1.4, label=f"seed {seed}")
@@ -218,10 +258,14 @@ def adaptation_figure(history: pd.DataFrame):
     axes[2].set_xlabel("training iteration")
     for ax in axes:
         ax.grid(alpha=0.25)
-    markers = [
-        Line2D([], [], marker="o", ls="", color="0.3", label="check: setting changed"),
-        Line2D([], [], marker="o", ls="", mfc="white", color="0.3", label="check: proposal rejected"),
-    ]
+    # A legend entry for each kind of check the history holds: none for a kind that never happened.
+    kinds = history["accepted"].astype(str).str.lower().eq("true") if "accepted" in history else pd.Series(True, index=history.index)
+    markers = []
+    if kinds.any():
+        label = "check: setting changed" if "accepted" in history else "check"
+        markers.append(Line2D([], [], marker="o", ls="", color="0.3", label=label))
+    if (~kinds).any():
+        markers.append(Line2D([], [], marker="o", ls="", mfc="white", color="0.3", label="check: proposal rejected"))
     fig.suptitle("Step adaptation over training" if not tolerance_mode else "Tolerance adaptation over training", fontsize=11)
     handles = axes[0].get_legend_handles_labels()[0] + markers
     fig.legend(handles=handles, fontsize=8, loc="upper center", ncol=min(6, len(handles)), frameon=False, bbox_to_anchor=(0.5, 0.965))

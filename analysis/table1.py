@@ -53,6 +53,7 @@ __all__ = [
     "adaptation_summary",
     "search_costs",
     "build_table1",
+    "display_frame",
     "to_markdown",
     "main",
 ]
@@ -221,20 +222,23 @@ def _ratio(x: float) -> str:
     return "–" if pd.isna(x) else f"{x:.1f}x"
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """The paper's layout (data set, grid NFE and accuracy, adaptation NFE and accuracy) plus cost columns.
+def _nfe_pair(dependent: float, critical: float) -> str:
+    """The grid's NFE pair around the critical setting: "32-64", "64" without a dependent one, "–" without both."""
+    if pd.isna(critical):
+        return "–"
+    return _number(critical) if pd.isna(dependent) else f"{_number(dependent)}-{_number(critical)}"
 
-    A table with search columns (``build_table1(..., search=...)``) gains the search's
-    bracket, accuracy, total NFE, grid / search ratio and wall-clock after the
-    adaptation wall-clock.
-    """
+
+def display_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The cells of :func:`to_markdown` as a table of strings, one column per Markdown column
+    (for notebooks: ``analysis.tables.html``)."""
     with_search = "search_status" in table.columns
-    search_header = ("| Search bracket | Search accuracy | Search total NFE | Grid / search | Search wall-clock "
-                     if with_search else "")
-    header = ("| Data set | Solvers (train / test) | Grid NFE | Grid accuracy | Adaptation NFE | Adaptation accuracy "
-              "| Grid total NFE | Adaptation total NFE | Grid / adaptation | Grid wall-clock | Adaptation wall-clock "
-              f"{search_header}| Seeds (grid used / excluded, adaptation) |")
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    columns = ["Data set", "Solvers (train / test)", "Grid NFE", "Grid accuracy", "Adaptation NFE", "Adaptation accuracy",
+               "Grid total NFE", "Adaptation total NFE", "Grid / adaptation", "Grid wall-clock", "Adaptation wall-clock"]
+    if with_search:
+        columns += ["Search bracket", "Search accuracy", "Search total NFE", "Grid / search", "Search wall-clock"]
+    columns.append("Seeds (grid used / excluded, adaptation)")
+    rows = []
     for r in table.itertuples(index=False):
         data = DATASET_NAMES.get(r.dataset, r.dataset)
         solvers = f"{METHOD_NAMES.get(r.train_method, r.train_method)} / {METHOD_NAMES.get(r.test_method, r.test_method)}"
@@ -249,10 +253,10 @@ def to_markdown(table: pd.DataFrame) -> str:
             _ratio(r.search_cost_ratio),
             _duration(r.search_wall_time),
         ] if with_search else []
-        lines.append(" | ".join([
-            f"| {data}",
+        rows.append([
+            data,
             solvers,
-            f"{_number(r.grid_nfe_dependent)}-{_number(r.grid_nfe_critical)}",
+            _nfe_pair(r.grid_nfe_dependent, r.grid_nfe_critical),
             _percent(r.grid_accuracy_mean, r.grid_accuracy_std),
             _number(round(r.adapt_nfe_per_iteration, 1)),
             _percent(r.adapt_accuracy_mean, r.adapt_accuracy_std),
@@ -262,8 +266,21 @@ def to_markdown(table: pd.DataFrame) -> str:
             _duration(r.grid_wall_time),
             _duration(r.adapt_wall_time),
             *search_cells,
-            f"{_count(r.grid_seeds)} / {_count(r.grid_excluded_seeds)}, {_count(r.adapt_seeds)} |",
-        ]))
+            f"{_count(r.grid_seeds)} / {_count(r.grid_excluded_seeds)}, {_count(r.adapt_seeds)}",
+        ])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The paper's layout (data set, grid NFE and accuracy, adaptation NFE and accuracy) plus cost columns.
+
+    A table with search columns (``build_table1(..., search=...)``) gains the search's
+    bracket, accuracy, total NFE, grid / search ratio and wall-clock after the
+    adaptation wall-clock.
+    """
+    frame = display_frame(table)
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in frame.itertuples(index=False, name=None)]
     return "\n".join(lines) + "\n"
 
 
