@@ -22,7 +22,8 @@ Which results: by default the newest run under `runs/` (the CLI's `runs/<name>/`
 folder and its parents, so this works started from the project's root or from `analysis/`. Set the
 environment variable `TUNE_NODE_RESULTS` (before starting Jupyter) or `RESULTS_DIR` below to choose
 another. Adaptation run (`python -m tune_node.adapt`): the results folder when it holds `adaptation.csv`,
-else the newest run under `runs/` that does (`TUNE_NODE_ADAPTATION` overrides). Figures are saved to
+else, when the results were found as the newest run, the newest run under `runs/` that holds one
+(`TUNE_NODE_ADAPTATION` chooses it). Figures are saved to
 `RESULTS_DIR/figures` (`TUNE_NODE_FIGURES` overrides)."""),
     ("code", """import os
 from pathlib import Path
@@ -35,12 +36,19 @@ def _env_path(name):
     return Path(value) if value else None
 
 
-RESULTS_DIR = _env_path("TUNE_NODE_RESULTS") or figures.find_run("results.csv")
+CHOSEN_RESULTS = _env_path("TUNE_NODE_RESULTS")
+RESULTS_DIR = CHOSEN_RESULTS or figures.find_run("results.csv")
 if RESULTS_DIR is None:
     raise FileNotFoundError(f"no grid results: no runs/<name>/results.csv in {Path.cwd()} or a folder above it. "
                             "Run python -m tune_node.grid --quick first, or set TUNE_NODE_RESULTS (or RESULTS_DIR here).")
-ADAPTATION_DIR = _env_path("TUNE_NODE_ADAPTATION") or (
-    RESULTS_DIR if RESULTS_DIR.is_dir() and any(RESULTS_DIR.rglob("adaptation.csv")) else figures.find_run("adaptation.csv"))
+if _env_path("TUNE_NODE_ADAPTATION"):
+    ADAPTATION_DIR = _env_path("TUNE_NODE_ADAPTATION")
+elif RESULTS_DIR.is_dir() and any(RESULTS_DIR.rglob("adaptation.csv")):
+    ADAPTATION_DIR = RESULTS_DIR
+elif CHOSEN_RESULTS is None:  # both found the same way: the newest of each kind
+    ADAPTATION_DIR = figures.find_run("adaptation.csv")
+else:  # a chosen results folder is not paired with whatever adaptation run happens to be newest
+    ADAPTATION_DIR = None
 FIGURES_DIR = _env_path("TUNE_NODE_FIGURES") or (RESULTS_DIR if RESULTS_DIR.is_dir() else RESULTS_DIR.parent) / "figures"
 print(f"results:    {RESULTS_DIR}")
 print(f"adaptation: {ADAPTATION_DIR or 'none found'}")

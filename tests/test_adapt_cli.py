@@ -94,16 +94,17 @@ def test_tensorboard_shows_the_adaptation_over_iterations(tiny_runs):
         ea = EventAccumulator(str(d))
         ea.Reload()
         scalars = ea.Tags()["scalars"]
-        for tag in ("step_size", "solver_steps", "nfe_forward", "check_nfe", "train_solver_accuracy",
-                    "test_solver_accuracy", "test_accuracy"):
-            assert f"ray/tune/{tag}" in scalars, tag
+        for tag in ("solver/step_size", "solver/steps", "nfe/forward", "nfe/check", "accuracy/check_train_solver",
+                    "accuracy/check_test_solver", "accuracy/test", "final/adaptation_nfe_per_iteration"):
+            assert tag in scalars, tag
         final = json.loads(next(d.glob("checkpoint_*/final.json")).read_text())
         checks = history[history.trial_id == final["trial_id"]].set_index("iteration")
-        for event in ea.Scalars("ray/tune/step_size"):  # the value after that iteration's check
+        for event in ea.Scalars("solver/step_size"):  # the value after that iteration's check
             check = checks.loc[event.step]
             assert event.value == pytest.approx(check.proposed if check.accepted else check.step_size)
-        assert [e.step for e in ea.Scalars("ray/tune/test_solver_accuracy")][:2] == [10, 20]
-        assert ea.Scalars("ray/tune/test_solver_accuracy")[0].value == pytest.approx(checks.loc[10].test_solver_accuracy)
+        assert [e.step for e in ea.Scalars("accuracy/check_test_solver")][:2] == [10, 20]
+        assert ea.Scalars("accuracy/check_test_solver")[0].value == pytest.approx(checks.loc[10].test_solver_accuracy)
+        assert d.name == f"euler_midpoint_step_seed{final['config']['seed']}"  # short, no Ray trial id
 
 
 def test_table1_from_a_tiny_grid_and_adaptation(tiny_runs, tmp_path):

@@ -101,7 +101,7 @@ def _final_of_run(run_dir: Path) -> dict:
 
 def test_tensorboard_runs_have_scalars_and_hparams(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
     _, _, exp = tiny_run
     run_dirs = sorted({p.parent for p in exp.glob("**/events.out.tfevents.*")})
@@ -112,17 +112,33 @@ def test_tensorboard_runs_have_scalars_and_hparams(tiny_run):
         ea = EventAccumulator(str(d))
         ea.Reload()
         scalars = ea.Tags()["scalars"]
-        for tag in ("loss", "train_accuracy", "test_accuracy", "nfe_per_iteration", "solver_steps"):
-            assert f"ray/tune/{tag}" in scalars
-        assert [e.step for e in ea.Scalars("ray/tune/loss")] == [10, 20]  # iterations on the x axis
+        for tag in ("loss/train", "accuracy/train", "accuracy/test", "nfe/per_iteration", "solver/steps", "cross_solver/min_accuracy",
+                    "final/nfe_forward_per_iteration"):
+            assert tag in scalars
+        assert not [t for t in scalars if t.startswith("ray/") or t.endswith(("/iteration", "/timesteps_total"))]
+        assert [e.step for e in ea.Scalars("loss/train")] == [10, 20]  # iterations on the x axis
         final = _final_of_run(d)
-        assert ea.Scalars("ray/tune/test_accuracy")[-1].value == pytest.approx(final["test_accuracy"])
-        start = plugin_data_pb2.HParamsPluginData.FromString(ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+        assert ea.Scalars("accuracy/test")[-1].value == pytest.approx(final["test_accuracy"])
+        # One accuracy per test setting of the trial's matrix, at its last iteration, and the image of them all.
+        matrix = {f"cross_solver/{r['test_method']}_steps{r['test_steps']:04d}": r["accuracy"] for r in final["cross_solver"]}
+        assert {t for t in scalars if t.startswith("cross_solver/") and t != "cross_solver/min_accuracy"} == set(matrix)
+        for tag, expected in matrix.items():
+            assert [(e.step, e.value) for e in ea.Scalars(tag)] == [(20, pytest.approx(expected))]
+        assert [i.step for i in ea.Images("cross_solver/accuracy_by_test_solver")] == [20]
+        content = ea.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         hp = start.session_start_info.hparams
         config = final["config"]
         assert hp["method"].string_value == config["method"] and hp["dataset"].string_value == "sphere2"
         assert hp["steps"].number_value == config["steps"] and hp["seed"].number_value == config["seed"]
+        # Every run carries the whole grid's experiment config: the varying keys flagged, as numbers where numbers.
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        infos = {h.name: h for h in experiment.hparam_infos}
+        assert {k for k, h in infos.items() if h.differs} == {"method", "steps", "seed", "gradient"}
+        assert (infos["steps"].domain_interval.min_value, infos["steps"].domain_interval.max_value) == (1, 2)
+        assert infos["seed"].type == api_pb2.DATA_TYPE_FLOAT64
         seen.add((config["method"], config["steps"], config["seed"]))
+        assert d.relative_to(exp).parts[0].startswith(f"{config['method']}_steps{config['steps']:04d}_seed")  # short, no Ray id
     assert seen == {(t["method"], t["steps"], t["seed"]) for t in trials}
 
 
@@ -318,9 +334,10 @@ def test_notebook_runs_on_the_tiny_real_grid(tiny_runs, tmp_path, monkeypatch):
 
     rc, _, exp = tiny_runs("seed-groups")  # the default mode; per-seed files are alike in both
     nb, text, html, _ = execute_notebook(exp, tmp_path, monkeypatch)
-    assert f"6 trials, 70 test rows from {exp}" in text  # 2 seeds x (2 Euler x 15 + 1 RK4 x 5 rows)
+    assert f"results:    {exp}" in text and "6 trials, 70 test rows" in text  # 2 seeds x (2 Euler x 15 + 1 RK4 x 5 rows)
     assert "critical_steps" in html
-    assert f"no adaptation.csv under {exp}" in text  # a grid alone: no Table 1, said plainly
+    # A chosen grid alone: no Table 1, said plainly (not paired with some other adaptation run).
+    assert "adaptation: none found" in text and "no adaptation run found (adaptation.csv)" in text
     assert outputs_of(nb, lambda o: "image/png" in o.get("data", {}))
     saved = list(tmp_path.glob("*.png"))
     assert any("accuracy_vs_steps" in p.name for p in saved) and any("trajectories" in p.name for p in saved)

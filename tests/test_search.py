@@ -159,7 +159,7 @@ def test_a_speculative_rung_beyond_the_confirmed_one_is_stopped_before_its_end(r
         ("1 steps", "needed", "independent"), ("256 steps", "speculative", "stopped")]
     table = collect(exp)
     assert set(table.train_steps) == {1}  # the stopped rung left no final results
-    progress = pd.read_csv(next(exp.glob("euler_steps256_*")) / "progress.csv")
+    progress = pd.read_csv(next(exp.glob("euler_steps0256_*")) / "progress.csv")
     assert progress["iteration"].max() < 100  # stopped before its end
     summary = pd.read_csv(exp / SUMMARY_CSV)
     assert summary.loc[0, "status"] == "coarsest" and summary.loc[0, "rungs_stopped"] == 1

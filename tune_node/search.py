@@ -2,8 +2,12 @@
 
 import sys
 
-from .experiments import search as _moved
-
 if __name__ == "__main__":
-    sys.exit(_moved.main())
+    # The command line is read before the experiment's module loads torch and Ray: --help answers at once.
+    from .cli.options import run_cli
+
+    sys.exit(run_cli("search"))
+
+from .experiments import search as _moved  # noqa: E402
+
 sys.modules[__name__] = _moved

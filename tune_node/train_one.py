@@ -2,8 +2,12 @@
 
 import sys
 
-from .cli import train_one as _moved
-
 if __name__ == "__main__":
-    sys.exit(_moved.main())
+    # The command line is read before torch loads: --help answers at once.
+    from .cli.options import run_cli
+
+    sys.exit(run_cli("train_one"))
+
+from .cli import train_one as _moved  # noqa: E402
+
 sys.modules[__name__] = _moved

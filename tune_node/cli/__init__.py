@@ -1,6 +1,8 @@
-"""Command-line pieces shared by the CLIs (:mod:`.common`: usage errors, options, tables) and
-``python -m tune_node.train_one`` (:mod:`.train_one`). The names of the former ``tune_node.cli``
-module are importable from here."""
+"""Command-line pieces shared by the CLIs: usage errors, checks and tables (:mod:`.common`), the
+command lines, built without torch or Ray (:mod:`.options`), the dry run's wall-time estimate
+(:mod:`.estimate`), and ``python -m tune_node.train_one`` (:mod:`.train_one`). The names of the
+former ``tune_node.cli`` module are importable from here; importing this package loads neither
+torch nor Ray."""
 
 from .common import (  # noqa: F401
     UsageError,

@@ -1,6 +1,7 @@
 """Command-line pieces shared by the tune-node CLIs: argument groups and input checks.
 
-Every check runs before any work starts and names the bad value and what is allowed.
+Every check runs before any work starts and names the bad value and what is allowed. This module
+imports neither torch nor Ray (the command lines of :mod:`.options` use it before either loads).
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ import argparse
 import math
 import sys
 
-import torch
-
-from ..data.datasets import DATASETS
-from ..ode.solvers import GRADIENT_MODES, METHODS, SolverSetting
+from ..ode.solvers import METHODS, SolverSetting
 
 __all__ = ["add_data_arguments", "add_solver_arguments", "solver_from_args", "check_gpus", "format_table", "UsageError", "fail"]
 
@@ -29,16 +27,17 @@ def fail(message) -> int:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="sphere2", help=f"one of: {', '.join(DATASETS)}")
-    parser.add_argument("--data-root", default="data", help="folder with torchvision's MNIST/CIFAR10 files")
-    parser.add_argument("--download", action="store_true", help="let torchvision download missing MNIST/CIFAR10 files")
+    """``--dataset``, ``--data-root``, ``--download`` (:func:`tune_node.cli.options.add_data_arguments`)."""
+    from .options import add_data_arguments
+
+    add_data_arguments(parser)
 
 
 def add_solver_arguments(parser: argparse.ArgumentParser, default_method: str = "euler") -> None:
-    parser.add_argument("--method", default=default_method, help=f"train solver, one of: {', '.join(METHODS)}")
-    parser.add_argument("--steps", type=int, default=None, help="fixed-step methods: steps over [0, 1]")
-    parser.add_argument("--tol", type=float, default=None, help="adaptive methods: rtol = atol")
-    parser.add_argument("--gradient", default="backprop", choices=GRADIENT_MODES)
+    """``--method``, ``--steps``, ``--tol``, ``--gradient`` (:func:`tune_node.cli.options.add_solver_arguments`)."""
+    from .options import add_solver_arguments
+
+    add_solver_arguments(parser, default_method)
 
 
 def solver_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SolverSetting:
@@ -63,7 +62,11 @@ def check_gpus(gpus: float, *, need_cuda: bool = True) -> None:
     """
     if not (math.isfinite(gpus) and gpus >= 0):
         raise UsageError(f"--gpus must be a finite number >= 0, got {gpus:g}")
-    if need_cuda and gpus > 0 and not torch.cuda.is_available():
+    if not (need_cuda and gpus > 0):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
         raise UsageError(
             f"--gpus {gpus:g} requested, but CUDA is not available on this machine "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False); run with --gpus 0 to use CPUs"

@@ -7,7 +7,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import torch
 
 from ..data.datasets import check_data_available, load_dataset
 from ..train.training import TrainConfig, save_checkpoint, train
-from .common import add_data_arguments, add_solver_arguments, fail, format_table, solver_from_args
+from .common import UsageError, fail, format_table, solver_from_args
+from .options import train_one_parser, training_overrides
 
 
 def device_problem(device: str) -> str | None:
@@ -65,30 +65,21 @@ def save_problem(save: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_node.train_one", description=__doc__.splitlines()[0])
-    add_data_arguments(parser)
-    add_solver_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--iterations", type=int, default=None, help="default: the paper's for the dataset")
-    parser.add_argument("--lr", type=float, default=None, help="default: the paper's for the dataset")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--report-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--save", default=None, help="write the final checkpoint here")
+    parser = train_one_parser()
     args = parser.parse_args(argv)
     setting = solver_from_args(parser, args)
+    try:
+        training = training_overrides(args, ("iterations", "lr", "batch_size", "report_every"))
+    except UsageError as err:
+        return fail(err)
     # Refused before training, whose model would otherwise be lost or never start.
     problem = ((f"--threads must be an integer >= 1, got {args.threads}" if args.threads < 1 else None)
                or device_problem(args.device) or (save_problem(args.save) if args.save else None))
     if problem:
         return fail(problem)
     try:
-        config = TrainConfig(
-            dataset=args.dataset, solver=setting, seed=args.seed, iterations=args.iterations, lr=args.lr,
-            batch_size=args.batch_size, report_every=args.report_every, data_root=args.data_root,
-            download=args.download, device=args.device,
-        )
+        config = TrainConfig(dataset=args.dataset, solver=setting, seed=args.seed, data_root=args.data_root,
+                             download=args.download, device=args.device, **training)
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)

@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 from ..cli.common import UsageError
-from ..ode.solvers import GRADIENT_MODES, METHODS
+from ..cli.options import ADAPT_DEFAULTS, ADAPT_MODES, adapt_parser, training_overrides
+from ..ode.solvers import METHODS
 from ..train.adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
 from ..train.training import TrainConfig
 from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import ADAPT_FILE, check_new, open_existing, open_new
-from .grid import build_parser as _grid_parser
 from .grid import check_arguments, data_problem, resumed_experiment
 from .search_space import SearchSpace, SearchSpaceError, load_space
 from .trial import Adaptation, Trial
@@ -38,40 +38,14 @@ from .tune_callbacks import trial_label
 __all__ = ["main", "run_adaptation", "build_parser", "resolve_solvers", "ADAPT_FILE"]
 
 # ADAPT_FILE (adapt.json, what the experiment was started with) lives in experiment_folder, beside GRID_FILE.
-MODES = ("step", "tolerance")
-DEFAULTS = {"threshold": 0.1, "k": 50, "initial_tol": 1e-6, "gradient": "backprop"}
-
-
-def _set_help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
-    for action in parser._actions:
-        if option in action.option_strings:
-            action.help = text
+MODES = ADAPT_MODES
+DEFAULTS = ADAPT_DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The grid's options (space, seeds, resources, output) plus the adaptation's."""
-    parser = _grid_parser()
-    parser.prog, parser.description = "python -m tune_node.adapt", __doc__.splitlines()[0]
-    _set_help(parser, "--space", "search space giving the dataset and training hyper-parameters (its [[solvers]] are "
-                                 "not used; default: quick)")
-    _set_help(parser, "--quick", "same as --space quick: Sphere2, 400 iterations at lr 3e-3, 2 seeds (about a minute)")
-    _set_help(parser, "--name", "experiment name (default: adapt_<space>_<train solver>_<test solver>)")
-    _set_help(parser, "--threshold", f"largest batch-accuracy difference between train and test solver counted as "
-                                     f"agreement (default {DEFAULTS['threshold']})")
-    group = parser.add_argument_group("adaptation")
-    group.add_argument("--mode", choices=MODES, default=None,
-                       help="step: adapt the step size (Algorithm 2); tolerance: the tolerance (Algorithm 3); "
-                            "default: what the train solver needs")
-    group.add_argument("--train-solver", default=None, help="euler, midpoint or heun (step mode, default euler); "
-                                                            "fehlberg2 or dopri5 (tolerance mode, default fehlberg2)")
-    group.add_argument("--test-solver", default=None, help="euler -> midpoint (default) or rk4; midpoint, heun -> rk4; "
-                                                           "fehlberg2 or dopri5 -> dopri5")
-    group.add_argument("--k", type=int, default=None, help=f"iterations between checks (default {DEFAULTS['k']})")
-    group.add_argument("--initial-tol", type=float, default=None,
-                       help=f"tolerance mode: starting tolerance (default {DEFAULTS['initial_tol']:g})")
-    group.add_argument("--gradient", choices=GRADIENT_MODES, default=None, help="gradient mode of the train solver (default backprop)")
-    parser.set_defaults(threshold=None)  # None: not given, so --resume can refuse it
-    return parser
+    """The grid's options (space, seeds, training keys, resources, output; no seed groups: a trial
+    is one seed) plus the adaptation's (:func:`tune_node.cli.options.adapt_parser`, built without torch or Ray)."""
+    return adapt_parser()
 
 
 def resolve_solvers(mode: str | None, train: str | None, test: str | None) -> tuple[str, str, str]:
@@ -152,8 +126,11 @@ def adaptation_trials(space, settings: dict, name: str, data_root: str, download
 
 
 def _trial_dirname(trial) -> str:
-    c = trial.config["trial"]
-    return f"{c['method']}_{c['test_method']}_{c['mode']}_seed{c['seed']}_{trial.trial_id}"
+    """An adaptation trial's directory and TensorBoard run name: ``euler_midpoint_step_seed0``
+    (train and test method, mode, seed: unique in an adaptation)."""
+    from .tune_callbacks import run_name
+
+    return run_name([trial.config["trial"]])
 
 
 @experiment_cli
@@ -186,6 +163,7 @@ def _run(args, argv: list[str] | None):
     problem = check_arguments(args)
     if problem:
         raise UsageError(problem)
+    overrides = training_overrides(args)
     space_defaults = {}
     if args.space is not None or args.quick:
         try:  # the space's [adaptation] table gives the defaults of the adaptation's options
@@ -205,16 +183,15 @@ def _run(args, argv: list[str] | None):
     name = args.name if args.name is not None else f"adapt_{stem}_{settings['method']}_{settings['test_method']}"
 
     if args.resume:
-        overrides = ("seeds", "iterations", "lr", "report_every", "mode", "train_solver", "test_solver", "k", "threshold",
-                     "initial_tol", "gradient")
-        changed = [f"--{k.replace('_', '-')}" for k in overrides if getattr(args, k) is not None]
+        options = ("seeds", "iterations", "lr", "report_every", "set", "mode", "train_solver", "test_solver", "k", "threshold",
+                   "initial_tol", "gradient")
+        changed = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
         if changed:
             raise UsageError(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
         experiment_dir, _, trials, space_name = resumed_experiment(args, storage, name, "adaptation")
     else:
         try:
-            space = load_space(space_name).with_overrides(seeds=args.seeds, iterations=args.iterations, lr=args.lr,
-                                                          report_every=args.report_every)
+            space = load_space(space_name).with_overrides(seeds=args.seeds, **overrides)
             trials = adaptation_trials(space, settings, name, str(Path(args.data_root).resolve()), args.download)
         except (SearchSpaceError, ValueError) as err:
             raise UsageError(str(err))
@@ -235,8 +212,10 @@ def _run(args, argv: list[str] | None):
     if args.dry_run:
         rows = [{"trial": trial_label(t), "iterations": t["iterations"], "lr": t["lr"], "batch": t["batch_size"],
                  "k": t["k"], "threshold": t["threshold"], "cpu": resources["cpu"], "gpu": resources["gpu"]} for t in trials]
-        return print_dry_run(f"{len(trials)} adaptation trials ({space_name!r}) -> {experiment_dir}; each requests "
-                             f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus), None
+        status = print_dry_run(f"{len(trials)} adaptation trials ({space_name!r}) -> {experiment_dir}; each requests "
+                               f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+        print("estimated wall time: none (the adaptation chooses its step size or tolerance, and so its cost, while training)")
+        return status, None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
     command = command_line("tune_node.adapt", argv)
     folder = open_existing(storage, name, "adaptation", command)[0] if args.resume else open_new(storage, name, "adaptation", command)
@@ -258,7 +237,12 @@ def _run(args, argv: list[str] | None):
     print(f"\n{len(summary)}/{len(trials)} trials finished; results: {experiment_dir / SUMMARY_CSV} (one row per seed), "
           f"{experiment_dir / HISTORY_CSV} (one row per check)")
     if len(summary):
-        print(describe(summary, history))
+        from .experiment import demo_note
+
+        print(describe(summary, history, planned=len(trials)))
+        note = demo_note(space_name, trials, shows="adapted steps, NFE and accuracies")
+        if note:
+            print(note)
     print(f"Table 1 against a grid: python -m analysis.table1 GRID_DIR {experiment_dir}")
     return finish(experiment_dir, len(summary), len(trials), results, "tune_node.adapt", storage, name), summary
 

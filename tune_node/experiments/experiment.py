@@ -30,7 +30,8 @@ from ..fast import native
 from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
 
 __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops",
-           "experiment_cli", "ray_address", "fail", "command_line", "check_cluster_options"]
+           "experiment_cli", "ray_address", "fail", "command_line", "check_cluster_options", "ray_noise_filtered", "RAY_NOTICES",
+           "partial_label", "demo_note", "DEMO_SPACES"]
 
 
 def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
@@ -54,8 +55,6 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
     """
     from ray import tune
 
-    from .tune_callbacks import ProgressCallback, ProgressCSVCallback, TensorBoardCallback
-
     if not resume and not trials and search_alg is None:
         raise ValueError("no trial configs: an experiment needs at least one trial")  # Tune would fail mid-start
 
@@ -65,6 +64,17 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
     # ProgressCallback reports progress instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(trainable, resources)
+    with ray_noise_filtered():
+        return _tuner(tune, trainable, trials, name=name, storage=storage, resume=resume, dirname=dirname,
+                      progress_total=progress_total, search_alg=search_alg, stop=stop, max_concurrent=max_concurrent,
+                      num_samples=num_samples).fit()
+
+
+def _tuner(tune, trainable, trials, *, name, storage, resume, dirname, progress_total, search_alg, stop, max_concurrent,
+           num_samples):
+    from .progress import ProgressCallback
+    from .tune_callbacks import ProgressCSVCallback, TensorBoardCallback
+
     if resume:
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -78,13 +88,69 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
                 name=name,
                 storage_path=str(storage),
                 stop=stop,
-                callbacks=[TensorBoardCallback(), ProgressCSVCallback(), ProgressCallback(progress_total or len(trials))],
+                callbacks=[TensorBoardCallback(), ProgressCSVCallback(),
+                           ProgressCallback(progress_total or len(trials), plan=trials if search_alg is None else None)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=0,
             ),
         )
-    return tuner.fit()
+    return tuner
+
+
+class _DropRayNotice(logging.Filter):
+    """Drops the records of one Ray logger whose message ``drop(message)`` picks; every other record passes."""
+
+    def __init__(self, drop: Callable[[str], bool]):
+        super().__init__()
+        self.drop = drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not self.drop(record.getMessage())
+        except Exception:  # a record that cannot be read is shown as Ray wrote it
+            return True
+
+
+def _restore_hint(message: str) -> bool:
+    # Tune's "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)": this
+    # project resumes with its CLI's --resume, which finish() prints.
+    return "Resume experiment with: " in message or "Resume training with: " in message
+
+
+def _unreported_trials(message: str) -> bool:
+    # ResultGrid reads every trial's result.json or progress.csv; a trial that has not reported yet
+    # (pending when the run was interrupted) has neither, a FileNotFoundError. Other failures show.
+    lines = message.splitlines()
+    return lines[0].startswith("Failed to fetch metrics for ") and all(": FileNotFoundError(" in line for line in lines[1:])
+
+
+def _token_auth_enabled(message: str) -> bool:
+    # Ray turns token authentication on for a new local cluster and says so on every start; the
+    # opposite notice (authentication disabled: anyone on the network may run code) still shows.
+    return message.startswith("Token authentication is enabled for this Ray cluster")
+
+
+#: Ray's notices that contradict or confuse this project's output: (logger, which messages).
+RAY_NOTICES = (
+    ("ray.tune.tune", _restore_hint),
+    ("ray.tune.analysis.experiment_analysis", _unreported_trials),
+    ("ray._private.authentication.authentication_token_setup", _token_auth_enabled),
+)
+
+
+@contextlib.contextmanager
+def ray_noise_filtered():
+    """Within: Ray's notices of :data:`RAY_NOTICES` are dropped (their loggers' other records, warnings
+    and errors included, pass); the filters go again on exit."""
+    filters = [(logging.getLogger(name), _DropRayNotice(drop)) for name, drop in RAY_NOTICES]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
 
 
 def ray_address(args) -> tuple[str, str]:
@@ -145,24 +211,32 @@ def init_ray(args) -> str | None:
     address, source = ray_address(args)
     try:
         if address == "local":
-            ray.init(address="local", num_cpus=args.cpus, num_gpus=int(args.gpus) if args.gpus else 0, **kwargs)
+            with ray_noise_filtered():
+                ray.init(address="local", num_cpus=args.cpus, num_gpus=int(args.gpus) if args.gpus else 0, **kwargs)
         else:
             if source == "RAY_ADDRESS":
                 print(f"joining the Ray cluster at {address} (RAY_ADDRESS is set; unset it to start a local Ray)", flush=True)
-            ray.init(address=address, **kwargs)
+            with ray_noise_filtered():
+                ray.init(address=address, **kwargs)
     except ConnectionError as err:
         return f"no Ray cluster reachable at {source} {address}: {err}"
     return None
 
 
-def prepare_native_loops() -> None:
+def prepare_native_loops(out=print) -> None:
     """Builds (or loads the cached build of) :mod:`tune_node.native`'s C++ loops here,
-    so that trials on this machine load them instead of racing to build them."""
-    start = time.perf_counter()
-    loops = native.dense_loops()
-    seconds = time.perf_counter() - start
-    if loops is not None and seconds > 5:
-        print(f"built the C++ solver loops in {seconds:.0f} s (cached for later runs)", flush=True)
+    so that trials on this machine load them instead of racing to build them. A build
+    (once per machine and torch version) is announced before it starts, with its usual
+    duration, and its end with the time it took."""
+    if native.build_pending():
+        out(f"building the C++ solver loops (once per machine and torch version; about {native.BUILD_SECONDS} s "
+            f"on 2 CPU cores; TUNE_NODE_NATIVE=0 skips it) ...", flush=True)
+        start = time.perf_counter()
+        loops = native.dense_loops()
+        if loops is not None:
+            out(f"built the C++ solver loops in {time.perf_counter() - start:.0f} s (cached for later runs)", flush=True)
+        return
+    native.dense_loops()  # loads the cached build, or is disabled: no news
 
 
 def print_dry_run(header: str, rows: list[dict], gpus: float) -> int:
@@ -181,19 +255,23 @@ def start_experiment(args, folder: ExperimentFolder, trials: int, record: Callab
                      announce: Callable[[], str]) -> str | None:
     """Everything between the held experiment folder and :func:`fit`; returns an error message or None.
 
-    Fails fast on an unreachable Ray address (``--address`` or ``RAY_ADDRESS``), starts
-    or joins Ray (:func:`init_ray`), builds or loads the C++ solver loops
-    (:func:`prepare_native_loops`), then, for a new experiment, writes ``record()`` as its
+    Fails fast on an unreachable Ray address (``--address`` or ``RAY_ADDRESS``), builds or
+    loads the C++ solver loops (:func:`prepare_native_loops`), starts or joins Ray
+    (:func:`init_ray`), then, for a new experiment, writes ``record()`` as its
     record (:meth:`ExperimentFolder.write_record`; ``--resume`` reads it) and prints
     ``announce()``, or announces the resume of its ``trials`` trials. Should anything fail
     before the record is written, closing the folder (:func:`experiment_cli` does) removes
     what the run made of it.
     """
     address, source = ray_address(args)
-    problem = check_address(address, source) or init_ray(args)  # Ray starts only for a reachable address
+    problem = check_address(address, source)
     if problem:
         return problem
+    # Before Ray: a build is announced at once, and has the CPUs to itself.
     prepare_native_loops()
+    problem = init_ray(args)  # Ray starts only for a reachable address
+    if problem:
+        return problem
     if folder.new:
         folder.write_record(record())
         print(announce(), flush=True)
@@ -256,6 +334,9 @@ def run_from_python(parser: argparse.ArgumentParser, run: Callable, space, optio
         elif action.nargs == 0:  # store_true
             if value:
                 argv.append(flag)
+        elif isinstance(action, argparse._AppendAction) and isinstance(value, dict):  # set={"batch_size": 64}
+            for key, item in value.items():
+                argv += [flag, f"{key}={item}"]
         elif value is not None:
             argv += [flag, str(value)]
     complaint = io.StringIO()
@@ -295,7 +376,29 @@ def _failed_seeds(results) -> tuple[int, int]:
     return seeds, trials
 
 
-def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, storage: str | Path, name: str) -> int:
+#: The shipped demo spaces, trained far shorter than the paper's studies, and the study to run instead.
+DEMO_SPACES = {"quick": "sphere2_fixed", "tiny": "sphere2_fixed"}
+
+
+def partial_label(finished: int, total: int, unit: str = "seeds") -> str:
+    """``" -- PARTIAL: 3 of 22 seeds finished"`` for a summary heading when some are missing, else ``""``."""
+    return f" -- PARTIAL: {finished} of {total} {unit} finished" if finished < total else ""
+
+
+def demo_note(space_name, trials: list, shows: str = "critical steps and accuracies") -> str | None:
+    """The caveat under a summary of a demo space (:data:`DEMO_SPACES`): its models are under-trained,
+    so the summary's ``shows`` illustrate the method, not the paper's numbers. None for any other space."""
+    name = getattr(space_name, "name", space_name)
+    if name not in DEMO_SPACES or not trials:
+        return None
+    first = trials[0][0] if isinstance(trials[0], list) else trials[0]
+    return (f"note: {name!r} is a demo: each model trains {first['iterations']} iterations at lr {first['lr']:g} (the paper: "
+            f"10000 at lr 1e-4), so its models are under-trained and the {shows} above show how the "
+            f"method works, not the paper's numbers; for those: --space {DEMO_SPACES[name]}")
+
+
+def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, storage: str | Path, name: str,
+           missing: str | None = None) -> int:
     """The closing lines of an experiment CLI: where TensorBoard reads, and what to do about
     seeds that did not finish. Returns the exit status: 0, or 1 when seeds are missing.
 
@@ -305,13 +408,15 @@ def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, st
             trials).
         cli, storage, name: the module and ``--storage``/``--name`` of the resume command
             (``storage`` printed absolute).
+        missing: what did not finish, when it is no count of seeds (``"the search did not finish"``);
+            default ``"<total - finished> of <total> seeds did not finish"``.
     """
     print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
     if finished >= total:
         return 0
     seeds, trials = _failed_seeds(failed)
     failed_part = f"{seeds} seeds in {trials} failed Ray trials" if trials else "no Ray trial failed"
-    missing = f"{total - finished} of {total} seeds did not finish ({failed_part})"
+    missing = f"{missing or f'{total - finished} of {total} seeds did not finish'} ({failed_part})"
     if experiment_kind(experiment_dir) in (None, "unknown"):
         print(f"{missing}; the experiment folder {experiment_dir} is gone (or lost its record) since the run started, "
               f"so nothing is left to resume: start the experiment again (the same command without --resume)", file=sys.stderr)

@@ -18,8 +18,9 @@ the seeds of one setting trained as one batched model
 TensorBoard runs still per seed (``--no-seed-groups``: one seed per trial). Trials
 start in order of decreasing estimated cost, so the longest do not start last.
 
-Every check of the arguments runs before Ray starts; ``--dry-run`` prints the
-trials, their seeds and resource requests and starts nothing. A run holds its
+Every check of the arguments runs before Ray starts (the command line itself before torch and
+Ray load: :mod:`tune_node.cli.options`); ``--dry-run`` prints the trials, their seeds and
+resource requests and an estimated wall time (:mod:`tune_node.cli.estimate`), and starts nothing. A run holds its
 experiment folder's lock from before Ray starts to its end
 (:mod:`tune_node.experiment_folder`). Exit status: 0 done, 1 seeds did not finish,
 2 refused before any work (one ``error:`` line on stderr).
@@ -34,13 +35,14 @@ import sys
 from pathlib import Path
 
 from ..cli.common import UsageError, check_gpus, format_table
+from ..cli.options import grid_parser, training_overrides
 from ..data.datasets import SPHERE_DIMS, check_data_available
 from ..ode.solvers import METHODS
 from ..train.seed_groups import groupable
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
-from .search_space import SearchSpace, SearchSpaceError, available_spaces, load_space, train_config_from_trial
-from .trainable import is_group, trial_seeds
+from .search_space import SearchSpace, SearchSpaceError, load_space, train_config_from_trial
+from .trainable import trial_seeds
 from .tune_callbacks import group_label
 
 __all__ = ["main", "run_grid", "build_parser", "plan_trials", "estimated_nfe", "GRID_FILE"]
@@ -50,46 +52,8 @@ __all__ = ["main", "run_grid", "build_parser", "plan_trials", "estimated_nfe", "
 
 def build_parser(prog: str = "python -m tune_node.grid", description: str | None = None, *,
                  seed_groups: bool = True) -> argparse.ArgumentParser:
-    """The grid's command line; the search (:mod:`tune_node.search`) shares it, without the
-    seed-group options (``seed_groups=False``: its trials are always a setting's seeds)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    space = parser.add_argument_group("experiment")
-    space.add_argument("--space", default=None,
-                       help=f"search space name or TOML file (default: quick); shipped: {', '.join(available_spaces())}")
-    space.add_argument("--quick", action="store_true", help="same as --space quick: a small Sphere2 grid for laptops")
-    space.add_argument("--seeds", default=None, help="override the seeds: a count (5) or a list (0,1,2)")
-    space.add_argument("--iterations", type=int, default=None, help="override training iterations")
-    space.add_argument("--lr", type=float, default=None, help="override the learning rate")
-    space.add_argument("--report-every", type=int, default=None, help="override iterations between reports/checkpoints")
-    space.add_argument("--data-root", default="data", help="folder with torchvision's MNIST/CIFAR10 files")
-    space.add_argument("--download", action="store_true", help="let torchvision download missing MNIST/CIFAR10 files")
-    res = parser.add_argument_group("resources")
-    res.add_argument("--gpus", type=float, default=0, help="GPUs to use in total (0: CPU only)")
-    res.add_argument("--gpus-per-trial", type=float, default=0.25,
-                     help="GPU share of one trial when --gpus > 0, so small models share cards (default 0.25)")
-    res.add_argument("--cpus", type=int, default=None, help="CPUs to use in total on a local Ray (default: all)")
-    res.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of one trial; also its torch threads (default 1)")
-    if seed_groups:
-        _add_seed_group_options(res)
-    res.add_argument("--address", default=None, help="join a running Ray cluster: host:port or auto (default: start a local Ray)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--storage", default="runs", help="where experiments are written (default ./runs)")
-    out.add_argument("--name", default=None, help="experiment name (default: the space's name)")
-    out.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name in --storage")
-    out.add_argument("--dry-run", action="store_true", help="print every trial's config and resource request; start nothing")
-    out.add_argument("--threshold", type=float, default=0.1, help="accuracy drop that makes a setting solver-dependent (default 0.1)")
-    return parser
-
-
-def _add_seed_group_options(res) -> None:
-    res.add_argument("--seed-groups", action=argparse.BooleanOptionalAction, default=None,
-                     help="train the seeds of one setting in one trial as one batched model where it pays (fixed-step "
-                          "backprop spheres of <= 10 dims, a user's model without buffers); results, checkpoints, TensorBoard "
-                          "stay per seed (default: on; "
-                          "--no-seed-groups: one seed per trial)")
-    res.add_argument("--seeds-per-trial", type=int, default=None,
-                     help="at most this many seeds in one seed-group trial (default: all seeds of a setting)")
+    """The grid's command line (:func:`tune_node.cli.options.grid_parser`, built without torch or Ray)."""
+    return grid_parser(prog, description, seed_groups=seed_groups)
 
 
 def _check_resources(args) -> str | None:
@@ -262,11 +226,23 @@ def _ray_config(unit: list[dict]):
 
 
 def _trial_dirname(trial) -> str:
-    seed_configs = trial_seeds(trial.config)
-    c = seed_configs[0]
-    seeds = "seeds" + "_".join(str(t["seed"]) for t in seed_configs) if is_group(trial.config) else f"seed{c['seed']}"
-    setting = f"tol{c['tol']:g}" if c.get("tol") is not None else f"steps{c['steps']}"
-    return f"{c['method']}_{setting}_{c['gradient']}_{seeds}_{trial.trial_id}"
+    """A grid trial's directory and TensorBoard run name (:func:`~tune_node.tune_callbacks.run_name`):
+    its setting and seeds, unique in a grid."""
+    from .tune_callbacks import run_name
+
+    return run_name(trial_seeds(trial.config))
+
+
+def _search_trial_dirname(trial) -> str:
+    """A search trial's directory name: :func:`_trial_dirname` and the search's trial number, as a
+    search may train one setting twice (Ray numbers a search's trials from 1, and a resumed
+    search goes on counting)."""
+    from .tune_callbacks import run_name
+
+    number = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    if not number.isdigit():  # no number from Ray: its trial id keeps the name unique
+        return f"{run_name(trial_seeds(trial.config))}_{trial.trial_id}"
+    return run_name(trial_seeds(trial.config), int(number))
 
 
 def _plan_line(units: list[list[dict]]) -> str:
@@ -295,7 +271,8 @@ def run_grid(space="quick", **options):
             or a :class:`~tune_node.search_space.SearchSpace`.
         options: the CLI's options as keywords, dashes as underscores (``storage="runs"``,
             ``name=...``, ``seeds=3``, ``iterations=...``, ``lr=...``, ``cpus=...``,
-            ``gpus=...``, ``resume=True``, ``seed_groups=False``, ...).
+            ``gpus=...``, ``resume=True``, ``seed_groups=False``, ``set={"batch_size": 64}`` (training
+            keys, as ``--set``), ...).
 
     Returns the results table (:data:`tune_node.results.COLUMNS`, one row per trial and
     test setting), also when some seeds did not finish (a RuntimeWarning names how many;
@@ -312,10 +289,12 @@ def _run(args, argv: list[str] | None):
     problem = check_arguments(args) or _seed_groups_problem(args) or _threshold_problem(args.threshold)
     if problem:
         raise UsageError(problem)
+    overrides = training_overrides(args)
     storage = Path(args.storage).resolve()
 
     if args.resume:
-        changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "seed_groups", "seeds_per_trial")
+        changed = [f"--{k.replace('_', '-')}"
+                   for k in ("seeds", "iterations", "lr", "report_every", "set", "seed_groups", "seeds_per_trial")
                    if getattr(args, k) is not None]
         if changed:
             raise UsageError(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")
@@ -328,8 +307,7 @@ def _run(args, argv: list[str] | None):
             raise UsageError(f"{experiment_dir / GRID_FILE} has malformed 'units' ({err}); the experiment cannot be resumed")
     else:
         try:
-            space = load_space(args.space or "quick").with_overrides(
-                seeds=args.seeds, iterations=args.iterations, lr=args.lr, report_every=args.report_every)
+            space = load_space(args.space or "quick").with_overrides(seeds=args.seeds, **overrides)
             trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
         except (SearchSpaceError, ValueError) as err:
             raise UsageError(str(err))
@@ -351,11 +329,18 @@ def _run(args, argv: list[str] | None):
 
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
+        from ..cli.estimate import estimate_wall_time, format_duration
+
+        estimate = estimate_wall_time(units, estimated_nfe, args)
         rows = [{"ray trial": group_label(u), "seeds": len(u), "iterations": u[0]["iterations"], "lr": u[0]["lr"],
                  "batch": u[0]["batch_size"], "optimizer": u[0]["optimizer"], "train NFE": _format_nfe(estimated_nfe(u)),
-                 "cpu": resources["cpu"], "gpu": resources["gpu"]} for u in units]
-        return print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
-                             f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus), None
+                 "est. time": "-" if s is None else format_duration(s), "cpu": resources["cpu"], "gpu": resources["gpu"]}
+                for u, s in zip(units, estimate.per_trial)]
+        status = print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
+                               f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+        print("\n".join(estimate.lines("adaptive methods, whose NFE is unknown before training, or no measured cost per NFE "
+                                       "for the dataset or model")))
+        return status, None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
     command = command_line("tune_node.grid", argv)
     folder = open_existing(storage, name, "grid", command)[0] if args.resume else open_new(storage, name, "grid", command)
@@ -380,11 +365,19 @@ def _run(args, argv: list[str] | None):
     print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")
     if finished:
         from ..results import critical_steps, display_rows
+        from .experiment import demo_note, partial_label
 
         summary = critical_steps(table, threshold=args.threshold)
-        print(f"\ncritical step per train solver (threshold {args.threshold:g}; accuracy: test set, train solver, "
+        partial = partial_label(finished, len(trials))
+        print(f"\ncritical step per train solver{partial} (threshold {args.threshold:g}; accuracy: test set, train solver, "
               f"mean +- std over seeds; rule: python -m analysis.critical_step --help):")
         print(format_table(display_rows(summary)))
+        if partial:
+            print("settings whose seeds did not finish are judged on fewer seeds or missing: the critical step may move "
+                  "once the run is complete")
+        note = demo_note(space_name, trials)
+        if note:
+            print(note)
     return finish(experiment_dir, finished, len(trials), grid, "tune_node.grid", storage, name), table
 
 

@@ -40,10 +40,10 @@ import time
 from pathlib import Path
 
 from ..cli.common import UsageError, format_table
+from ..cli.options import DEFAULT_CONFIRM, DEFAULT_REFINE, search_parser, training_overrides
 from ..ode.solvers import METHODS
 from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import SEARCH_FILE, check_new, open_existing, open_new
-from .grid import build_parser as _grid_parser
 from .grid import check_arguments, data_problem, default_name, resumed_experiment
 from .ladder import Ladder
 from .optuna_study import OBJECTIVES, SAMPLERS
@@ -60,23 +60,11 @@ DECISION_COLUMNS = ["decision", "elapsed_s", "group", "setting", "seeds", "role"
 SUMMARY_COLUMNS = ["dataset", "train_method", "gradient", "status", "dependent_steps", "critical_steps", "dependent_tol",
                    "critical_tol", "bracket_ratio", "accuracy_mean", "accuracy_std", "seeds", "rungs_trained", "rungs_stopped",
                    "train_nfe", "wall_time", "non_monotone"]
-DEFAULT_CONFIRM, DEFAULT_REFINE = 2, 1.25
 
 
 def build_parser():
-    parser = _grid_parser("python -m tune_node.search", __doc__.splitlines()[0], seed_groups=False)
-    search = parser.add_argument_group("search")
-    search.add_argument("--confirm", type=int, default=None,
-                        help=f"consecutive solver-independent rungs that confirm the critical step (default {DEFAULT_CONFIRM})")
-    search.add_argument("--refine", type=float, default=None,
-                        help=f"bisect the bracket until its ratio is at most this; > 1 (default {DEFAULT_REFINE}; inf: no refinement)")
-    study = parser.add_argument_group("Optuna study (spaces with ranges, such as sphere2_cheapest)")
-    study.add_argument("--sampler", default=None, help=f"Optuna sampler: {', '.join(SAMPLERS)} (default tpe)")
-    study.add_argument("--samples", type=int, default=None, help="settings to train (default 24)")
-    study.add_argument("--objectives", default=None, help=f"{' or '.join(OBJECTIVES)}: minimise training NFE per iteration, "
-                       f"and maximise accuracy too (default nfe)")
-    study.add_argument("--sampler-seed", type=int, default=0, help="the sampler's seed (default 0)")
-    return parser
+    """The search's command line (:func:`tune_node.cli.options.search_parser`, built without torch or Ray)."""
+    return search_parser()
 
 
 def _group_key(trial: dict) -> str:
@@ -376,10 +364,11 @@ def _run(args, argv: list[str] | None):
     problem = check_arguments(args) or _search_problem(args) or _threshold_problem(args.threshold)
     if problem:
         raise UsageError(problem)
+    overrides = training_overrides(args)
     storage = Path(args.storage).resolve()
     name = args.name if args.name is not None else f"{default_name(args.space)}_search"
     if args.resume:
-        changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "confirm", "refine")
+        changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "set", "confirm", "refine")
                    if getattr(args, k) is not None]
         if changed:
             raise UsageError(f"--resume continues the search as it was started; drop {', '.join(changed)}")
@@ -391,8 +380,7 @@ def _run(args, argv: list[str] | None):
         args.threshold = saved.get("threshold", args.threshold)  # the restored searcher judges with its own
     else:
         try:
-            space = load_space(args.space or "quick").with_overrides(
-                seeds=args.seeds, iterations=args.iterations, lr=args.lr, report_every=args.report_every)
+            space = load_space(args.space or "quick").with_overrides(seeds=args.seeds, **overrides)
             trials = space.trials(data_root=str(Path(args.data_root).resolve()), download=args.download)
         except (SearchSpaceError, ValueError) as err:
             raise UsageError(str(err))
@@ -419,8 +407,18 @@ def _run(args, argv: list[str] | None):
         rows = [{"group": key, "rungs": ", ".join(g["ladder"].label(v).split()[-2 if g["adaptive"] else 0] for v in g["ladder"].rungs),
                  "seeds": len(next(iter(g["rungs"].values()))), "cpu": resources["cpu"], "gpu": resources["gpu"]}
                 for key, g in groups.items()]
-        return print_dry_run(f"critical-step search of {space_name!r} -> {experiment_dir}; {plan}; each rung is one Ray trial "
-                             f"of all its seeds", rows, args.gpus), None
+        status = print_dry_run(f"critical-step search of {space_name!r} -> {experiment_dir}; {plan}; each rung is one Ray "
+                               f"trial of all its seeds", rows, args.gpus)
+        from ..cli.estimate import estimate_wall_time
+        from .grid import _groupable, estimated_nfe
+
+        rungs = sorted((g["rungs"][v] for g in groups.values() for v in g["ladder"].rungs), key=estimated_nfe, reverse=True)
+        estimate = estimate_wall_time(rungs, estimated_nfe, args, batched=lambda u: len(u) > 1 and _groupable(u[0]))
+        print("\n".join(estimate.lines("adaptive methods, whose NFE is unknown before training, or no measured cost per NFE "
+                                       "for the dataset or model",
+                                       "estimated wall time if every listed rung trained to the end (the search stops "
+                                       "most earlier; refinement adds rungs between them)")))
+        return status, None
     command = command_line("tune_node.search", argv)
     folder = open_existing(storage, name, "search", command)[0] if args.resume else open_new(storage, name, "search", command)
     problem = start_experiment(
@@ -433,7 +431,7 @@ def _run(args, argv: list[str] | None):
 
     from ..results import write_results
     from .experiment import finish, fit
-    from .grid import _trial_dirname
+    from .grid import _search_trial_dirname as _trial_dirname
     from .trainable import train_trial
 
     searcher, stopper = make_searcher(groups, experiment_dir, threshold=args.threshold)
@@ -444,12 +442,21 @@ def _run(args, argv: list[str] | None):
     table, csv_path = write_results(experiment_dir)
     summary = _final_summary(experiment_dir)
     print(f"\nresults table (rungs trained to the end): {csv_path}; decisions: {experiment_dir / DECISIONS_CSV}")
-    if summary is not None:
-        print(f"\ncritical step per train solver (threshold {args.threshold:g}; {plan}; this run's wall time {wall / 60:.1f} min):")
-        print(format_table(_display(summary)))
     running = [r for r in (summary.to_dict("records") if summary is not None else []) if r["status"] == "running"]
     failed = any(results[i].error is not None for i in range(len(results)))
-    return finish(experiment_dir, int(not (running or failed)), 1, results, "tune_node.search", storage, name), summary
+    if summary is not None:
+        from .experiment import demo_note, partial_label
+
+        partial = partial_label(len(summary) - len(running), len(summary), "groups") or (" -- PARTIAL: a Ray trial failed"
+                                                                                          if failed else "")
+        print(f"\ncritical step per train solver{partial} (threshold {args.threshold:g}; {plan}; this run's wall time "
+              f"{wall / 60:.1f} min):")
+        print(format_table(_display(summary)))
+        note = demo_note(space_name, trials)
+        if note:
+            print(note)
+    return finish(experiment_dir, int(not (running or failed)), 1, results, "tune_node.search", storage, name,
+                  missing="the search did not finish" + (f": {len(running)} groups still open" if running else "")), summary
 
 
 def _run_study(args, argv, space, saved):
@@ -480,7 +487,9 @@ def _run_study(args, argv, space, saved):
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
         rows = [{"method": r.label, r.key: f"{r.low:g} .. {r.high:g} (log)", "seeds": len(space.seeds)} for r in space.ranges]
-        return print_dry_run(f"Optuna study of {space.name!r} -> {experiment_dir}; {plan}", rows, args.gpus), None
+        status = print_dry_run(f"Optuna study of {space.name!r} -> {experiment_dir}; {plan}", rows, args.gpus)
+        print("estimated wall time: none (the sampler picks the settings, and so their cost, while the study runs)")
+        return status, None
     command = command_line("tune_node.search", argv)
     folder = open_existing(storage, name, "search", command)[0] if saved else open_new(storage, name, "search", command)
     problem = start_experiment(
@@ -492,7 +501,7 @@ def _run_study(args, argv, space, saved):
         raise UsageError(problem)
 
     from .experiment import finish, fit
-    from .grid import _trial_dirname
+    from .grid import _search_trial_dirname as _trial_dirname
     from .trainable import train_trial
 
     # The objectives are the searcher's, computed from the results on disk: no trial reports them.
@@ -517,7 +526,8 @@ def _run_study(args, argv, space, saved):
                              "worst difference": f"{100 * r['max_difference']:.1f} points"}
                             for r in cheapest.to_dict("records")]))
     complete = len(table) >= study["samples"] and not any(results[i].error is not None for i in range(len(results)))
-    return finish(experiment_dir, int(complete), 1, results, "tune_node.search", storage, name), table
+    return finish(experiment_dir, int(complete), 1, results, "tune_node.search", storage, name,
+                  missing=f"the study did not finish: {len(table)} of {study['samples']} settings trained"), table
 
 
 def _final_summary(experiment_dir: Path):

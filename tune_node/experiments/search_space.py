@@ -185,16 +185,21 @@ class SearchSpace:
                                                 download=download, model=self.model, code_dir=self.code_dir, **training)).to_dict()
                 for seed in self.seeds]
 
-    def with_overrides(self, seeds=None, iterations=None, lr=None, report_every=None) -> "SearchSpace":
-        """This space with command-line overrides applied (``None``: keep), re-validated."""
-        given = {"iterations": iterations, "lr": lr, "report_every": report_every}
+    def with_overrides(self, seeds=None, iterations=None, lr=None, report_every=None, **training) -> "SearchSpace":
+        """This space with command-line overrides applied (``None``: keep), re-validated; ``training``:
+        any other of :data:`TRAINING_KEYS` (``batch_size=64``; ``--set`` of the CLIs)."""
+        _check_keys(training, TRAINING_KEYS, "the training overrides")
+        given = {"iterations": iterations, "lr": lr, "report_every": report_every, **training}
         given = {k: v for k, v in given.items() if v is not None}
-        training = {**self.training, **given}
-        # A command-line override beats per-solver values too.
+        # A command-line override beats per-solver values (and a range's) too.
         solvers = tuple((s, {k: v for k, v in o.items() if k not in given}) for s, o in self.solvers)
-        space = replace(self, training=training, solvers=solvers, seeds=tuple(parse_seeds(seeds)) if seeds is not None else self.seeds)
+        ranges = tuple(replace(r, overrides={k: v for k, v in r.overrides.items() if k not in given}) for r in self.ranges)
+        space = replace(self, training={**self.training, **given}, solvers=solvers, ranges=ranges,
+                        seeds=tuple(parse_seeds(seeds)) if seeds is not None else self.seeds)
         try:
             space.trials()
+            for r in space.ranges:  # a range gives no trials: its lower end stands for it
+                space.setting_trials(r.setting(r.low), r.overrides)
         except ValueError as err:
             raise SearchSpaceError(f"search space {self.name!r} with overrides: {err}") from None
         return space

@@ -8,7 +8,8 @@ seeds of one setting, trained as one batched model), through
 scalars TensorBoard shows and a checkpoint directory holding ``checkpoint.pt``; a
 restored trial continues from ``tune.get_checkpoint()`` exactly where it stopped (an
 adaptation's controller included). After training it evaluates the paper's
-cross-solver test matrix and reports once more with the final checkpoint, whose
+cross-solver test matrix and reports once more (the matrix's rows under
+``cross_solver``, per seed) with the final checkpoint, whose
 directory also holds ``final.json`` (the trial's config, chance level, final numbers
 and test-matrix rows; an adaptation's summary and check history) for
 :mod:`tune_node.results` and :mod:`tune_node.adaptation_results`. ``train_trial`` and
@@ -150,9 +151,16 @@ def _resume_finished(config: dict) -> bool:
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as directory:
-        per_seed = [json.loads((Path(directory) / name).read_text())["metrics"] for name in names]
+        finals = [json.loads((Path(directory) / name).read_text()) for name in names]
+        per_seed = [_final_report(f["metrics"], f.get("cross_solver")) for f in finals]
         _report_with_checkpoint(_trial_metrics(config, per_seed), source=Path(directory))
     return True
+
+
+def _final_report(metrics: dict, rows: list[dict] | None) -> dict:
+    """One seed's final report: its final metrics and, under ``cross_solver``, its test-matrix rows
+    (for TensorBoard's per-test-solver accuracies; ``final.json`` keeps them beside its metrics)."""
+    return {**metrics, "cross_solver": rows} if rows is not None else dict(metrics)
 
 
 def _restored_states(config: dict) -> list[dict] | None:
@@ -303,7 +311,7 @@ def run_trial(config: dict) -> None:
             final.update(summary=summary_row(result, controller, t["experiment"], trial_id),
                          history=history_rows(result, controller, trial_id))
         finals[str(Path(subdirs[i]) / FINAL_FILE)] = final
-        per_seed.append(metrics)
+        per_seed.append(_final_report(metrics, rows))
     # CPU seconds of this process since it (re)started training, and of training alone: unlike
     # wall time, blind to other jobs' load (benchmarks/estimate_grid.py reads them).
     cpu_time = time.process_time() - cpu_start

@@ -1,7 +1,7 @@
 """The C++ loops of :mod:`tune_node.dense_solve`, built on first use.
 
 :func:`dense_loops` compiles ``tune_node/csrc/dense_solve.cpp`` with
-:func:`torch.utils.cpp_extension.load` (about 30 s on 2 cores, once per machine and
+:func:`torch.utils.cpp_extension.load` (about 30-40 s on 2 cores, once per machine and
 torch version: the build is cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) and returns the module, or ``None`` where it cannot be
 built (no C++ compiler, no ninja), after one warning that names the reason. The loops
@@ -10,6 +10,8 @@ make the same ATen calls in the same order as the Python loops of
 interpreter's cost per call goes (about a quarter of a Sphere2 evaluation).
 
 Set ``TUNE_NODE_NATIVE=0`` to keep the Python loops without trying to build.
+:func:`build_pending` says beforehand whether the next :func:`dense_loops` call compiles
+(about :data:`BUILD_SECONDS` seconds) or loads a cached build (about a second).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import os
 import warnings
 from pathlib import Path
 
-__all__ = ["dense_loops", "native_enabled", "SOURCE"]
+__all__ = ["dense_loops", "native_enabled", "build_pending", "SOURCE", "BUILD_SECONDS"]
 
 SOURCE = Path(__file__).parent / "csrc" / "dense_solve.cpp"
+#: About what a build takes on 2 CPU cores, in seconds (measured: 25 s alone, 38 s beside other work).
+BUILD_SECONDS = 30
 _EXTENSION_NAME = "tune_node_dense_loops"
 _UNSET = object()
 _loaded = _UNSET
@@ -30,6 +34,35 @@ _loaded = _UNSET
 def native_enabled() -> bool:
     """Whether ``TUNE_NODE_NATIVE`` allows the C++ loops (anything but ``0``, ``false``, ``no``, ``off``)."""
     return os.environ.get("TUNE_NODE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its CUDA_HOME notice (irrelevant to a CPU build)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def build_pending() -> bool:
+    """Whether the next :func:`dense_loops` call in this process compiles the loops: they are
+    enabled, not loaded yet, and torch's extension cache holds no build newer than :data:`SOURCE`.
+
+    The cache is looked up the way torch names it (its ``_get_build_directory``); where that
+    fails, a build is assumed, so a slow first call is never unannounced.
+    """
+    if _loaded is not _UNSET or not native_enabled():
+        return False
+    try:
+        directory = Path(_cpp_extension()._get_build_directory(_EXTENSION_NAME, verbose=False))
+        built = [p for p in (directory / f"{_EXTENSION_NAME}.so", directory / f"{_EXTENSION_NAME}.pyd") if p.is_file()]
+        return not built or built[0].stat().st_mtime < SOURCE.stat().st_mtime
+    except Exception:  # a private torch helper: gone or changed in some torch version
+        return True
 
 
 def dense_loops():
@@ -46,16 +79,7 @@ def dense_loops():
     if not native_enabled():
         return None
     try:
-        # cpp_extension logs a CUDA_HOME notice at import on CPU-only machines; it is
-        # irrelevant to a CPU build.
-        logger = logging.getLogger("torch.utils.cpp_extension")
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            from torch.utils import cpp_extension
-        finally:
-            logger.setLevel(level)
-        _loaded = cpp_extension.load(name=_EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O2"],
+        _loaded = _cpp_extension().load(name=_EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O2"],
                                      verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: all fall back alike
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

@@ -18,7 +18,8 @@ import pandas as pd
 
 from ..train.training import TrainResult
 
-__all__ = ["SUMMARY_COLUMNS", "HISTORY_COLUMNS", "SUMMARY_CSV", "HISTORY_CSV", "summary_row", "history_rows", "collect", "write_tables",
+__all__ = ["SUMMARY_COLUMNS", "HISTORY_COLUMNS", "SUMMARY_CSV", "HISTORY_CSV", "NFE_LABEL",
+           "summary_row", "history_rows", "collect", "write_tables",
            "per_seed_rows", "describe"]
 
 SUMMARY_COLUMNS = (
@@ -84,6 +85,8 @@ def history_rows(result: TrainResult, controller, trial_id: str) -> list[dict]:
 
 SUMMARY_CSV = "adaptation.csv"
 HISTORY_CSV = "adaptation_history.csv"
+#: The one name of ``nfe_per_iteration`` (the paper's Table 1 number) in the summary, its table and the progress lines.
+NFE_LABEL = "NFE per iteration"
 
 
 def collect(experiment_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -125,7 +128,8 @@ def write_tables(experiment_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def per_seed_rows(summary: pd.DataFrame, history: pd.DataFrame) -> list[dict]:
-    """One display row per trial: accuracy, the NFE split, the checks' share, the adapted value's range."""
+    """One display row per trial: accuracy, NFE per iteration (:func:`summary_row`'s) and its two parts,
+    the checks' share of all evaluations, the adapted value's range."""
     rows = []
     for r in summary.itertuples(index=False):
         checks = history[history["trial_id"] == r.trial_id]
@@ -134,10 +138,9 @@ def per_seed_rows(summary: pd.DataFrame, history: pd.DataFrame) -> list[dict]:
         rows.append({
             "seed": r.seed,
             "test acc": r.test_accuracy,
-            "NFE/it (Table 1)": r.nfe_per_iteration,
-            "training fwd NFE/it": r.train_nfe_forward / iterations,
-            "check NFE/it": r.check_nfe / iterations,
-            "all NFE/it": r.total_nfe / iterations,
+            NFE_LABEL: r.nfe_per_iteration,
+            "= training fwd": r.train_nfe_forward / iterations,
+            "+ checks": r.check_nfe / iterations,
             "check share": f"{100 * r.check_nfe / max(1, r.total_nfe):.1f} %",
             "final": f"{int(r.final_steps)} steps" if r.mode == "step" else f"tol {r.final_tol:.3g}",
             ("h" if r.mode == "step" else "tol") + " min..max": f"{value.min():.3g}..{value.max():.3g}" if len(value) else "-",
@@ -147,15 +150,18 @@ def per_seed_rows(summary: pd.DataFrame, history: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def describe(summary: pd.DataFrame, history: pd.DataFrame) -> str:
+def describe(summary: pd.DataFrame, history: pd.DataFrame, planned: int | None = None) -> str:
     """The adaptation CLI's closing summary: a per-seed table and mean +- std lines per solver pair.
 
     NFE per iteration (Table 1) counts the forward evaluations of the training passes
-    and of the checks (the starting step included), as the paper does; "all" adds the
-    backward evaluations; the check share is the checks' part of all evaluations.
+    and of the checks (the starting step included), as the paper does; the table splits
+    it into those two parts; the check share is the checks' part of all evaluations
+    (backward ones included). With ``planned`` seeds of which fewer are in ``summary``,
+    each heading says the summary is partial.
     """
     from ..cli.common import format_table
 
+    partial = f" -- PARTIAL: {len(summary)} of {planned} seeds finished" if planned and len(summary) < planned else ""
     lines = []
     for (mode, train, test), group in summary.groupby(["mode", "train_method", "test_method"], sort=True):
         acc, nfe = group["test_accuracy"], group["nfe_per_iteration"]
@@ -165,11 +171,11 @@ def describe(summary: pd.DataFrame, history: pd.DataFrame) -> str:
         lines += [
             f"\n{train} trained, {test} tests, {mode} adaptation, {len(group)} seed{'s' if len(group) > 1 else ''} "
             f"({group['dataset'].iloc[0]}, "
-            f"{int(group['iterations'].iloc[0])} iterations):",
+            f"{int(group['iterations'].iloc[0])} iterations){partial}:",
             f"  test accuracy        {100 * acc.mean():.1f} +- {std(100 * acc)} %",
-            f"  NFE per iteration    {nfe.mean():.1f} +- {std(nfe)} (Table 1: training forward passes and checks)",
-            f"    training passes    {(group['train_nfe_forward'] / iterations).mean():.1f} forward, "
-            f"{(group['train_nfe_backward'] / iterations).mean():.1f} backward",
+            f"  {NFE_LABEL:<21}{nfe.mean():.1f} +- {std(nfe)} (Table 1: training forward passes and checks)",
+            f"    training passes    {(group['train_nfe_forward'] / iterations).mean():.1f} forward "
+            f"(and {(group['train_nfe_backward'] / iterations).mean():.1f} backward, which Table 1 leaves out)",
             f"    checks             {(group['check_nfe'] / iterations).mean():.1f} "
             f"({100 * group['check_nfe'].sum() / max(1, group['total_nfe'].sum()):.1f} % of all "
             f"{group['total_nfe'].sum():.4g} evaluations)",
