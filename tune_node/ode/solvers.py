@@ -10,7 +10,9 @@ This module is the one registry of methods: :data:`METHODS`, filled by
 default test method, the adaptations' pairs) is derived from the methods' order,
 kind (fixed-step or adaptive) and registration order by :func:`test_methods`,
 :func:`default_test_method` and :func:`adaptation_test_methods`. A fixed-step
-method is one :class:`Method` with a :class:`ButcherTableau`, registered here.
+method is one :class:`Method` with a :class:`ButcherTableau`, registered here; an
+adaptive one may carry its embedded pair (a tableau with error weights ``b_error``) as
+``Method.embedded``, which :mod:`tune_node.ode.adaptive` integrates.
 """
 
 from __future__ import annotations
@@ -69,15 +71,24 @@ class ButcherTableau:
         b: solution weights, one per stage.
         c: stage times, one per stage.
         order: the method's global order of convergence.
+        b_error: embedded pairs only: the error weights ``b - b_hat`` (``b_hat`` the
+            embedded solution's weights), one per stage; the local error estimate of a
+            step of size ``h`` is ``h * sum_i b_error[i] * k_i``. None for a plain method.
+        b_mid: embedded pairs only, optional: the weights of the state at the step's
+            midpoint, ``y(t + h/2) ~ y + h * sum_i b_mid[i] * k_i``, which torchdiffeq's
+            4th-order interpolant of a step uses (the value at ``T`` of an adaptive solve).
 
     Guarantees (checked on construction): shapes agree, ``c[0] == 0``,
-    ``sum(a[i]) == c[i]`` and ``sum(b) == 1``, so the method is consistent.
+    ``sum(a[i]) == c[i]``, ``sum(b) == 1`` and ``sum(b_error) == 0`` (both solutions
+    consistent), so the method is consistent.
     """
 
     a: tuple[tuple[float, ...], ...]
     b: tuple[float, ...]
     c: tuple[float, ...]
     order: int
+    b_error: tuple[float, ...] | None = None
+    b_mid: tuple[float, ...] | None = None
 
     def __post_init__(self):
         stages = len(self.b)
@@ -94,10 +105,21 @@ class ButcherTableau:
             raise ValueError(f"weights b sum to {sum(self.b)}, must sum to 1")
         if self.order < 1:
             raise ValueError("order must be >= 1")
+        for name in ("b_error", "b_mid"):
+            weights = getattr(self, name)
+            if weights is not None and len(weights) != stages:
+                raise ValueError(f"{name} must have one entry per stage ({stages}), has {len(weights)}")
+        if self.b_error is not None and not math.isclose(sum(self.b_error), 0.0, abs_tol=1e-12):
+            raise ValueError(f"error weights b_error sum to {sum(self.b_error)}, must sum to 0")
 
     @property
     def stages(self) -> int:
         return len(self.b)
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the tableau carries error weights (an embedded pair for adaptive steps)."""
+        return self.b_error is not None
 
     def step_coefficients(self, h: float) -> tuple[list[list[tuple[int, float]]], list[tuple[int, float]]]:
         """The nonzero coefficients of one step of size ``h``, as ``(index, h * value)``
@@ -131,6 +153,10 @@ class Method:
         as_test_method: whether the pairings derived for *other* methods (see
             :func:`test_methods`) may pick this one. False keeps a method added after
             the paper's out of their protocols, so their results stay as they were.
+        embedded: adaptive methods only, optional: the embedded pair as a tableau with
+            ``b_error`` (and ``b_mid``), for :mod:`tune_node.ode.adaptive`'s own
+            integrator. torchdiffeq's convention: the last stage (``c == 1``) is the next
+            step's first, so a step attempt costs ``stages - 1`` evaluations.
     """
 
     name: str
@@ -142,6 +168,7 @@ class Method:
     startup_nfe: int = 0
     tolerance_divisor: float | None = None
     as_test_method: bool = True
+    embedded: ButcherTableau | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -206,6 +233,8 @@ def _check_method(method: Method) -> None:
         if method.tolerance_divisor is not None:
             raise ValueError(f"method {name} is fixed-step: tolerance_divisor is for adaptive methods only "
                              f"(tableau=None), got {method.tolerance_divisor!r}; allowed: None")
+        if method.embedded is not None:
+            raise ValueError(f"method {name} is fixed-step: embedded is for adaptive methods only (tableau=None); allowed: None")
         return
     if not (_is_integer(method.stages_per_step) and method.stages_per_step >= 1):
         raise ValueError(f"method {name} is adaptive: stages_per_step must be an integer >= 1, got {method.stages_per_step!r}")
@@ -215,6 +244,13 @@ def _check_method(method: Method) -> None:
     if not (_is_real(d) and math.isfinite(d) and d > 1):
         # > 1: the most accurate adaptive method is tested by itself at tol / divisor.
         raise ValueError(f"method {name} is adaptive: tolerance_divisor must be a finite number > 1, got {d!r}")
+    e = method.embedded
+    if e is not None:
+        if not (isinstance(e, ButcherTableau) and e.embedded and e.c[-1] == 1):
+            raise ValueError(f"method {name}: embedded must be a ButcherTableau with b_error whose last stage is at c = 1, got {e!r}")
+        if e.order != method.order or e.stages - 1 != method.stages_per_step:
+            raise ValueError(f"method {name}: its embedded tableau (order {e.order}, {e.stages} stages) must have the method's "
+                             f"order {method.order!r} and stages_per_step + 1 = {method.stages_per_step + 1} stages")
 
 
 def _check_torchdiffeq_name(method: Method) -> None:
@@ -356,9 +392,45 @@ RK4 = Method(
     4,
 )
 # Adaptive: embedded pairs integrated by torchdiffeq. Both are FSAL; torchdiffeq spends
-# two evaluations per solve on f(t0, y0) and its initial step selection.
-FEHLBERG21 = Method("fehlberg2", "Fehlberg21", 2, None, "fehlberg2", 2, startup_nfe=2, tolerance_divisor=5.0)
-DOPRI54 = Method("dopri5", "Dopri54", 5, None, "dopri5", 6, startup_nfe=2, tolerance_divisor=10.0)
+# two evaluations per solve on f(t0, y0) and its initial step selection. Their tableaus
+# are torchdiffeq's: it propagates the higher-order solution b (local extrapolation).
+# Fehlberg 2(1): b is second order, the last stage is evaluated at the first-order
+# solution (a's last row), and that evaluation starts the next step, as in torchdiffeq.
+FEHLBERG21_TABLEAU = ButcherTableau(
+    a=((), _f("1/2"), _f("1/256", "255/256")),
+    b=_f("1/512", "255/256", "1/512"),
+    c=_f(0, "1/2", 1),
+    order=2,
+    b_error=_f("-1/512", 0, "1/512"),
+    b_mid=_f(0, "1/2", 0),
+)
+# Dormand-Prince 5(4): the seventh stage is at the fifth-order solution (exact FSAL).
+_DOPRI_B = ("35/384", 0, "500/1113", "125/192", "-2187/6784", "11/84", 0)
+# torchdiffeq's embedded fourth-order weights (not Dormand and Prince's 5179/57600, ...).
+_DOPRI_B_HAT = ("1951/21600", 0, "22642/50085", "451/720", "-12231/42400", "649/6300", "1/60")
+DOPRI54_TABLEAU = ButcherTableau(
+    a=(
+        (),
+        _f("1/5"),
+        _f("3/40", "9/40"),
+        _f("44/45", "-56/15", "32/9"),
+        _f("19372/6561", "-25360/2187", "64448/6561", "-212/729"),
+        _f("9017/3168", "-355/33", "46732/5247", "49/176", "-5103/18656"),
+        _f(*_DOPRI_B[:6]),
+    ),
+    b=_f(*_DOPRI_B),
+    c=_f(0, "1/5", "3/10", "4/5", "8/9", 1, 1),
+    order=5,
+    # Each weight rounded, then subtracted, as torchdiffeq computes them: the same bits.
+    b_error=tuple(b - bh for b, bh in zip(_f(*_DOPRI_B), _f(*_DOPRI_B_HAT))),
+    # Shampine's dense-output weights (torchdiffeq's DPS_C_MID) halved: y(t + h/2).
+    b_mid=tuple(v / 2 for v in _f("6025192743/30085553152", 0, "51252292925/65400821598", "-2691868925/45128329728",
+                                   "187940372067/1594534317056", "-1776094331/19743644256", "11237099/235043384")),
+)
+del _DOPRI_B, _DOPRI_B_HAT
+FEHLBERG21 = Method("fehlberg2", "Fehlberg21", 2, None, "fehlberg2", 2, startup_nfe=2, tolerance_divisor=5.0,
+                    embedded=FEHLBERG21_TABLEAU)
+DOPRI54 = Method("dopri5", "Dopri54", 5, None, "dopri5", 6, startup_nfe=2, tolerance_divisor=10.0, embedded=DOPRI54_TABLEAU)
 
 # Heun's method (explicit trapezoid), not in the paper. as_test_method=False keeps it
 # out of the paper methods' test matrices and adaptation pairs (Euler's would gain it),

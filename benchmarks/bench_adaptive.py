@@ -1,0 +1,147 @@
+"""The project's adaptive solve against torchdiffeq's on the dense Sphere2 field, side by side.
+
+Run: ``python benchmarks/bench_adaptive.py`` (under a minute on a 2-core machine, much
+of it start-up; ``--quick``: 5 repeats; ``--tol``: the tolerance). One thread throughout.
+
+One solve of ``[0, 1]`` plus its backward pass (backprop), batch 128, float32, the
+Sphere2 models of seeds 0..4 on their own training data, the dense matrices rebuilt per
+solve as training does. Costs are microseconds per function evaluation (forward and
+backward evaluations both counted) per seed, for:
+
+- ours: :func:`tune_node.ode.adaptive.solve_setting`, one seed and a 5-seed group
+  (stacked, per-seed step control);
+- torchdiffeq: :func:`tune_node.integrate.integrate` as training runs adaptive
+  settings today (torchdiffeq's stepping on the same dense field); a "group" is 5
+  separate solves, as torchdiffeq has no per-seed step control;
+- fixed: the fused fixed-step RK4 solve (``--fixed-steps`` steps), one seed and
+  5 stacked, the reference cost per NFE.
+
+The variants run interleaved, one solve each in turn in a rotating order, and each
+reports its median, so a neighbour's load hits all alike. Both adaptive solves take
+the same steps (tested in ``tests/test_adaptive_solver.py``; checked here too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from tune_node.datasets import load_dataset
+from tune_node.dense import StackedSphereClassifier
+from tune_node.integrate import integrate
+from tune_node.models import build_model
+from tune_node.ode.adaptive import solve_setting
+from tune_node.solvers import SolverSetting
+
+SEEDS = 5
+BATCH = 128
+
+
+def _loss(z: torch.Tensor) -> torch.Tensor:
+    return z.square().sum()
+
+
+def _variants(method: str, tol: float, fixed_steps: int):
+    """name -> (seeds, run): ``run()`` does one solve and its backward pass and returns
+    the forward NFE summed over seeds."""
+    models = [build_model("sphere", (1, 2), seed=s) for s in range(SEEDS)]
+    xs = [load_dataset("sphere2", s).x_train[:BATCH] for s in range(SEEDS)]
+    stacked = StackedSphereClassifier(models)
+    x_stacked = torch.stack(xs)
+    adaptive, fixed = SolverSetting.adaptive(method, tol), SolverSetting.fixed("rk4", fixed_steps)
+
+    def ours_one():
+        prepared = models[0].field.prepare(xs[0])
+        sol = solve_setting(prepared.f, prepared.encode(xs[0]), adaptive)
+        _loss(sol.z).backward()
+        return sum(sol.nfe)
+
+    def ours_group():
+        prepared = stacked.field.prepare(x_stacked)
+        sol = solve_setting(prepared.f, prepared.encode(x_stacked), adaptive, seeded=True)
+        _loss(sol.z).backward()
+        return sum(sol.nfe)
+
+    def torchdiffeq_seeds(seeds):
+        def run():
+            nfe = 0
+            for model, x in zip(models[:seeds], xs):
+                sol = integrate(model.field, x, adaptive)
+                _loss(sol.z).backward()
+                nfe += sol.nfe_forward
+            return nfe
+        return run
+
+    def fixed_one():
+        sol = integrate(models[0].field, xs[0], fixed)
+        _loss(sol.z).backward()
+        return sol.nfe_forward
+
+    def fixed_group():
+        sol = stacked.solve(x_stacked, fixed)
+        _loss(sol.z).backward()
+        return sol.nfe_forward * SEEDS
+
+    return {
+        "ours, one seed": ours_one,
+        f"ours, {SEEDS} seeds grouped": ours_group,
+        "torchdiffeq, one seed": torchdiffeq_seeds(1),
+        f"torchdiffeq, {SEEDS} seeds": torchdiffeq_seeds(SEEDS),
+        f"fixed rk4-{fixed_steps} fused, one seed": fixed_one,
+        f"fixed rk4-{fixed_steps} fused, {SEEDS} seeds": fixed_group,
+    }
+
+
+def bench(method: str, tol: float, fixed_steps: int, repeats: int) -> tuple[dict, dict]:
+    """Median us per NFE (fwd+bwd) per seed, and forward NFE per solve, by variant."""
+    runs = _variants(method, tol, fixed_steps)
+    names = list(runs)
+    nfe = {name: runs[name]() for name in names}  # warm-up (and the C++ loops' first load), untimed
+    samples = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            count = runs[name]()
+            elapsed = time.perf_counter() - start
+            if count != nfe[name]:
+                raise RuntimeError(f"{name}: NFE changed between solves ({nfe[name]} then {count})")
+            samples[name].append(elapsed / (2 * count) * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}, nfe
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tol", type=float, default=1e-3, help="rtol = atol of the adaptive solves (default 1e-3)")
+    parser.add_argument("--fixed-steps", type=int, default=8, help="steps of the fixed-step RK4 reference (default 8)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed solves per variant (default 30)")
+    parser.add_argument("--quick", action="store_true", help="5 repeats")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    repeats = 5 if args.quick else args.repeats
+    results = {m: bench(m, args.tol, args.fixed_steps, repeats) for m in ("fehlberg2", "dopri5")}
+
+    one, group = "one seed", f"{SEEDS} seeds"
+    fixed_one, fixed_group = f"fixed rk4-{args.fixed_steps} fused, one seed", f"fixed rk4-{args.fixed_steps} fused, {SEEDS} seeds"
+    print(f"Sphere2 dense field, batch {BATCH}, float32, tol {args.tol:g}, one solve + backward; us per NFE (fwd+bwd) per seed, "
+          f"median of {repeats}")
+    print("ratios (targets: ours / torchdiffeq <= 0.25, ours / fixed fused <= 1.5)")
+    print(f"  {'':42s} {'fehlberg2':>10s} {'dopri5':>10s}")
+    rows = [
+        ("ours / torchdiffeq, one seed", "ours, one seed", "torchdiffeq, one seed"),
+        (f"ours / torchdiffeq, {group}", f"ours, {SEEDS} seeds grouped", f"torchdiffeq, {SEEDS} seeds"),
+        ("ours / fixed fused, one seed", "ours, one seed", fixed_one),
+        (f"ours / fixed fused, {group}", f"ours, {SEEDS} seeds grouped", fixed_group),
+        (f"ours {group} / ours {one}", f"ours, {SEEDS} seeds grouped", "ours, one seed"),
+    ]
+    for label, a, b in rows:
+        print(f"  {label:42s} " + " ".join(f"{results[m][0][a] / results[m][0][b]:10.2f}" for m in results))
+    print("absolute, us per NFE per seed (forward NFE per solve, all seeds)")
+    for name in results["dopri5"][0]:
+        print(f"  {name:42s} " + " ".join(f"{results[m][0][name]:10.1f} ({results[m][1][name]:4d})" for m in results))
+
+
+if __name__ == "__main__":
+    main()
