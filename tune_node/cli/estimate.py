@@ -30,6 +30,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable
 
+from .common import gpu_trials_at_once
+
 __all__ = ["WallTimeEstimate", "estimate_wall_time", "trial_seconds", "parallel_trials", "format_duration"]
 
 SPHERE_FAST_DIMS = {"sphere2", "sphere3", "sphere10"}
@@ -88,7 +90,7 @@ def parallel_trials(args) -> tuple[int | None, str]:
     slots = max(1, math.floor(cpus / args.cpus_per_trial + 1e-9))
     why = f"{cpus} CPUs / {args.cpus_per_trial:g} per trial"
     if args.gpus > 0:
-        by_gpu = max(1, math.floor(args.gpus / args.gpus_per_trial + 1e-9))
+        by_gpu = max(1, gpu_trials_at_once(args.gpus, args.gpus_per_trial))
         if by_gpu < slots:
             slots, why = by_gpu, f"{args.gpus:g} GPUs / {args.gpus_per_trial:g} per trial"
     return slots, why

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli.common import UsageError
+from ..cli.common import UsageError, gpu_trials_at_once
 from ..cli.options import ADAPT_DEFAULTS, ADAPT_MODES, adapt_parser, training_overrides
 from ..ode.solvers import METHODS
 from ..train.adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
@@ -213,7 +213,7 @@ def _run(args, argv: list[str] | None):
         rows = [{"trial": trial_label(t), "iterations": t["iterations"], "lr": t["lr"], "batch": t["batch_size"],
                  "k": t["k"], "threshold": t["threshold"], "cpu": resources["cpu"], "gpu": resources["gpu"]} for t in trials]
         status = print_dry_run(f"{len(trials)} adaptation trials ({space_name!r}) -> {experiment_dir}; each requests "
-                               f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+                               f"{resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus, args.gpus_per_trial, args)
         print("estimated wall time: none (the adaptation chooses its step size or tolerance, and so its cost, while training)")
         return status, None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
@@ -232,7 +232,8 @@ def _run(args, argv: list[str] | None):
     from .adapt_trainable import adapt_trial
     from .experiment import finish, fit
 
-    results = fit(adapt_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname)
+    results = fit(adapt_trial, trials, name=name, storage=storage, resume=args.resume, resources=resources, dirname=_trial_dirname,
+                  max_concurrent=gpu_trials_at_once(args.gpus, args.gpus_per_trial))  # within --gpus where Ray has more
     summary, history = write_tables(experiment_dir)
     print(f"\n{len(summary)}/{len(trials)} trials finished; results: {experiment_dir / SUMMARY_CSV} (one row per seed), "
           f"{experiment_dir / HISTORY_CSV} (one row per check)")

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import os
 import shlex
 import socket
@@ -25,13 +26,13 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from ..cli.common import UsageError, check_gpus, fail, format_table
+from ..cli.common import LOGICAL_GPUS_ENV, UsageError, check_cluster_resources, fail, format_table, gpu_trials_at_once, logical_gpus
 from ..fast import native
 from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
 
 __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops",
            "experiment_cli", "ray_address", "fail", "command_line", "check_cluster_options", "ray_noise_filtered", "RAY_NOTICES",
-           "partial_label", "demo_note", "DEMO_SPACES"]
+           "partial_label", "demo_note", "DEMO_SPACES", "cluster_problem", "gpu_share_line"]
 
 
 def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
@@ -206,13 +207,19 @@ def init_ray(args) -> str | None:
     package_root = str(Path(__file__).resolve().parents[2])  # the folder holding tune_node/
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     # Worker logs would repeat every checkpoint's path; failures still show (error.txt, progress lines).
+    env_vars = {"PYTHONPATH": pythonpath}
+    if logical_gpus():  # a cluster's workers do not inherit this driver's environment
+        env_vars[LOGICAL_GPUS_ENV] = "1"
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+                  runtime_env={"env_vars": env_vars})
     address, source = ray_address(args)
     try:
         if address == "local":
+            # Ray counts whole GPUs per node: a fractional --gpus gets the next whole number, and fit's
+            # max_concurrent (gpu_trials_at_once) keeps the trials within --gpus.
             with ray_noise_filtered():
-                ray.init(address="local", num_cpus=args.cpus, num_gpus=int(args.gpus) if args.gpus else 0, **kwargs)
+                ray.init(address="local", num_cpus=args.cpus, num_gpus=math.ceil(args.gpus - 1e-9) if args.gpus > 0 else 0,
+                         **kwargs)
         else:
             if source == "RAY_ADDRESS":
                 print(f"joining the Ray cluster at {address} (RAY_ADDRESS is set; unset it to start a local Ray)", flush=True)
@@ -239,16 +246,67 @@ def prepare_native_loops(out=print) -> None:
     native.dense_loops()  # loads the cached build, or is disabled: no news
 
 
-def print_dry_run(header: str, rows: list[dict], gpus: float) -> int:
-    """A dry run's output: ``header``, one row per trial, and whether a GPU request would fail here. Returns 0."""
+def print_dry_run(header: str, rows: list[dict], gpus: float, gpus_per_trial: float | None = None, args=None) -> int:
+    """A dry run's output: ``header``, one row per trial, and with ``gpus`` > 0 each trial's GPU share,
+    how many trials share a GPU and run at once, and whether CUDA is missing here. Returns 0."""
     print(header)
     print(format_table(rows))
     if gpus > 0:
-        try:
-            check_gpus(gpus)
-        except UsageError as err:
-            print(f"note: a real run would stop here: {err}")
+        if gpus_per_trial is not None:
+            print(gpu_share_line(gpus, gpus_per_trial))
+        print(_cuda_note(gpus, args))
     return 0
+
+
+def gpu_share_line(gpus: float, per_trial: float) -> str:
+    """``"0.25 GPU per trial: 4 trials per GPU, 16 at once on --gpus 4"`` (or a whole-GPU trial's line)."""
+    at_once = gpu_trials_at_once(gpus, per_trial)
+    if per_trial >= 1:
+        whole = " (whole GPUs of one node)" if per_trial > 1 else ""
+        return f"{per_trial:g} GPU per trial{whole}: {at_once} at once on --gpus {gpus:g}"
+    per_gpu = math.floor(1 / per_trial + 1e-9)
+    idle = 1 - per_gpu * per_trial
+    rest = f" ({idle:.2g} of each GPU stays idle: Ray places a share on one GPU)" if idle > 1e-6 else ""
+    return f"{per_trial:g} GPU per trial: {per_gpu} trials per GPU, {at_once} at once on --gpus {gpus:g}{rest}"
+
+
+def _cuda_note(gpus: float, args) -> str:
+    """What a dry run knows of the GPUs: this machine's CUDA, and for a joined cluster that its GPUs are checked on joining."""
+    import torch
+
+    address, source = ray_address(args) if args is not None else ("local", "local")
+    if address != "local":
+        cuda = "available" if torch.cuda.is_available() else "not available"
+        return (f"note: the GPUs of the Ray cluster at {source} {address} are checked when the run joins it (this machine's "
+                f"CUDA, {cuda}, does not matter; each trial needs CUDA on its node)")
+    if not torch.cuda.is_available():
+        if logical_gpus():
+            return (f"note: CUDA is not available on this machine; {LOGICAL_GPUS_ENV}=1: Ray's GPUs are logical and "
+                    f"trials given one train on CPU")
+        return (f"note: a real run would stop here: --gpus {gpus:g} requested, but CUDA is not available on this machine "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); a local run needs CUDA, --address joins a "
+                f"GPU cluster instead")
+    count = torch.cuda.device_count()
+    if math.ceil(gpus - 1e-9) > count:
+        return f"note: a real run would stop here: --gpus {gpus:g} exceeds the {count} CUDA GPU(s) of this machine"
+    return f"CUDA: {count} GPU(s) on this machine"
+
+
+def cluster_problem(args, where: str | None = None) -> str | None:
+    """Why the running Ray, named ``where`` in the message (default: from :func:`ray_address`), can never meet
+    one trial's request (:func:`~tune_node.cli.common.check_cluster_resources` on ``ray.nodes()``), or None:
+    asked after Ray starts or is joined, before any trial."""
+    import ray
+
+    address, source = ray_address(args)
+    where = where or ("the local Ray" if address == "local" else f"the Ray cluster at {source} {address}")
+    gpus = getattr(args, "gpus", 0) or 0
+    try:
+        check_cluster_resources(ray.nodes(), gpus=gpus, gpus_per_trial=getattr(args, "gpus_per_trial", 0.25),
+                                cpus_per_trial=getattr(args, "cpus_per_trial", 1), where=where)
+    except UsageError as err:
+        return str(err)
+    return None
 
 
 def start_experiment(args, folder: ExperimentFolder, trials: int, record: Callable[[], dict],
@@ -257,8 +315,9 @@ def start_experiment(args, folder: ExperimentFolder, trials: int, record: Callab
 
     Fails fast on an unreachable Ray address (``--address`` or ``RAY_ADDRESS``), builds or
     loads the C++ solver loops (:func:`prepare_native_loops`), starts or joins Ray
-    (:func:`init_ray`), then, for a new experiment, writes ``record()`` as its
-    record (:meth:`ExperimentFolder.write_record`; ``--resume`` reads it) and prints
+    (:func:`init_ray`), refuses a trial request its nodes can never meet (:func:`cluster_problem`: ``--gpus``
+    without GPUs, a GPU or CPU share larger than any node's), then, for a new experiment, writes ``record()``
+    as its record (:meth:`ExperimentFolder.write_record`; ``--resume`` reads it) and prints
     ``announce()``, or announces the resume of its ``trials`` trials. Should anything fail
     before the record is written, closing the folder (:func:`experiment_cli` does) removes
     what the run made of it.
@@ -269,7 +328,13 @@ def start_experiment(args, folder: ExperimentFolder, trials: int, record: Callab
         return problem
     # Before Ray: a build is announced at once, and has the CPUs to itself.
     prepare_native_loops()
-    problem = init_ray(args)  # Ray starts only for a reachable address
+    import ray
+
+    # A Ray this process already runs (the Python API after ray.init) is used as is, and asked as a cluster is.
+    where = None
+    if ray.is_initialized() and address == "local":
+        where = f"the Ray this process is connected to ({ray.get_runtime_context().gcs_address})"
+    problem = init_ray(args) or cluster_problem(args, where)  # Ray starts only for a reachable address
     if problem:
         return problem
     if folder.new:

@@ -34,7 +34,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..cli.common import UsageError, check_gpus, format_table
+from ..cli.common import UsageError, check_gpus, format_table, gpu_trials_at_once
 from ..cli.options import grid_parser, training_overrides
 from ..data.datasets import SPHERE_DIMS, check_data_available
 from ..ode.solvers import METHODS
@@ -72,12 +72,27 @@ def _check_resources(args) -> str | None:
     return None
 
 
+def _needs_local_cuda(args) -> bool:
+    """Whether this run's GPUs are this machine's CUDA: a Ray of its own started here (no address), or
+    a Ray already running in this process (used as is) that has no GPUs. One with GPUs (a cluster, or
+    ``ray.init(num_gpus=...)``) is asked instead once the run starts."""
+    from .experiment import ray_address
+
+    if ray_address(args)[0] != "local":
+        return False
+    ray = sys.modules.get("ray")  # never imported here: the checks run before Ray loads
+    if ray is None or not hasattr(ray, "is_initialized") or not ray.is_initialized():
+        return True
+    return not ray.cluster_resources().get("GPU", 0) > 0
+
+
 def check_arguments(args) -> str | None:
     """The first checks of an experiment CLI (grid, adaptation); returns the first problem or None.
 
-    --quick against --space, the overrides' ranges, the GPU request (a machine without
-    CUDA refuses one, unless ``--dry-run``), resources, and options a joined Ray cluster
-    cannot take (:func:`~tune_node.experiment.check_cluster_options`).
+    --quick against --space, the overrides' ranges, the GPU request (where this machine's CUDA serves it,
+    :func:`_needs_local_cuda`: a machine without CUDA, or with fewer GPUs, refuses one, unless ``--dry-run``;
+    a joined cluster is asked once Ray runs, :func:`~tune_node.experiments.experiment.cluster_problem`),
+    resources, and options a joined Ray cluster cannot take (:func:`~tune_node.experiment.check_cluster_options`).
     """
     if args.quick and args.space not in (None, "quick"):
         return f"--quick means --space quick; drop one of --quick and --space {args.space}"
@@ -86,7 +101,7 @@ def check_arguments(args) -> str | None:
         if value is not None and value < 1:
             return f"--{option.replace('_', '-')} must be an integer >= 1, got {value}"
     try:
-        check_gpus(args.gpus, need_cuda=not args.dry_run)  # a dry run only notes a missing CUDA
+        check_gpus(args.gpus, need_cuda=not args.dry_run and _needs_local_cuda(args))  # a dry run only notes a missing CUDA
     except UsageError as err:
         return str(err)
     return _check_resources(args) or check_cluster_options(args)
@@ -337,7 +352,8 @@ def _run(args, argv: list[str] | None):
                  "est. time": "-" if s is None else format_duration(s), "cpu": resources["cpu"], "gpu": resources["gpu"]}
                 for u, s in zip(units, estimate.per_trial)]
         status = print_dry_run(f"{len(trials)} trials of {space_name!r} -> {experiment_dir}; {_plan_line(units)}; "
-                               f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus)
+                               f"each Ray trial requests {resources['cpu']:g} CPU and {resources['gpu']:g} GPU", rows, args.gpus,
+                               args.gpus_per_trial, args)
         print("\n".join(estimate.lines("adaptive methods, whose NFE is unknown before training, or no measured cost per NFE "
                                        "for the dataset or model")))
         return status, None
@@ -359,7 +375,8 @@ def _run(args, argv: list[str] | None):
     from .trainable import train_trial
 
     grid = fit(train_trial, [_ray_config(u) for u in units], name=name, storage=storage, resume=args.resume,
-               resources=resources, dirname=_trial_dirname, progress_total=len(trials))
+               resources=resources, dirname=_trial_dirname, progress_total=len(trials),
+               max_concurrent=gpu_trials_at_once(args.gpus, args.gpus_per_trial))  # within --gpus where Ray has more
     table, csv = write_results(experiment_dir)
     finished = table["trial_id"].nunique() if len(table) else 0
     print(f"\n{finished}/{len(trials)} trials finished; results table: {csv}")

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli.common import UsageError, format_table
+from ..cli.common import UsageError, format_table, gpu_trials_at_once
 from ..cli.options import DEFAULT_CONFIRM, DEFAULT_REFINE, search_parser, training_overrides
 from ..ode.solvers import METHODS
 from .experiment import command_line, experiment_cli, print_dry_run, start_experiment
@@ -321,7 +321,9 @@ def _slots(args) -> int:
     resources = ray.cluster_resources()
     slots = math.floor(resources.get("CPU", 1) / args.cpus_per_trial + 1e-9)
     if args.gpus > 0:
-        slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_trial + 1e-9))
+        # A local Ray holds --gpus rounded up to whole GPUs: the trials at once stay within --gpus itself.
+        slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_trial + 1e-9),
+                    gpu_trials_at_once(args.gpus, args.gpus_per_trial))
     return max(1, slots)
 
 
@@ -408,7 +410,7 @@ def _run(args, argv: list[str] | None):
                  "seeds": len(next(iter(g["rungs"].values()))), "cpu": resources["cpu"], "gpu": resources["gpu"]}
                 for key, g in groups.items()]
         status = print_dry_run(f"critical-step search of {space_name!r} -> {experiment_dir}; {plan}; each rung is one Ray "
-                               f"trial of all its seeds", rows, args.gpus)
+                               f"trial of all its seeds", rows, args.gpus, args.gpus_per_trial, args)
         from ..cli.estimate import estimate_wall_time
         from .grid import _groupable, estimated_nfe
 
@@ -487,7 +489,8 @@ def _run_study(args, argv, space, saved):
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial if args.gpus > 0 else 0}
     if args.dry_run:
         rows = [{"method": r.label, r.key: f"{r.low:g} .. {r.high:g} (log)", "seeds": len(space.seeds)} for r in space.ranges]
-        status = print_dry_run(f"Optuna study of {space.name!r} -> {experiment_dir}; {plan}", rows, args.gpus)
+        status = print_dry_run(f"Optuna study of {space.name!r} -> {experiment_dir}; {plan}", rows, args.gpus, args.gpus_per_trial,
+                               args)
         print("estimated wall time: none (the sampler picks the settings, and so their cost, while the study runs)")
         return status, None
     command = command_line("tune_node.search", argv)

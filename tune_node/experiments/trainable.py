@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ from ..train.training import Progress, load_checkpoint, save_checkpoint, train
 from .experiment_folder import CHECKPOINT_FILE, FINAL_FILE
 from .trial import Trial
 
-__all__ = ["run_trial", "train_trial", "CHECKPOINT_FILE", "FINAL_FILE", "trial_resources", "is_group", "trial_seeds", "seed_subdir"]
+__all__ = ["run_trial", "train_trial", "CHECKPOINT_FILE", "FINAL_FILE", "trial_resources", "trial_device", "is_group", "trial_seeds",
+           "seed_subdir"]
 
 
 def is_group(config: dict) -> bool:
@@ -175,14 +177,46 @@ def _restored_states(config: dict) -> list[dict] | None:
 def start_trial(config: dict) -> str | None:
     """The device a trial trains on, or None when it finished before (it was re-reported).
 
-    Torch uses as many threads as the trial requested CPUs; the device is CUDA when
-    the trial was given a GPU (fraction).
+    Torch uses as many threads as the trial requested CPUs; the device is :func:`trial_device`'s.
     """
     if _resume_finished(config):
         return None
     cpus, gpus = trial_resources()
     torch.set_num_threads(max(1, math.floor(cpus)))
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    return trial_device(gpus)
+
+
+def trial_device(gpus: float, *, logical: bool | None = None) -> str:
+    """The device of a trial given ``gpus`` GPU by Ray: ``"cpu"`` without one, ``"cuda"`` with one (Ray's
+    CUDA_VISIBLE_DEVICES makes its GPU the process's first).
+
+    A GPU whose process sees no CUDA raises RuntimeError naming the node and Ray's assignment, unless
+    ``logical`` (default: ``TUNE_NODE_LOGICAL_GPUS=1`` here): Ray's GPUs are then bookkeeping, and the trial
+    trains on CPU, saying so on stderr.
+    """
+    if gpus <= 0:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    import os
+    import socket
+
+    import ray
+
+    from ..cli.common import LOGICAL_GPUS_ENV, logical_gpus
+
+    ids, ip, node_id = [], "?", "?"
+    if ray.is_initialized():  # else a direct call: ray.get_gpu_ids() would start a Ray
+        ids, ip, node_id = ray.get_gpu_ids(), ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()[:8]
+    where = f"node {ip} ({socket.gethostname()}, Ray node {node_id})"
+    given = f"{gpus:g} GPU (Ray GPU ids {ids}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+    if logical_gpus() if logical is None else logical:
+        print(f"{LOGICAL_GPUS_ENV}=1: this trial on {where} was given {given} but sees no CUDA: training on CPU",
+              file=sys.stderr, flush=True)
+        return "cpu"
+    raise RuntimeError(f"this trial on {where} was given {given}, but its process sees no CUDA (torch {torch.__version__}, "
+                       f"torch.cuda.is_available() is False): install a CUDA build of torch and the GPU driver on that node, "
+                       f"or run with --gpus 0 ({LOGICAL_GPUS_ENV}=1 trains such trials on CPU)")
 
 
 def _adaptation_metrics(progress: Progress, controller, totals: dict) -> dict:
@@ -231,7 +265,7 @@ def run_trial(config: dict) -> None:
     the paper's test matrix and the last report carries the final checkpoint with each
     seed's ``final.json``. An adaptation trial's controller lives in its checkpoints too.
     Torch uses as many threads as the trial requested CPUs; the device is CUDA when the
-    trial was given a GPU (fraction).
+    trial was given a GPU (fraction; :func:`trial_device`).
     """
     seeds = trial_seeds(config)
     trials = [Trial.from_dict(t) for t in seeds]
