@@ -294,6 +294,15 @@ def test_storage_under_a_regular_file_is_refused_before_ray(tmp_path, capsys):
     assert rc == 2 and f"{tmp_path / 'file'} is a file, not a folder" in err, err
 
 
+@pytest.mark.parametrize("cli", ["grid", "adapt"])
+def test_a_storage_uri_is_refused_before_ray_and_makes_no_local_folder(tmp_path, capsys, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    main, extra = (grid.main, []) if cli == "grid" else (adapt.main, ["--k", "5"])
+    rc, err = run(main, ["--space", "tiny", *extra, "--storage", "s3://bucket/runs", "--dry-run"], capsys)
+    assert rc == 2 and "--storage 's3://bucket/runs' is a URI" in err and "every node mounts" in err, err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_storage_is_refused_before_ray(tmp_path, capsys):
     storage = tmp_path / "ro"

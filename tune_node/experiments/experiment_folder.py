@@ -375,9 +375,21 @@ def _check_folder_path(path: Path) -> None:
                                     f"pick another --name or --storage")
 
 
+def storage_problem(storage: str | Path) -> str | None:
+    """Why ``storage`` cannot hold experiments (a URI: Path() would quietly make ``s3://b/p`` the local
+    folder ``s3:/b/p``), or None."""
+    if "://" in str(storage):
+        return (f"--storage {str(storage)!r} is a URI; --storage takes a folder path. For a multi-node Ray cluster give a "
+                f"folder on a file system every node mounts at the same path (NFS, say); URIs such as s3:// are not supported yet")
+    return None
+
+
 def _checked_path(storage: str | Path, name: str) -> tuple[Path, Path]:
     """``(storage, storage / name)`` once the name is a plain folder name and the path no file."""
     problem = check_name(name)
+    if problem:
+        raise ExperimentFolderError(problem)
+    problem = storage_problem(storage)
     if problem:
         raise ExperimentFolderError(problem)
     storage = Path(storage)

@@ -40,7 +40,7 @@ from ..data.datasets import SPHERE_DIMS, check_data_available
 from ..ode.solvers import METHODS
 from ..train.seed_groups import groupable
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
-from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new
+from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new, storage_problem
 from .search_space import SearchSpace, SearchSpaceError, load_space, train_config_from_trial
 from .trainable import trial_seeds
 from .tune_callbacks import group_label
@@ -92,7 +92,8 @@ def check_arguments(args) -> str | None:
     --quick against --space, the overrides' ranges, the GPU request (where this machine's CUDA serves it,
     :func:`_needs_local_cuda`: a machine without CUDA, or with fewer GPUs, refuses one, unless ``--dry-run``;
     a joined cluster is asked once Ray runs, :func:`~tune_node.experiments.experiment.cluster_problem`),
-    resources, and options a joined Ray cluster cannot take (:func:`~tune_node.experiment.check_cluster_options`).
+    resources, options a joined Ray cluster cannot take (:func:`~tune_node.experiment.check_cluster_options`), and
+    a --storage that is no folder path (:func:`~tune_node.experiment_folder.storage_problem`).
     """
     if args.quick and args.space not in (None, "quick"):
         return f"--quick means --space quick; drop one of --quick and --space {args.space}"
@@ -104,7 +105,7 @@ def check_arguments(args) -> str | None:
         check_gpus(args.gpus, need_cuda=not args.dry_run and _needs_local_cuda(args))  # a dry run only notes a missing CUDA
     except UsageError as err:
         return str(err)
-    return _check_resources(args) or check_cluster_options(args)
+    return _check_resources(args) or check_cluster_options(args) or storage_problem(args.storage)
 
 
 def _threshold_problem(threshold: float) -> str | None:
