@@ -185,7 +185,9 @@ def test_the_search_agrees_with_the_critical_step_rule_and_reports_non_monotone_
     space = write_space(tmp_path / "ladder.toml", [1, 2, 4, 8, 16], iterations=20)
     from tune_node.search import run_search
 
-    summary = run_search(str(space), storage=str(tmp_path), name="s", refine=1.25)
+    # One slot (2 CPUs a trial on the fixture's 2): rungs finish in ladder order, so 2 steps is judged before the
+    # answer is known. With two slots a slow 2-step rung (a loaded machine) was stopped as useless, unseen.
+    summary = run_search(str(space), storage=str(tmp_path), name="s", refine=1.25, cpus_per_trial=2)
     row = summary.iloc[0]
     assert (row.status, row.dependent_steps, row.critical_steps) == ("found", 4, 5)  # bisected 4-8: 6, then 5
     assert row.non_monotone == "2 steps independent but 4 steps dependent"
