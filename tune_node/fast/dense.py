@@ -45,10 +45,10 @@ DENSE_MAX_DIM = 10
 FUSED_MIN_EVALUATIONS = {"python": 16, "cpp": 4}
 
 
-def fused_min_evaluations() -> int:
+def fused_min_evaluations(device: torch.device | str | None = None) -> int:
     """The fewest evaluations a solve needs to take the fused path, for the loops
-    :func:`~tune_node.dense_solve.solve_loops` picks here."""
-    return FUSED_MIN_EVALUATIONS["python" if solve_loops() is PythonLoops else "cpp"]
+    :func:`~tune_node.dense_solve.solve_loops` picks here (on ``device``)."""
+    return FUSED_MIN_EVALUATIONS["python" if solve_loops(device) is PythonLoops else "cpp"]
 
 
 def _dense_by_einsum(w1, b1, w2, b2, w3, b3, length: int) -> list[torch.Tensor]:
@@ -135,7 +135,7 @@ def prepare_dense(weights, z0: torch.Tensor) -> PreparedField:
     flat = (*shape[:-2], shape[-2] * shape[-1])
 
     def solve(z, tableau, steps, T):
-        if steps * tableau.stages < fused_min_evaluations():
+        if steps * tableau.stages < fused_min_evaluations(z.device):
             return None
         return dense_rk_solve(dense, z, tableau, steps, T)
 

@@ -31,7 +31,14 @@ import torch
 from ..ode.solvers import ButcherTableau
 from . import native
 
-__all__ = ["dense_rk_solve", "PythonLoops", "solve_loops"]
+__all__ = ["dense_rk_solve", "PythonLoops", "solve_loops", "held_buffers", "CUDA_LOOPS"]
+
+#: The loops a solve on CUDA tensors runs: ``"cpp"`` (the C++ loops where they build, as on
+#: the CPU) or ``"python"``. The C++ loops make ATen calls, which dispatch to CUDA kernels
+#: for CUDA tensors and launch on the current stream, so they run (and are captured in CUDA
+#: graphs) there as the Python loops do, with the same kernels in the same order; eagerly
+#: they save the interpreter's cost per launch, and in a replayed graph neither costs anything.
+CUDA_LOOPS = "cpp"
 
 # Activation buffers between solves, keyed by shape, dtype and device: at most one free
 # set per key. A solve takes the set (or allocates one) in its forward pass and gives
@@ -156,9 +163,18 @@ class PythonLoops:
         return gz
 
 
-def solve_loops():
-    """The loops :func:`dense_rk_solve` runs: the C++ ones of :func:`tune_node.native.dense_loops`
-    where they build, else :class:`PythonLoops`."""
+def held_buffers() -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The activation buffers kept between solves now: a CUDA graph that captured a solve
+    writes into these, so it holds them for as long as it is replayed."""
+    return tuple(_free_buffers.values())
+
+
+def solve_loops(device: torch.device | str | None = None):
+    """The loops :func:`dense_rk_solve` runs on ``device``: the C++ ones of
+    :func:`tune_node.native.dense_loops` where they build, else :class:`PythonLoops`; on CUDA
+    as :data:`CUDA_LOOPS` says."""
+    if device is not None and torch.device(device).type == "cuda" and CUDA_LOOPS == "python":
+        return PythonLoops
     return native.dense_loops() or PythonLoops
 
 
@@ -212,7 +228,7 @@ def dense_rk_solve(weights, z0: torch.Tensor, tableau: ButcherTableau, steps: in
             returns them, stacked ``(S, ., .)`` or for one model ``(., .)``.
         z0: ``(S, batch, C*D)`` (stacked) or ``(batch, C*D)``.
         tableau, steps, T: the method, the number of equal steps, the end time.
-        loops: :class:`PythonLoops` or the C++ module; by default :func:`solve_loops`.
+        loops: :class:`PythonLoops` or the C++ module; by default :func:`solve_loops` for ``z0``'s device.
 
     Evaluates the field exactly ``steps * tableau.stages`` times. Differentiable in
     ``z0`` and the weights, with one backward pass per solve (no double backward, no
@@ -224,5 +240,5 @@ def dense_rk_solve(weights, z0: torch.Tensor, tableau: ButcherTableau, steps: in
         W1, c1, W2, c2, W3, c3 = (w.unsqueeze(0) for w in (W1, c1, W2, c2, W3, c3))
         z0 = z0.unsqueeze(0)
     a, b = tableau.step_coefficients(T / steps)
-    z = _DenseRKSolve.apply(z0, W1, c1, W2, c2, W3, c3, a, b, steps, loops or solve_loops())
+    z = _DenseRKSolve.apply(z0, W1, c1, W2, c2, W3, c3, a, b, steps, loops or solve_loops(z0.device))
     return z.squeeze(0) if single else z

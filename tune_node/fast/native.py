@@ -9,6 +9,11 @@ make the same ATen calls in the same order as the Python loops of
 :mod:`~tune_node.dense_solve`, so results are identical either way; only the Python
 interpreter's cost per call goes (about a quarter of a Sphere2 evaluation).
 
+The build is CPU-only C++ (no CUDA compiler needed), yet the loops serve CUDA tensors too:
+ATen calls dispatch on their tensors' device and launch on the current CUDA stream, so a
+solve on the GPU runs them, and a CUDA graph captures them, like the Python loops
+(:data:`~tune_node.fast.dense_solve.CUDA_LOOPS` makes the choice).
+
 Set ``TUNE_NODE_NATIVE=0`` to keep the Python loops without trying to build.
 :func:`build_pending` says beforehand whether the next :func:`dense_loops` call compiles
 (about :data:`BUILD_SECONDS` seconds) or loads a cached build (about a second).

@@ -95,7 +95,8 @@ def _check_group(configs: list[TrainConfig]) -> None:
     for c in configs[1:]:
         other = {k: v for k, v in c.to_dict().items() if k != "seed"}
         if other != base:
-            diff = sorted(k for k in base if base[k] != other[k])
+            # to_dict leaves out fields at their defaults, so one side may lack a key.
+            diff = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
             raise ValueError(f"configs of a seed group may differ only in seed; seed {c.seed} differs in {', '.join(diff)}")
 
 

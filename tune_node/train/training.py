@@ -7,6 +7,7 @@ one thread give bit-identical weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -39,6 +40,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "training_state",
+    "gpu_features",
+    "StaticStep",
 ]
 
 #: The paper's training schedules per model family (Appendix D): the dataset registry's
@@ -48,6 +51,10 @@ HYPERPARAMETERS = PAPER_TRAINING
 #: (sphere) schedule unless its search space or config says otherwise.
 USER_DATASET_DEFAULTS = HYPERPARAMETERS["sphere"]
 OPTIMIZERS = ("adam", "sgd")
+#: The GPU flags of :class:`TrainConfig` and their defaults (see :func:`gpu_features`).
+GPU_FLAGS = (("cuda_graph", True), ("channels_last", True), ("tf32", False), ("amp", False))
+#: Eager iterations (on a side stream) before a training iteration is captured as a CUDA graph.
+GRAPH_WARMUP = 3
 
 
 @dataclass
@@ -68,6 +75,10 @@ class TrainConfig:
         model: None for the paper's model of a built-in dataset, or a user's builder
             ``"module:function"`` (:func:`~tune_node.models.build_for`).
         code_dir: the folder a user's modules are looked for first (a search space's folder).
+        cuda_graph, channels_last, tf32, amp: GPU features, each a no-op on the CPU; what each
+            does and when it applies: :func:`gpu_features`. Defaults: graphs and channels-last on
+            (same arithmetic, rounding aside), TF32 and mixed precision off (both lower the
+            precision of products).
 
     Guarantees: a constructed config is valid, checked before any data is loaded:
     integer fields are integers (numpy integers stored as ``int``; booleans refused),
@@ -93,9 +104,16 @@ class TrainConfig:
     device: str = "cpu"
     model: str | None = None
     code_dir: str | None = None
+    cuda_graph: bool = True
+    channels_last: bool = True
+    tf32: bool = False
+    amp: bool = False
 
     def __post_init__(self):
         check_dataset_name(self.dataset)
+        for name, _ in GPU_FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.model is not None and not is_reference(self.model):
             raise ValueError(f"model must be None (the paper's model of a built-in dataset) or 'module:function' "
                              f"naming your builder, got {self.model!r}")
@@ -147,13 +165,17 @@ class TrainConfig:
         return BUILTIN_DATASETS[dataset].paper_training(solver.is_adaptive)
 
     def to_dict(self) -> dict:
-        """A plain dict :meth:`from_dict` reads back; ``model`` and ``code_dir`` only when set,
-        so configs of built-in studies (and their checkpoints) stay as they were."""
+        """A plain dict :meth:`from_dict` reads back; ``model``, ``code_dir`` and the GPU flags
+        only when not at their defaults, so configs of built-in studies (and their checkpoints)
+        stay as they were."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["solver"] = self.solver.to_dict()
         for optional in ("model", "code_dir"):
             if d[optional] is None:
                 del d[optional]
+        for name, default in GPU_FLAGS:
+            if d[name] is default:
+                del d[name]
         return d
 
     def load_data(self) -> Dataset:
@@ -309,8 +331,156 @@ class BatchSampler:
         self.perm, self.pos = s["perm"], s["pos"]
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+def make_optimizer(name: str, params, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam or SGD; ``capturable`` Adam keeps its step count on the parameters' device, so its
+    step can be captured in a CUDA graph (CUDA only)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, capturable=True) if capturable else torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
+
+
+def gpu_features(config: TrainConfig, device: torch.device | str | None = None,
+                 controller: "SolverController | None" = None) -> dict[str, tuple[bool, str]]:
+    """Which GPU features a training of ``config`` on ``device`` (default: ``config.device``) uses:
+    ``{name: (on, why)}`` for ``cuda_graph``, ``channels_last``, ``tf32`` and ``amp``.
+
+    - ``cuda_graph``: one training iteration (forward solve, loss, backward pass, optimizer
+      step) captured as a CUDA graph after :data:`GRAPH_WARMUP` eager iterations and replayed,
+      which removes the launch cost of every kernel (the small sphere fields launch hundreds
+      of tiny ones per iteration). The same kernels in the same order; Adam runs as
+      ``capturable`` (its step count a device tensor), which rounds its bias correction
+      differently. For the paper's sphere models with a fixed-step backprop solve and no
+      solver controller.
+    - ``channels_last``: the paper's image models' weights and batches in NHWC layout, which cuDNN's
+      fastest convolutions want. Same arithmetic, other summation orders: rounding only.
+    - ``tf32``: matrix products and convolutions with TF32 inputs (10-bit mantissa, FP32
+      accumulation) on tensor cores. Off: plain FP32, also for cuDNN (whose default is TF32).
+    - ``amp``: the paper's image models' forward pass and loss under ``torch.autocast`` in
+      bfloat16 (convolutions and products in bfloat16, the solver's sums and the loss in
+      FP32): changes the solver's arithmetic. No loss scaling: bfloat16 has FP32's range.
+    - ``tf32`` applies to every product of the training (a process-wide switch, restored after).
+
+    On a CPU all are off (the CPU's results never depend on these flags).
+    """
+    device = torch.device(config.device if device is None else device)
+    flags = {name: getattr(config, name) for name, _ in GPU_FLAGS}
+    if device.type != "cuda":
+        return {name: (False, f"device is {device.type}: {name} is CUDA only") for name in flags}
+    builtin = BUILTIN_DATASETS.get(config.dataset) if config.model is None else None
+    family = builtin.family if builtin is not None else None
+    image = family in ("mnist", "cifar10")
+
+    def image_only(name: str, on_text: str) -> tuple[bool, str]:
+        if not flags[name]:
+            return False, f"{name} is off"
+        return (True, on_text) if image else (False, f"{name} is for the paper's image models only")
+
+    out = {"channels_last": image_only("channels_last", "image model on CUDA: NHWC layout"),
+           "tf32": (flags["tf32"], "tf32 is on" if flags["tf32"] else "tf32 is off: FP32 products and convolutions"),
+           "amp": image_only("amp", "image model on CUDA: bfloat16 autocast")}
+    if not flags["cuda_graph"]:
+        graph = (False, "cuda_graph is off")
+    elif family != "sphere":
+        graph = (False, "graphs are for the paper's sphere models only")
+    elif config.solver.is_adaptive or config.solver.gradient != "backprop":
+        graph = (False, "graphs need a fixed-step backprop solve (the same kernels every iteration)")
+    elif controller is not None:
+        graph = (False, "a solver controller changes the solve between iterations")
+    else:
+        graph = (True, "fixed-step backprop sphere training on CUDA")
+    return {"cuda_graph": graph, **out}
+
+
+@contextlib.contextmanager
+def _cuda_precision(features: dict, device: torch.device):
+    """TF32 for CUDA products and convolutions as ``features`` say, restored afterwards (the
+    switches are global to the process)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    on = features["tf32"][0]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _autocast(features: dict, device: torch.device):
+    """A fresh autocast context for one forward pass where ``amp`` is on, else a no-op."""
+    if device.type == "cuda" and features["amp"][0]:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class StaticStep:
+    """One training iteration (forward solve, loss, backward pass, optimizer step) on static
+    input buffers: what a CUDA graph replays.
+
+    Each call copies the batch into the buffers and runs the iteration. With ``capture`` (CUDA
+    only) the first ``warmup`` calls run eagerly on a side stream, the next one captures the
+    iteration as a graph, and that call and all later ones replay it. Without ``capture``
+    every call runs the iteration eagerly on the buffers, with the same results as
+    :func:`train_seeds`' plain loop, bit for bit (the CPU's check of this path).
+
+    Returns ``(logits detached, per-seed losses, solution)``; on replay these are the same
+    tensors every call, refilled. The optimizer step is taken before the caller sees the
+    losses (a graph cannot branch on them).
+    """
+
+    def __init__(self, seeds: "SeedStack", optimizer: torch.optim.Optimizer, setting: SolverSetting, capture: bool,
+                 warmup: int = GRAPH_WARMUP, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.seeds, self.optimizer, self.setting = seeds, optimizer, setting
+        self.capture, self.warmup, self.autocast = capture, warmup, autocast
+        self.x = self.y = None
+        self.graph = None
+        self.outputs = None
+        self.eager_runs = 0
+        self.held = ()
+
+    def _iteration(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits, sol = self.seeds.forward(self.x, self.setting)
+            losses, loss = self.seeds.losses(logits, self.y)
+        loss.backward()
+        self.optimizer.step()
+        return logits.detach(), losses, sol
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.x is None:
+            self.x, self.y = x.clone(), y.clone()
+        else:
+            self.x.copy_(x)
+            self.y.copy_(y)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if not self.capture:
+            return self._iteration()
+        current = torch.cuda.current_stream(x.device)
+        if self.eager_runs < self.warmup:
+            # torch's graph docs: warm up on a side stream, so lazy initialisations (cuBLAS
+            # handles, the optimizer's state, the solve's buffers) are not captured.
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                out = self._iteration()
+            current.wait_stream(side)
+            self.eager_runs += 1
+            return out
+        from ..fast import dense_solve
+
+        self.graph = torch.cuda.CUDAGraph()
+        # Gradients set to None before capture are allocated in the graph's pool by backward().
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.outputs = self._iteration()
+        # The graph writes into the fused solve's activation buffers: they must outlive it.
+        self.held = dense_solve.held_buffers()
+        self.graph.replay()
+        return self.outputs
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -481,6 +651,7 @@ def train_seeds(
     controller: SolverController | None = None,
     resume_from: list[dict] | None = None,
     data: list[Dataset] | None = None,
+    static_step: bool | None = None,
 ) -> list[TrainResult]:
     """The training loop: S >= 1 seeds of one configuration, trained as one :class:`SeedStack`.
 
@@ -493,6 +664,13 @@ def train_seeds(
             pass and before the optimizer step.
         resume_from: one checkpoint state per seed, all at one iteration.
         data: the seeds' loaded datasets.
+        static_step: run iterations through :class:`StaticStep` (True), the plain loop
+            (False), or as :func:`gpu_features` decides (None: the graph path where
+            ``cuda_graph`` is on). True on a CPU runs the graph path without capture.
+
+    GPU features (:func:`gpu_features`) apply on CUDA only. On the graph path a stack whose
+    every seed diverged has taken that iteration's optimizer step too (its weights are not
+    finite either way).
 
     Returns one :class:`TrainResult` per seed, in order. Every seed keeps its own data,
     initial weights, batch order, optimizer state, reports and checkpoints (``train``'s
@@ -509,11 +687,27 @@ def train_seeds(
     for name, given in (("resume_from", resume_from), ("data", data)):
         if given is not None and len(given) != n:
             raise ValueError(f"{name} has {len(given)} entries for {n} configs")
-    start = time.perf_counter()
     device = torch.device(config.device)
+    features = gpu_features(config, device, controller)
+    with _cuda_precision(features, device):
+        return _train_seeds(configs, stack, on_report, controller, resume_from, data, static_step, device, features)
+
+
+def _train_seeds(configs, stack, on_report, controller, resume_from, data, static_step, device, features):
+    n, config = len(configs), configs[0]
+    start = time.perf_counter()
     datasets = [(d or c.load_data()).to(device) for c, d in zip(configs, data or [None] * n)]
     seeds = stack(configs, datasets, device) if stack is not None else OneModel(config, datasets[0], device)
-    optimizer = make_optimizer(config.optimizer, seeds.parameters(), config.lr)
+    channels_last = features["channels_last"][0]
+    if channels_last:
+        seeds.net.to(memory_format=torch.channels_last)
+    graph = features["cuda_graph"][0]
+    static = graph if static_step is None else static_step
+    if static and (controller is not None or config.solver.is_adaptive):
+        raise ValueError("the static-buffer step needs a fixed-step solve without a solver controller")
+    optimizer = make_optimizer(config.optimizer, seeds.parameters(), config.lr, capturable=static and graph)
+    autocast = lambda: _autocast(features, device)  # noqa: E731
+    step = StaticStep(seeds, optimizer, config.solver, capture=static and graph, autocast=autocast) if static else None
     samplers = [BatchSampler(len(d.y_train), config.batch_size, seed=c.seed) for c, d in zip(configs, datasets)]
     setting = config.solver
     first = 1
@@ -542,17 +736,54 @@ def train_seeds(
 
     seeds.net.train()
     diverged: list[Divergence | None] = [None] * n
+
+    def _report(iteration: int) -> None:
+        # Reads the iteration's logits, losses, solution and setting from the loop's variables.
+        if iteration % config.report_every == 0 or iteration == config.iterations:
+            test_now = config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations)
+            batch_accuracies = seeds.batch_accuracies(logits.detach(), y)
+            for i, d in enumerate(datasets):
+                test_acc = accuracy(seeds.model(i), d.x_test, d.y_test, setting, config.eval_batch_size)[0] if test_now else None
+                t = totals[i]
+                progress = Progress(
+                    iteration=iteration, loss=float(losses[i]), train_accuracy=batch_accuracies[i],
+                    nfe_forward=nfe_fwd, nfe_backward=nfe_bwd, setting=used, steps=sol.steps,
+                    total_nfe=t["fwd"] + t["bwd"] + t["check"], check_nfe=t["check"],
+                    elapsed=time.perf_counter() - start, test_accuracy=test_acc,
+                )
+                histories[i].append(progress.to_dict())
+                if on_report is not None:
+                    on_report(i, progress, lambda i=i, it=iteration: state(i, it))
+
     for iteration in range(first, config.iterations + 1):
         x, y = seeds.batch([s.next().to(device) for s in samplers])
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         used = setting
+        if step is not None:
+            logits, losses, sol = step(x, y)
+            if not bool(torch.isfinite(losses).all()):
+                for i, value in enumerate(losses.tolist()):
+                    if diverged[i] is None and not math.isfinite(value):
+                        diverged[i] = Divergence(iteration, f"loss is {value}")
+                if all(diverged):
+                    break
+            nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
+            for t, d in zip(totals, diverged):
+                if d is None:
+                    t["fwd"] += nfe_fwd
+                    t["bwd"] += nfe_bwd
+            _report(iteration)
+            continue
         try:
-            logits, sol = seeds.forward(x, used)
+            with autocast():
+                logits, sol = seeds.forward(x, used)
+                losses, loss = seeds.losses(logits, y)
         except (SolverStepLimitError, StepSizeUnderflowError) as err:
             diverged[0] = solver_failure_divergence(seeds.model(0), iteration, err) if n == 1 else None
             if diverged[0] is None:
                 raise
             break
-        losses, loss = seeds.losses(logits, y)
         if not bool(torch.isfinite(losses).all()):
             for i, value in enumerate(losses.tolist()):
                 if diverged[i] is None and not math.isfinite(value):
@@ -571,22 +802,7 @@ def train_seeds(
             setting, spent = controller.update(iteration, seeds.model(0), x, y, logits.detach(), used)
             totals[0]["check"] += spent
         optimizer.step()
-
-        if iteration % config.report_every == 0 or iteration == config.iterations:
-            test_now = config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations)
-            batch_accuracies = seeds.batch_accuracies(logits.detach(), y)
-            for i, d in enumerate(datasets):
-                test_acc = accuracy(seeds.model(i), d.x_test, d.y_test, setting, config.eval_batch_size)[0] if test_now else None
-                t = totals[i]
-                progress = Progress(
-                    iteration=iteration, loss=float(losses[i]), train_accuracy=batch_accuracies[i],
-                    nfe_forward=nfe_fwd, nfe_backward=nfe_bwd, setting=used, steps=sol.steps,
-                    total_nfe=t["fwd"] + t["bwd"] + t["check"], check_nfe=t["check"],
-                    elapsed=time.perf_counter() - start, test_accuracy=test_acc,
-                )
-                histories[i].append(progress.to_dict())
-                if on_report is not None:
-                    on_report(i, progress, lambda i=i, it=iteration: state(i, it))
+        _report(iteration)
 
     results = []
     for i, (c, d) in enumerate(zip(configs, datasets)):
