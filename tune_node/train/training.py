@@ -755,6 +755,21 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
                 if on_report is not None:
                     on_report(i, progress, lambda i=i, it=iteration: state(i, it))
 
+    def every_seed_diverged(losses: torch.Tensor, iteration: int) -> bool:
+        """Marks the seeds whose loss at ``iteration`` is not finite; True once no seed trains on."""
+        if bool(torch.isfinite(losses).all()):
+            return False
+        for i, value in enumerate(losses.tolist()):
+            if diverged[i] is None and not math.isfinite(value):
+                diverged[i] = Divergence(iteration, f"loss is {value}")
+        return all(diverged)
+
+    def count_nfe(forward: int, backward: int) -> None:
+        for t, d in zip(totals, diverged):
+            if d is None:  # a diverged seed's cost ends where its training did
+                t["fwd"] += forward
+                t["bwd"] += backward
+
     for iteration in range(first, config.iterations + 1):
         x, y = seeds.batch([s.next().to(device) for s in samplers])
         if channels_last and x.dim() == 4:
@@ -762,17 +777,10 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
         used = setting
         if step is not None:
             logits, losses, sol = step(x, y)
-            if not bool(torch.isfinite(losses).all()):
-                for i, value in enumerate(losses.tolist()):
-                    if diverged[i] is None and not math.isfinite(value):
-                        diverged[i] = Divergence(iteration, f"loss is {value}")
-                if all(diverged):
-                    break
+            if every_seed_diverged(losses, iteration):
+                break
             nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
-            for t, d in zip(totals, diverged):
-                if d is None:
-                    t["fwd"] += nfe_fwd
-                    t["bwd"] += nfe_bwd
+            count_nfe(nfe_fwd, nfe_bwd)
             _report(iteration)
             continue
         try:
@@ -784,20 +792,13 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
             if diverged[0] is None:
                 raise
             break
-        if not bool(torch.isfinite(losses).all()):
-            for i, value in enumerate(losses.tolist()):
-                if diverged[i] is None and not math.isfinite(value):
-                    diverged[i] = Divergence(iteration, f"loss is {value}")
-            if all(diverged):
-                break
+        if every_seed_diverged(losses, iteration):
+            break
         optimizer.zero_grad(set_to_none=True)
         # Seeds share no weights: the loss's gradient is each seed's own loss gradient.
         loss.backward()
         nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
-        for t, d in zip(totals, diverged):
-            if d is None:  # a diverged seed's cost ends where its training did
-                t["fwd"] += nfe_fwd
-                t["bwd"] += nfe_bwd
+        count_nfe(nfe_fwd, nfe_bwd)
         if controller is not None:
             setting, spent = controller.update(iteration, seeds.model(0), x, y, logits.detach(), used)
             totals[0]["check"] += spent
