@@ -26,7 +26,16 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from ..cli.common import LOGICAL_GPUS_ENV, UsageError, check_cluster_resources, fail, format_table, gpu_trials_at_once, logical_gpus
+from ..cli.common import (
+    LOGICAL_GPUS_ENV,
+    UsageError,
+    check_cluster_resources,
+    check_gpus,
+    fail,
+    format_table,
+    gpu_trials_at_once,
+    logical_gpus,
+)
 from ..fast import native
 from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
 
@@ -279,17 +288,14 @@ def _cuda_note(gpus: float, args) -> str:
         cuda = "available" if torch.cuda.is_available() else "not available"
         return (f"note: the GPUs of the Ray cluster at {source} {address} are checked when the run joins it (this machine's "
                 f"CUDA, {cuda}, does not matter; each trial needs CUDA on its node)")
-    if not torch.cuda.is_available():
-        if logical_gpus():
-            return (f"note: CUDA is not available on this machine; {LOGICAL_GPUS_ENV}=1: Ray's GPUs are logical and "
-                    f"trials given one train on CPU")
-        return (f"note: a real run would stop here: --gpus {gpus:g} requested, but CUDA is not available on this machine "
-                f"(torch {torch.__version__}, torch.cuda.is_available() is False); a local run needs CUDA, --address joins a "
-                f"GPU cluster instead")
-    count = torch.cuda.device_count()
-    if math.ceil(gpus - 1e-9) > count:
-        return f"note: a real run would stop here: --gpus {gpus:g} exceeds the {count} CUDA GPU(s) of this machine"
-    return f"CUDA: {count} GPU(s) on this machine"
+    if logical_gpus() and not torch.cuda.is_available():
+        return (f"note: CUDA is not available on this machine; {LOGICAL_GPUS_ENV}=1: Ray's GPUs are logical and "
+                f"trials given one train on CPU")
+    try:
+        check_gpus(gpus)  # what a real local run would refuse
+    except UsageError as err:
+        return f"note: a real run would stop here: {err}"
+    return f"CUDA: {torch.cuda.device_count()} GPU(s) on this machine"
 
 
 def cluster_problem(args, where: str | None = None) -> str | None:
