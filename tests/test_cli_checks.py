@@ -295,11 +295,13 @@ def test_storage_under_a_regular_file_is_refused_before_ray(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cli", ["grid", "adapt"])
-def test_a_storage_uri_is_refused_before_ray_and_makes_no_local_folder(tmp_path, capsys, monkeypatch, cli):
+def test_a_storage_uri_pyarrow_cannot_open_is_refused_before_ray_and_makes_no_local_folder(tmp_path, capsys, monkeypatch, cli):
+    # Before URIs were storage, Path() made s3://bucket/runs the local folder s3:/bucket/runs; tests/test_storage.py runs S3.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUNE_NODE_COPIES", str(tmp_path / "copies"))
     main, extra = (grid.main, []) if cli == "grid" else (adapt.main, ["--k", "5"])
-    rc, err = run(main, ["--space", "tiny", *extra, "--storage", "s3://bucket/runs", "--dry-run"], capsys)
-    assert rc == 2 and "--storage 's3://bucket/runs' is a URI" in err and "every node mounts" in err, err
+    rc, err = run(main, ["--space", "tiny", *extra, "--storage", "nosuch://bucket/runs", "--dry-run"], capsys)
+    assert rc == 2 and "--storage 'nosuch://bucket/runs': pyarrow cannot open this URI" in err and "s3://bucket/prefix" in err, err
     assert not any(tmp_path.iterdir())
 
 

@@ -186,7 +186,9 @@ def grid_parser(prog: str = "python -m tune_node.grid", description: str | None 
     res.add_argument("--address", default=None, help="join a running Ray cluster: host:port or auto (default: start a local Ray, "
                                                      "or join RAY_ADDRESS when set)")
     out = parser.add_argument_group("output")
-    out.add_argument("--storage", default="runs", help="where experiments are written")
+    out.add_argument("--storage", default="runs", help="where experiments are written: a folder (on a cluster, one every node "
+                                                       "mounts), or a URI such as s3://bucket/prefix (a local copy of each experiment "
+                                                       "is kept under ~/.cache/tune_node/copies)")
     out.add_argument("--name", default=None, help="experiment name (default: the space's name)")
     out.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name in --storage")
     out.add_argument("--dry-run", action="store_true",

@@ -32,6 +32,7 @@ from .experiment import command_line, experiment_cli, print_dry_run, start_exper
 from .experiment_folder import ADAPT_FILE, check_new, open_existing, open_new
 from .grid import check_arguments, data_problem, resumed_experiment
 from .search_space import SearchSpace, SearchSpaceError, load_space
+from .storage import open_storage
 from .trial import Adaptation, Trial
 from .tune_callbacks import trial_label
 
@@ -177,7 +178,7 @@ def _run(args, argv: list[str] | None):
         from_space = [k for k in space_defaults if getattr(args, k) is None]
         raise UsageError(f"{err} (the search space's [adaptation] table set {', '.join(from_space)})" if from_space
                          else str(err))
-    storage = Path(args.storage).resolve()
+    storage = open_storage(args.storage)
     space_name = args.space or "quick"
     stem = space_name.name if isinstance(space_name, SearchSpace) else Path(space_name).stem
     name = args.name if args.name is not None else f"adapt_{stem}_{settings['method']}_{settings['test_method']}"
@@ -203,7 +204,8 @@ def _run(args, argv: list[str] | None):
             raise UsageError(f"--k {settings['k']}{given} exceeds the {too_few[0]} training iterations: no check would ever "
                          f"run; use --k between 1 and {too_few[0]} (or more --iterations)")
         space_name = space.name
-        experiment_dir = check_new(storage, name, "adaptation")
+        storage.pull(name)  # a URI's experiment, as it stands there
+        experiment_dir = check_new(storage.local, name, "adaptation")
     problem = data_problem(trials)
     if problem:
         raise UsageError(problem)
@@ -218,7 +220,8 @@ def _run(args, argv: list[str] | None):
         return status, None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
     command = command_line("tune_node.adapt", argv)
-    folder = open_existing(storage, name, "adaptation", command)[0] if args.resume else open_new(storage, name, "adaptation", command)
+    folder = (open_existing(storage.local, name, "adaptation", command)[0] if args.resume
+              else open_new(storage.local, name, "adaptation", command))
     problem = start_experiment(
         args, folder, len(trials),
         record=lambda: {"space": space_name, "space_file": space.path, "trials": trials},
@@ -227,6 +230,7 @@ def _run(args, argv: list[str] | None):
                          f"{resources['gpu']:g} GPU")
     if problem:
         raise UsageError(problem)
+    storage.push(name)  # the record: from here the URI alone can resume the experiment
 
     from ..results.adaptation import HISTORY_CSV, SUMMARY_CSV, describe, write_tables
     from .adapt_trainable import adapt_trial

@@ -38,13 +38,14 @@ from ..cli.common import (
 )
 from ..fast import native
 from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
+from .storage import Storage, open_storage
 
 __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops",
            "experiment_cli", "ray_address", "fail", "command_line", "check_cluster_options", "ray_noise_filtered", "RAY_NOTICES",
            "partial_label", "demo_note", "DEMO_SPACES", "cluster_problem", "gpu_share_line"]
 
 
-def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: bool, resources: dict,
+def fit(trainable: Callable, trials: list, *, name: str, storage: Storage | Path, resume: bool, resources: dict,
         dirname: Callable, progress_total: int | None = None, search_alg=None, stop=None, max_concurrent: int = 0,
         num_samples: int = -1):
     """Run every trial config with ``trainable`` in ``storage / name``; returns Ray's ResultGrid.
@@ -52,7 +53,9 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
     Arguments:
         trainable: a function trainable of the installed package, reading ``config["trial"]``.
         trials: the JSON-friendly trial configs (a seed group's is a list of per-seed configs).
-        name, storage: the experiment is ``storage / name``.
+        name, storage: the experiment is ``storage / name``; ``storage`` a folder or a
+            :class:`~tune_node.experiments.storage.Storage` (a URI's: Ray Tune writes to the URI,
+            and once the trials are done its local copy is brought up to date from there).
         resume: restore that experiment: finished trials are not rerun, unfinished and
             failed ones continue from their newest checkpoint.
         resources: one trial's request, ``{"cpu": ..., "gpu": ...}``.
@@ -74,10 +77,13 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Path, resume: 
     # ProgressCallback reports progress instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(trainable, resources)
+    storage = storage if isinstance(storage, Storage) else open_storage(storage)
     with ray_noise_filtered():
-        return _tuner(tune, trainable, trials, name=name, storage=storage, resume=resume, dirname=dirname,
+        grid = _tuner(tune, trainable, trials, name=name, storage=storage, resume=resume, dirname=dirname,
                       progress_total=progress_total, search_alg=search_alg, stop=stop, max_concurrent=max_concurrent,
                       num_samples=num_samples).fit()
+    storage.pull(name)
+    return grid
 
 
 def _tuner(tune, trainable, trials, *, name, storage, resume, dirname, progress_total, search_alg, stop, max_concurrent,
@@ -86,7 +92,7 @@ def _tuner(tune, trainable, trials, *, name, storage, resume, dirname, progress_
     from .tune_callbacks import ProgressCSVCallback, TensorBoardCallback
 
     if resume:
-        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(trainable=trainable, resume_unfinished=True, resume_errored=True, **storage.restore_arguments(name))
     else:
         searched = dict(search_alg=search_alg, num_samples=num_samples) if search_alg is not None else {}
         tuner = tune.Tuner(
@@ -96,7 +102,7 @@ def _tuner(tune, trainable, trials, *, name, storage, resume, dirname, progress_
                                         **searched),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=str(storage),
+                **storage.ray_arguments(),
                 stop=stop,
                 callbacks=[TensorBoardCallback(), ProgressCSVCallback(),
                            ProgressCallback(progress_total or len(trials), plan=trials if search_alg is None else None)],
@@ -468,21 +474,25 @@ def demo_note(space_name, trials: list, shows: str = "critical steps and accurac
             f"method works, not the paper's numbers; for those: --space {DEMO_SPACES[name]}")
 
 
-def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, storage: str | Path, name: str,
+def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, storage: Storage | str | Path, name: str,
            missing: str | None = None) -> int:
     """The closing lines of an experiment CLI: where TensorBoard reads, and what to do about
-    seeds that did not finish. Returns the exit status: 0, or 1 when seeds are missing.
+    seeds that did not finish. Returns the exit status: 0, or 1 when seeds are missing. With a
+    URI's storage, tune-node's files of the experiment (its tables) go up to the URI first.
 
     Arguments:
         finished, total: seeds finished and planned.
         failed: the run's ResultGrid (its failed Ray trials are counted in seeds and in
             trials).
         cli, storage, name: the module and ``--storage``/``--name`` of the resume command
-            (``storage`` printed absolute).
+            (``storage`` printed absolute, a URI as given).
         missing: what did not finish, when it is no count of seeds (``"the search did not finish"``);
             default ``"<total - finished> of <total> seeds did not finish"``.
     """
-    print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}")
+    storage = storage if isinstance(storage, Storage) else open_storage(storage)
+    storage.push(name)
+    copy = f" (the local copy of {storage.where(name)})" if storage.remote else ""
+    print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}{copy}")
     if finished >= total:
         return 0
     seeds, trials = _failed_seeds(failed)
@@ -492,6 +502,6 @@ def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, st
         print(f"{missing}; the experiment folder {experiment_dir} is gone (or lost its record) since the run started, "
               f"so nothing is left to resume: start the experiment again (the same command without --resume)", file=sys.stderr)
     else:
-        print(f"{missing}; continue with: python -m {cli} --storage {Path(storage).resolve()} --name {name} --resume",
+        print(f"{missing}; continue with: python -m {cli} --storage {shlex.quote(storage.text)} --name {name} --resume",
               file=sys.stderr)
     return 1

@@ -376,11 +376,16 @@ def _check_folder_path(path: Path) -> None:
 
 
 def storage_problem(storage: str | Path) -> str | None:
-    """Why ``storage`` cannot hold experiments (a URI: Path() would quietly make ``s3://b/p`` the local
-    folder ``s3:/b/p``), or None."""
-    if "://" in str(storage):
-        return (f"--storage {str(storage)!r} is a URI; --storage takes a folder path. For a multi-node Ray cluster give a "
-                f"folder on a file system every node mounts at the same path (NFS, say); URIs such as s3:// are not supported yet")
+    """Why ``storage`` cannot hold experiments, or None: a URI pyarrow cannot open or reach
+    (:func:`tune_node.experiments.storage.open_storage`; a folder path always can)."""
+    from .storage import StorageError, is_uri, open_storage
+
+    if not is_uri(storage):
+        return None
+    try:
+        open_storage(storage)
+    except StorageError as err:
+        return str(err)
     return None
 
 

@@ -42,6 +42,7 @@ from ..train.seed_groups import groupable
 from .experiment import check_cluster_options, command_line, experiment_cli, print_dry_run, start_experiment
 from .experiment_folder import GRID_FILE, check_existing, check_new, open_existing, open_new, storage_problem
 from .search_space import SearchSpace, SearchSpaceError, load_space, train_config_from_trial
+from .storage import Storage, open_storage
 from .trainable import trial_seeds
 from .tune_callbacks import group_label
 
@@ -93,7 +94,8 @@ def check_arguments(args) -> str | None:
     :func:`_needs_local_cuda`: a machine without CUDA, or with fewer GPUs, refuses one, unless ``--dry-run``;
     a joined cluster is asked once Ray runs, :func:`~tune_node.experiments.experiment.cluster_problem`),
     resources, options a joined Ray cluster cannot take (:func:`~tune_node.experiment.check_cluster_options`), and
-    a --storage that is no folder path (:func:`~tune_node.experiment_folder.storage_problem`).
+    a --storage that cannot hold experiments (:func:`~tune_node.experiment_folder.storage_problem`: a URI
+    pyarrow cannot open or reach).
     """
     if args.quick and args.space not in (None, "quick"):
         return f"--quick means --space quick; drop one of --quick and --space {args.space}"
@@ -160,10 +162,11 @@ def data_problem(trials: list[dict]) -> str | None:
     return None
 
 
-def resumed_experiment(args, storage: Path, name: str, kind: str) -> tuple[Path, dict, list[dict], str]:
-    """``(folder, record, trial configs, space name)`` of the experiment ``--resume`` continues,
-    checked to be of ``kind`` and to fit ``--space`` if given (UsageError otherwise)."""
-    experiment_dir, saved = check_existing(storage, name, kind)
+def resumed_experiment(args, storage: Storage, name: str, kind: str) -> tuple[Path, dict, list[dict], str]:
+    """``(folder, record, trial configs, space name)`` of the experiment ``--resume`` continues (a URI's
+    brought to its local copy first), checked to be of ``kind`` and to fit ``--space`` if given (UsageError otherwise)."""
+    storage.pull(name)
+    experiment_dir, saved = check_existing(storage.local, name, kind)
     problem = space_problem(resume_space(args), saved, name)
     if problem:
         raise UsageError(problem)
@@ -306,7 +309,7 @@ def _run(args, argv: list[str] | None):
     if problem:
         raise UsageError(problem)
     overrides = training_overrides(args)
-    storage = Path(args.storage).resolve()
+    storage = open_storage(args.storage)
 
     if args.resume:
         changed = [f"--{k.replace('_', '-')}"
@@ -335,7 +338,8 @@ def _run(args, argv: list[str] | None):
             raise UsageError(f"search space {space.name!r} ({space.path}) gives no trials: each [[solvers]] entry needs "
                          f"at least one step count or tolerance")
         space_name, name = space.name, args.name if args.name is not None else space.name
-        experiment_dir = check_new(storage, name, "grid")
+        storage.pull(name)  # a URI's experiment, as it stands there
+        experiment_dir = check_new(storage.local, name, "grid")
     # Before planning: planning builds a user's model to see whether its seeds stack.
     problem = data_problem(trials)
     if problem:
@@ -360,7 +364,7 @@ def _run(args, argv: list[str] | None):
         return status, None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
     command = command_line("tune_node.grid", argv)
-    folder = open_existing(storage, name, "grid", command)[0] if args.resume else open_new(storage, name, "grid", command)
+    folder = open_existing(storage.local, name, "grid", command)[0] if args.resume else open_new(storage.local, name, "grid", command)
     index = {id(t): i for i, t in enumerate(trials)}
     problem = start_experiment(
         args, folder, len(trials),
@@ -370,6 +374,7 @@ def _run(args, argv: list[str] | None):
                          f"{_plan_line(units)}; each Ray trial requests {resources['cpu']:g} CPU, {resources['gpu']:g} GPU")
     if problem:
         raise UsageError(problem)
+    storage.push(name)  # the record: from here the URI alone can resume the experiment
 
     from ..results import write_results
     from .experiment import finish, fit

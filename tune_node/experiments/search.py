@@ -48,6 +48,7 @@ from .grid import check_arguments, data_problem, default_name, resumed_experimen
 from .ladder import Ladder
 from .optuna_study import OBJECTIVES, SAMPLERS
 from .search_space import SearchSpaceError, load_space
+from .storage import is_uri, open_storage
 from .tune_callbacks import group_label
 
 __all__ = ["main", "run_search", "build_parser", "search_groups", "make_searcher", "DECISIONS_CSV", "SUMMARY_CSV",
@@ -328,6 +329,9 @@ def _slots(args) -> int:
 
 
 def _search_problem(args) -> str | None:
+    if is_uri(args.storage):
+        return (f"--storage {args.storage!r} is a URI: a search reads its trials' results while it runs to choose the next "
+                f"ones, which it does from a folder; give a folder path (on a cluster, one every node mounts)")
     if args.sampler is not None and args.sampler not in SAMPLERS:
         return f"unknown --sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}"
     if args.objectives is not None and args.objectives not in OBJECTIVES:
@@ -367,7 +371,7 @@ def _run(args, argv: list[str] | None):
     if problem:
         raise UsageError(problem)
     overrides = training_overrides(args)
-    storage = Path(args.storage).resolve()
+    storage = open_storage(args.storage)
     name = args.name if args.name is not None else f"{default_name(args.space)}_search"
     if args.resume:
         changed = [f"--{k.replace('_', '-')}" for k in ("seeds", "iterations", "lr", "report_every", "set", "confirm", "refine")
@@ -395,7 +399,7 @@ def _run(args, argv: list[str] | None):
         confirm = args.confirm if args.confirm is not None else DEFAULT_CONFIRM
         refine = args.refine if args.refine is not None else DEFAULT_REFINE
         space_name, description = space.name, space.description
-        experiment_dir = check_new(storage, name, "search")
+        experiment_dir = check_new(storage.local, name, "search")
     try:
         groups = search_groups(trials, confirm, refine)
     except ValueError as err:
@@ -422,7 +426,7 @@ def _run(args, argv: list[str] | None):
                                        "most earlier; refinement adds rungs between them)")))
         return status, None
     command = command_line("tune_node.search", argv)
-    folder = open_existing(storage, name, "search", command)[0] if args.resume else open_new(storage, name, "search", command)
+    folder = open_existing(storage.local, name, "search", command)[0] if args.resume else open_new(storage.local, name, "search", command)
     problem = start_experiment(
         args, folder, len(trials),
         record=lambda: {"space": space_name, "space_file": space.path, "description": description, "trials": trials,
@@ -466,7 +470,7 @@ def _run_study(args, argv, space, saved):
     ``(exit status, study table or None)``."""
     from .optuna_study import make_optuna_searcher, read_study, write_study
 
-    storage = Path(args.storage).resolve()
+    storage = open_storage(args.storage)
     name = args.name if args.name is not None else f"{default_name(args.space)}_search"
     ladder_options = [f"--{k}" for k in ("confirm", "refine") if getattr(args, k) is not None]
     if ladder_options:
@@ -475,13 +479,13 @@ def _run_study(args, argv, space, saved):
     if saved is None:
         study = {"sampler": args.sampler or "tpe", "samples": args.samples or 24, "objectives": args.objectives or "nfe",
                  "sampler_seed": args.sampler_seed, "threshold": args.threshold}
-        experiment_dir = check_new(storage, name, "search")
+        experiment_dir = check_new(storage.local, name, "search")
         probe = space.setting_trials(space.ranges[0].setting(space.ranges[0].low), space.ranges[0].overrides)
         problem = data_problem([t for r in space.ranges for t in space.setting_trials(r.setting(r.low), r.overrides)] or probe)
         if problem:
             raise UsageError(problem)
     else:
-        study, experiment_dir = saved["study"], storage / name
+        study, experiment_dir = saved["study"], storage.local / name
         if args.sampler or args.samples or args.objectives:
             raise UsageError("--resume continues the study as it was started; drop --sampler, --samples and --objectives")
     plan = (f"Optuna {study['sampler']} sampler, {study['samples']} settings, objectives {study['objectives']}, "
@@ -494,7 +498,7 @@ def _run_study(args, argv, space, saved):
         print("estimated wall time: none (the sampler picks the settings, and so their cost, while the study runs)")
         return status, None
     command = command_line("tune_node.search", argv)
-    folder = open_existing(storage, name, "search", command)[0] if saved else open_new(storage, name, "search", command)
+    folder = open_existing(storage.local, name, "search", command)[0] if saved else open_new(storage.local, name, "search", command)
     problem = start_experiment(
         args, folder, study["samples"],
         record=lambda: {"space": space.name, "space_file": space.path, "description": space.description, "trials": [],

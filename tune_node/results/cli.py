@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..experiments.experiment_folder import GRID_FILE, experiment_kind
+from ..experiments.storage import StorageError, is_uri, local_experiment, split_experiment_uri
 from . import table as _table
 from .table import NotAnExperimentError, write_results
 
@@ -17,10 +18,24 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune_node.results", description=_table.__doc__.splitlines()[0])
-    parser.add_argument("experiment_dir", help="an experiment's directory, <storage>/<name> (grid or adaptation)")
+    parser.add_argument("experiment_dir", help="an experiment's directory, <storage>/<name> (grid or adaptation), or its URI "
+                                               "(s3://bucket/prefix/name: tables written to its local copy and sent up)")
     args = parser.parse_args(argv)
 
-    experiment_dir = Path(args.experiment_dir)
+    try:
+        experiment_dir = local_experiment(args.experiment_dir)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _write_tables(experiment_dir)
+    finally:
+        if is_uri(args.experiment_dir):
+            storage, name = split_experiment_uri(args.experiment_dir)
+            storage.push(name)
+
+
+def _write_tables(experiment_dir: Path) -> int:
     if experiment_dir.is_dir() and experiment_kind(experiment_dir) == "adaptation":
         from .adaptation import HISTORY_CSV, SUMMARY_CSV, write_tables
 
