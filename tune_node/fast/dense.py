@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..ode.integrate import PreparedField, Solution, integrate
+from ..ode.integrate import PreparedField, Solution, integrate_seeds
 from ..ode.solvers import SolverSetting
 from .dense_solve import PythonLoops, dense_rk_solve, solve_loops
 
@@ -180,8 +180,10 @@ class StackedSphereClassifier(nn.Module):
     ``model.parameters()`` order; seed ``i``'s own weights are slices ``[i]``.
     ``model(x, setting)`` takes ``x (S, batch, 1, D)`` and returns logits
     ``(S, batch, classes)`` and the shared :class:`~tune_node.integrate.Solution`
-    (its NFE is each model's NFE). Model ``i``'s outputs equal those of the
-    ``i``-th input model up to floating-point rounding.
+    (a fixed-step solve's NFE is each model's; an adaptive backprop solve controls each seed's
+    steps on its own, :func:`~tune_node.ode.integrate.integrate_seeds`, and counts them in
+    ``seed_nfe``). Model ``i``'s outputs equal those of the ``i``-th input model up to
+    floating-point rounding.
     """
 
     def __init__(self, models: list[nn.Module]):
@@ -210,7 +212,7 @@ class StackedSphereClassifier(nn.Module):
         return {k: p[i].detach().clone() for k, p in zip(self.keys, self.stacked_parameters())}
 
     def solve(self, x: torch.Tensor, setting: SolverSetting) -> Solution:
-        return integrate(self.field, x, setting)
+        return integrate_seeds(self.field, x, setting)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.classifier_bias.unsqueeze(1), z.flatten(2), self.classifier_weight.transpose(1, 2))

@@ -8,8 +8,12 @@ time ``t_n + c_i h``, torchdiffeq in adaptive and adjoint solves.
 
 Fixed-step methods with backprop run this module's own explicit Runge-Kutta loop:
 exactly ``steps`` steps of size ``h = T / steps``, nothing else per step. Adaptive
-methods, and every method in adjoint mode, run through torchdiffeq. Every solve
-counts its function evaluations exactly, forward and backward separately.
+backprop solves of a field with a fast form (the paper's dense sphere field) run
+:mod:`tune_node.ode.adaptive`, torchdiffeq's adaptive Runge-Kutta solve rewritten (the same
+accepted steps and NFE; gradients equal up to rounding), unless
+``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq`` (:func:`adaptive_solver`); other adaptive solves,
+and every method in adjoint mode, run through torchdiffeq. Every solve counts its function
+evaluations exactly, forward and backward separately.
 
 Adaptive solves are capped at ``setting.max_adaptive_steps`` step attempts
 (:data:`~tune_node.solvers.DEFAULT_MAX_ADAPTIVE_STEPS` unless the setting's
@@ -32,7 +36,23 @@ from torch import nn
 from .solvers import DEFAULT_MAX_ADAPTIVE_STEPS, ButcherTableau, SolverSetting
 
 __all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "StepSizeUnderflowError", "integrate", "rk_solve",
-           "takes_time", "FieldSignatureError", "register_fast_form", "fast_form"]
+           "takes_time", "FieldSignatureError", "register_fast_form", "fast_form", "adaptive_solver", "ADAPTIVE_SOLVERS",
+           "integrate_seeds", "steps_taken"]
+
+#: The solvers of adaptive backprop solves of a field with a fast form; :func:`adaptive_solver` picks one.
+ADAPTIVE_SOLVERS = ("tune_node", "torchdiffeq")
+
+
+def adaptive_solver() -> str:
+    """Which solver runs adaptive backprop solves of fields with a fast form (the dense sphere field):
+    ``"tune_node"`` (:mod:`tune_node.ode.adaptive`, the default) or ``"torchdiffeq"`` (the reference), from
+    the environment variable ``TUNE_NODE_ADAPTIVE_SOLVER``, which Ray's workers inherit. ValueError for another value."""
+    import os
+
+    chosen = os.environ.get("TUNE_NODE_ADAPTIVE_SOLVER", "tune_node")
+    if chosen not in ADAPTIVE_SOLVERS:
+        raise ValueError(f"TUNE_NODE_ADAPTIVE_SOLVER={chosen!r}; allowed: {', '.join(ADAPTIVE_SOLVERS)}")
+    return chosen
 
 # The messages of torchdiffeq's adaptive Runge-Kutta loop (rk_common.py) that this
 # module turns into its own errors; any other AssertionError passes through unchanged.
@@ -71,7 +91,7 @@ class StepSizeUnderflowError(RuntimeError):
         where = "the adjoint's backward solve" if phase == "backward" else "the solve"
         super().__init__(
             f"{setting.method} (tol={setting.tol:g}): the step size underflowed in {where} of [0, {setting.T:g}] "
-            f"(NFE reached: {nfe}; torchdiffeq: {detail}): the tolerance is too small for the float precision of the "
+            f"(NFE reached: {nfe}; solver: {detail}): the tolerance is too small for the float precision of the "
             f"state and time, or the solution diverged (blew up); allowed: a larger tol, or a model that stays finite"
         )
 
@@ -249,10 +269,21 @@ class Solution:
     setting: SolverSetting
     counter: NFECounter
     path: list[torch.Tensor] | None = None
+    #: A stacked seeds' adaptive solve (:func:`integrate_seeds`): each seed's forward evaluations
+    #: (``counter.forward`` is then their largest); None where every seed took the same.
+    seed_nfe: list[int] | None = None
 
     @property
     def nfe_forward(self) -> int:
         return self.counter.forward
+
+    def seed_counts(self, seeds: int) -> list[tuple[int, int]]:
+        """``(forward, backward)`` evaluations of each of ``seeds`` stacked seeds (backward as
+        :attr:`nfe_backward` counts it: with backprop, each forward evaluation once a backward pass runs)."""
+        if self.seed_nfe is None:
+            return [(self.nfe_forward, self.nfe_backward)] * seeds
+        differentiated = self.setting.gradient == "backprop" and self.z.requires_grad
+        return [(n, n if differentiated else 0) for n in self.seed_nfe]
 
     @property
     def nfe_backward(self) -> int:
@@ -263,11 +294,58 @@ class Solution:
     @property
     def steps(self) -> int:
         """Steps taken: exact for fixed-step methods; step attempts (accepted or
-        rejected) for adaptive ones, from the evaluation count."""
-        if not self.setting.is_adaptive:
-            return self.setting.steps
-        spec = self.setting.spec
-        return max(0, (self.counter.forward - spec.startup_nfe) // spec.stages_per_step)
+        rejected) for adaptive ones, from the evaluation count (the most any stacked seed took)."""
+        return steps_taken(self.setting, self.counter.forward)
+
+
+def steps_taken(setting: SolverSetting, nfe_forward: int) -> int:
+    """The steps of a solve of ``setting`` that made ``nfe_forward`` evaluations: ``setting.steps`` for a
+    fixed-step method; step attempts (accepted or rejected) for an adaptive one."""
+    if not setting.is_adaptive:
+        return setting.steps
+    spec = setting.spec
+    return max(0, (nfe_forward - spec.startup_nfe) // spec.stages_per_step)
+
+
+def _ours(vector_field, z0: torch.Tensor, setting: SolverSetting, *, seeded: bool) -> Solution:
+    """An adaptive backprop solve by :func:`tune_node.ode.adaptive.integrate_adaptive`, its errors as this module's."""
+    from .adaptive import AdaptiveStepLimitError, AdaptiveUnderflowError, integrate_adaptive
+
+    try:
+        sol = integrate_adaptive(vector_field, z0, setting, seeded=seeded)
+    except (AdaptiveStepLimitError, AdaptiveUnderflowError) as err:
+        if isinstance(err, AdaptiveStepLimitError):
+            converted = SolverStepLimitError(setting, err.nfe)
+        else:
+            converted = StepSizeUnderflowError(setting, err.nfe, detail=str(err))
+        converted.seed = err.seed if seeded else None  # which of the stacked seeds failed
+        raise converted from err
+    counter = NFECounter(forward=max(sol.nfe), in_backward=True)
+    return Solution(sol.z, setting, counter, None, seed_nfe=list(sol.nfe) if seeded else None)
+
+
+def integrate_seeds(stacked_field: nn.Module, z0: torch.Tensor, setting: SolverSetting) -> Solution:
+    """:func:`integrate` of S stacked seeds' field (``z0``'s leading dimension indexes the seeds, the
+    field acts on each slice alone): fixed-step solves as ``integrate``; an adaptive backprop solve gives
+    each seed its own steps, acceptance and NFE (:attr:`Solution.seed_nfe`), as separate solves would.
+
+    Raises ValueError for an adaptive setting this cannot solve per seed (the adjoint, a method without an
+    embedded pair, ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``, a field without a fast form): one shared step
+    control would couple the seeds. A seed's failed solve raises :class:`SolverStepLimitError` or
+    :class:`StepSizeUnderflowError` naming the seed.
+    """
+    if not setting.is_adaptive:
+        return integrate(stacked_field, z0, setting)
+    if not seeded_adaptive(stacked_field, setting):
+        raise ValueError(f"{setting.method} (tol={setting.tol:g}, {setting.gradient}) cannot be solved per seed here; "
+                         f"allowed: adaptive backprop settings of an embedded pair with TUNE_NODE_ADAPTIVE_SOLVER=tune_node")
+    return _ours(stacked_field, z0, setting, seeded=True)
+
+
+def seeded_adaptive(stacked_field, setting: SolverSetting) -> bool:
+    """Whether :func:`integrate_seeds` solves the adaptive ``setting`` of ``stacked_field`` per seed."""
+    return (setting.is_adaptive and setting.gradient == "backprop" and setting.spec.embedded is not None
+            and _preparer(stacked_field) is not None and not takes_time(stacked_field) and adaptive_solver() == "tune_node")
 
 
 def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float = 1.0, record_path: bool = False,
@@ -366,6 +444,9 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
     if prepared is None:
         prepared = PreparedField(vector_field, _identity, _identity)
 
+    if (setting.is_adaptive and setting.gradient == "backprop" and prepare is not None and not time_dependent
+            and spec.embedded is not None and adaptive_solver() == "tune_node"):
+        return _ours(vector_field, z0, setting, seeded=False)
     if setting.gradient == "backprop" and not setting.is_adaptive:
         if prepared.solve is not None and not record_path and torch.is_grad_enabled():
             z = prepared.solve(prepared.encode(z0), spec.tableau, setting.steps, T)

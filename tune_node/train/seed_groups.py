@@ -25,7 +25,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ..data.datasets import BUILTIN_DATASETS, Dataset
 from ..fast import dense
-from ..ode.integrate import Solution
+from ..ode.integrate import Solution, adaptive_solver
 from ..ode.solvers import SolverSetting
 from .models import build_model
 from .training import Progress, TrainConfig, TrainResult, train, train_seeds
@@ -39,12 +39,16 @@ def stack_for(config: TrainConfig, input_shape: tuple[int, ...]):
     """The :class:`~tune_node.training.SeedStack` class that trains seeds of ``config`` as one
     model, or None (they train seed after seed).
 
-    Fixed-step backprop only: the paper's model on a sphere short enough for the dense field
-    (:data:`~tune_node.fast.dense.DENSE_MAX_DIM`) stacks as :class:`SphereStack`; a user's
-    model (``config.model``) as :class:`FuncStack` where :func:`stackable` says it can.
+    Backprop only: the paper's model on a sphere short enough for the dense field
+    (:data:`~tune_node.fast.dense.DENSE_MAX_DIM`) stacks as :class:`SphereStack`, fixed-step or
+    adaptive (each seed with its own step control, :func:`~tune_node.ode.integrate.integrate_seeds`,
+    unless ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``); a user's model (``config.model``) as
+    :class:`FuncStack`, fixed-step only, where :func:`stackable` says it can.
     """
     s = config.solver
-    if s.is_adaptive or s.gradient != "backprop":
+    if s.gradient != "backprop":
+        return None
+    if s.is_adaptive and (config.model is not None or s.spec.embedded is None or adaptive_solver() != "tune_node"):
         return None
     if config.model is not None:
         return FuncStack if stackable(config) else None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..data.datasets import BUILTIN_DATASETS, PAPER_TRAINING, TRAIN_SIZES, Dataset, check_dataset_name, load_dataset
 from ..data.user_code import is_reference
-from ..ode.integrate import SolverStepLimitError, StepSizeUnderflowError
+from ..ode.integrate import SolverStepLimitError, StepSizeUnderflowError, steps_taken
 from ..ode.solvers import SolverSetting
 from .evaluation import accuracy, cross_solver_table, test_matrix, unevaluated_table
 from .models import NeuralODEClassifier, build_for, build_model
@@ -742,12 +742,13 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
         if iteration % config.report_every == 0 or iteration == config.iterations:
             test_now = config.test_every and (iteration % config.test_every == 0 or iteration == config.iterations)
             batch_accuracies = seeds.batch_accuracies(logits.detach(), y)
+            counts = sol.seed_counts(n)
             for i, d in enumerate(datasets):
                 test_acc = accuracy(seeds.model(i), d.x_test, d.y_test, setting, config.eval_batch_size)[0] if test_now else None
                 t = totals[i]
                 progress = Progress(
                     iteration=iteration, loss=float(losses[i]), train_accuracy=batch_accuracies[i],
-                    nfe_forward=nfe_fwd, nfe_backward=nfe_bwd, setting=used, steps=sol.steps,
+                    nfe_forward=counts[i][0], nfe_backward=counts[i][1], setting=used, steps=steps_taken(used, counts[i][0]),
                     total_nfe=t["fwd"] + t["bwd"] + t["check"], check_nfe=t["check"],
                     elapsed=time.perf_counter() - start, test_accuracy=test_acc,
                 )
@@ -764,8 +765,8 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
                 diverged[i] = Divergence(iteration, f"loss is {value}")
         return all(diverged)
 
-    def count_nfe(forward: int, backward: int) -> None:
-        for t, d in zip(totals, diverged):
+    def count_nfe(sol) -> None:
+        for t, d, (forward, backward) in zip(totals, diverged, sol.seed_counts(n)):
             if d is None:  # a diverged seed's cost ends where its training did
                 t["fwd"] += forward
                 t["bwd"] += backward
@@ -779,8 +780,7 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
             logits, losses, sol = step(x, y)
             if every_seed_diverged(losses, iteration):
                 break
-            nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
-            count_nfe(nfe_fwd, nfe_bwd)
+            count_nfe(sol)
             _report(iteration)
             continue
         try:
@@ -797,8 +797,7 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
         optimizer.zero_grad(set_to_none=True)
         # Seeds share no weights: the loss's gradient is each seed's own loss gradient.
         loss.backward()
-        nfe_fwd, nfe_bwd = sol.nfe_forward, sol.nfe_backward
-        count_nfe(nfe_fwd, nfe_bwd)
+        count_nfe(sol)
         if controller is not None:
             setting, spent = controller.update(iteration, seeds.model(0), x, y, logits.detach(), used)
             totals[0]["check"] += spent
