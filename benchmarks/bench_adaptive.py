@@ -8,22 +8,26 @@ Sphere2 models of seeds 0..4 on their own training data, the dense matrices rebu
 solve as training does. Costs are microseconds per function evaluation (forward and
 backward evaluations both counted) per seed, for:
 
-- ours: :func:`tune_node.ode.adaptive.solve_setting`, one seed and a 5-seed group
-  (stacked, per-seed step control);
-- torchdiffeq: :func:`tune_node.integrate.integrate` as training runs adaptive
-  settings today (torchdiffeq's stepping on the same dense field); a "group" is 5
-  separate solves, as torchdiffeq has no per-seed step control;
+- ours fused: :func:`tune_node.ode.adaptive.integrate_adaptive` (its default,
+  :func:`tune_node.fast.adaptive_solve.dense_adaptive_solve`: one autograd node, hand-written
+  backward), one seed and a 5-seed group (stacked, per-seed step control);
+- ours eager: the same with ``fused=False`` (eager autograd, the reference);
+- torchdiffeq: :func:`tune_node.integrate.integrate` with ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``
+  (torchdiffeq's stepping on the same dense field); a "group" is 5 separate solves, as
+  torchdiffeq has no per-seed step control;
 - fixed: the fused fixed-step RK4 solve (``--fixed-steps`` steps), one seed and
   5 stacked, the reference cost per NFE.
 
 The variants run interleaved, one solve each in turn in a rotating order, and each
 reports its median, so a neighbour's load hits all alike. Both adaptive solves take
-the same steps (tested in ``tests/test_adaptive_solver.py``; checked here too).
+the same steps (tested in ``tests/test_adaptive_solver.py`` and ``tests/test_adaptive_fused.py``;
+NFE checked here too).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -33,11 +37,12 @@ from tune_node.datasets import load_dataset
 from tune_node.dense import StackedSphereClassifier
 from tune_node.integrate import integrate
 from tune_node.models import build_model
-from tune_node.ode.adaptive import solve_setting
+from tune_node.ode.adaptive import integrate_adaptive
 from tune_node.solvers import SolverSetting
 
 SEEDS = 5
 BATCH = 128
+_SOLVER_VARIABLE = "TUNE_NODE_ADAPTIVE_SOLVER"
 
 
 def _loss(z: torch.Tensor) -> torch.Tensor:
@@ -53,25 +58,37 @@ def _variants(method: str, tol: float, fixed_steps: int):
     x_stacked = torch.stack(xs)
     adaptive, fixed = SolverSetting.adaptive(method, tol), SolverSetting.fixed("rk4", fixed_steps)
 
-    def ours_one():
-        prepared = models[0].field.prepare(xs[0])
-        sol = solve_setting(prepared.f, prepared.encode(xs[0]), adaptive)
-        _loss(sol.z).backward()
-        return sum(sol.nfe)
+    def ours_one(fused):
+        def run():
+            sol = integrate_adaptive(models[0].field, xs[0], adaptive, fused=fused)
+            _loss(sol.z).backward()
+            return sum(sol.nfe)
+        return run
 
-    def ours_group():
-        prepared = stacked.field.prepare(x_stacked)
-        sol = solve_setting(prepared.f, prepared.encode(x_stacked), adaptive, seeded=True)
-        _loss(sol.z).backward()
-        return sum(sol.nfe)
+    def ours_group(fused):
+        def run():
+            sol = integrate_adaptive(stacked.field, x_stacked, adaptive, seeded=True, fused=fused)
+            _loss(sol.z).backward()
+            return sum(sol.nfe)
+        return run
 
     def torchdiffeq_seeds(seeds):
         def run():
             nfe = 0
-            for model, x in zip(models[:seeds], xs):
-                sol = integrate(model.field, x, adaptive)
-                _loss(sol.z).backward()
-                nfe += sol.nfe_forward
+            # integrate's adaptive backprop solves of the dense field go to tune_node's solver
+            # unless this variable asks for torchdiffeq (read at every solve).
+            previous = os.environ.get(_SOLVER_VARIABLE)
+            os.environ[_SOLVER_VARIABLE] = "torchdiffeq"
+            try:
+                for model, x in zip(models[:seeds], xs):
+                    sol = integrate(model.field, x, adaptive)
+                    _loss(sol.z).backward()
+                    nfe += sol.nfe_forward
+            finally:
+                if previous is None:
+                    del os.environ[_SOLVER_VARIABLE]
+                else:
+                    os.environ[_SOLVER_VARIABLE] = previous
             return nfe
         return run
 
@@ -86,8 +103,10 @@ def _variants(method: str, tol: float, fixed_steps: int):
         return sol.nfe_forward * SEEDS
 
     return {
-        "ours, one seed": ours_one,
-        f"ours, {SEEDS} seeds grouped": ours_group,
+        "ours fused, one seed": ours_one(True),
+        f"ours fused, {SEEDS} seeds grouped": ours_group(True),
+        "ours eager, one seed": ours_one(False),
+        f"ours eager, {SEEDS} seeds grouped": ours_group(False),
         "torchdiffeq, one seed": torchdiffeq_seeds(1),
         f"torchdiffeq, {SEEDS} seeds": torchdiffeq_seeds(SEEDS),
         f"fixed rk4-{fixed_steps} fused, one seed": fixed_one,
@@ -95,8 +114,8 @@ def _variants(method: str, tol: float, fixed_steps: int):
     }
 
 
-def bench(method: str, tol: float, fixed_steps: int, repeats: int) -> tuple[dict, dict]:
-    """Median us per NFE (fwd+bwd) per seed, and forward NFE per solve, by variant."""
+def bench(method: str, tol: float, fixed_steps: int, repeats: int, stat=statistics.median) -> tuple[dict, dict]:
+    """``stat`` (median) of the us per NFE (fwd+bwd) per seed, and forward NFE per solve, by variant."""
     runs = _variants(method, tol, fixed_steps)
     names = list(runs)
     nfe = {name: runs[name]() for name in names}  # warm-up (and the C++ loops' first load), untimed
@@ -109,7 +128,7 @@ def bench(method: str, tol: float, fixed_steps: int, repeats: int) -> tuple[dict
             if count != nfe[name]:
                 raise RuntimeError(f"{name}: NFE changed between solves ({nfe[name]} then {count})")
             samples[name].append(elapsed / (2 * count) * 1e6)
-    return {name: statistics.median(v) for name, v in samples.items()}, nfe
+    return {name: stat(v) for name, v in samples.items()}, nfe
 
 
 def main(argv=None) -> None:
@@ -118,23 +137,28 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-steps", type=int, default=8, help="steps of the fixed-step RK4 reference (default 8)")
     parser.add_argument("--repeats", type=int, default=30, help="timed solves per variant (default 30)")
     parser.add_argument("--quick", action="store_true", help="5 repeats")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="per variant, the median of its solves (default) or the fastest (least disturbed by a loaded machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     repeats = 5 if args.quick else args.repeats
-    results = {m: bench(m, args.tol, args.fixed_steps, repeats) for m in ("fehlberg2", "dopri5")}
+    stat = statistics.median if args.stat == "median" else min
+    results = {m: bench(m, args.tol, args.fixed_steps, repeats, stat) for m in ("fehlberg2", "dopri5")}
 
     one, group = "one seed", f"{SEEDS} seeds"
     fixed_one, fixed_group = f"fixed rk4-{args.fixed_steps} fused, one seed", f"fixed rk4-{args.fixed_steps} fused, {SEEDS} seeds"
     print(f"Sphere2 dense field, batch {BATCH}, float32, tol {args.tol:g}, one solve + backward; us per NFE (fwd+bwd) per seed, "
-          f"median of {repeats}")
-    print("ratios (targets: ours / torchdiffeq <= 0.25, ours / fixed fused <= 1.5)")
+          f"{args.stat} of {repeats}")
+    print("ratios (targets: fused / torchdiffeq <= 0.25, fused / fixed fused <= 1.5)")
     print(f"  {'':42s} {'fehlberg2':>10s} {'dopri5':>10s}")
     rows = [
-        ("ours / torchdiffeq, one seed", "ours, one seed", "torchdiffeq, one seed"),
-        (f"ours / torchdiffeq, {group}", f"ours, {SEEDS} seeds grouped", f"torchdiffeq, {SEEDS} seeds"),
-        ("ours / fixed fused, one seed", "ours, one seed", fixed_one),
-        (f"ours / fixed fused, {group}", f"ours, {SEEDS} seeds grouped", fixed_group),
-        (f"ours {group} / ours {one}", f"ours, {SEEDS} seeds grouped", "ours, one seed"),
+        ("fused / torchdiffeq, one seed", "ours fused, one seed", "torchdiffeq, one seed"),
+        (f"fused / torchdiffeq, {group}", f"ours fused, {SEEDS} seeds grouped", f"torchdiffeq, {SEEDS} seeds"),
+        ("fused / fixed fused, one seed", "ours fused, one seed", fixed_one),
+        (f"fused / fixed fused, {group}", f"ours fused, {SEEDS} seeds grouped", fixed_group),
+        ("fused / eager, one seed", "ours fused, one seed", "ours eager, one seed"),
+        (f"fused / eager, {group}", f"ours fused, {SEEDS} seeds grouped", f"ours eager, {SEEDS} seeds grouped"),
+        (f"fused {group} / fused {one}", f"ours fused, {SEEDS} seeds grouped", "ours fused, one seed"),
     ]
     for label, a, b in rows:
         print(f"  {label:42s} " + " ".join(f"{results[m][0][a] / results[m][0][b]:10.2f}" for m in results))

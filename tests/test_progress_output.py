@@ -160,22 +160,38 @@ def test_partial_and_demo_labels():
 
 # --- the C++ build ------------------------------------------------------------------------
 
+def _builds(monkeypatch, events, fixed_pending: bool, adaptive_pending: bool):
+    from tune_node.fast import adaptive_native
+
+    monkeypatch.setattr(native, "build_pending", lambda: fixed_pending)
+    monkeypatch.setattr(native, "dense_loops", lambda: events.append("fixed") or object())
+    monkeypatch.setattr(adaptive_native, "build_pending", lambda: adaptive_pending)
+    monkeypatch.setattr(adaptive_native, "adaptive_loops", lambda: events.append("adaptive") or object())
+    return adaptive_native
+
+
 def test_the_cpp_build_is_announced_before_it_starts(monkeypatch):
     events = []
-    monkeypatch.setattr(native, "build_pending", lambda: True)
-    monkeypatch.setattr(native, "dense_loops", lambda: events.append("build") or object())
+    _builds(monkeypatch, events, True, False)
     experiment.prepare_native_loops(out=lambda text, flush=True: events.append(text))
-    assert events[1] == "build"
+    assert events[1] == "fixed"
     assert events[0].startswith("building the C++ solver loops") and f"about {native.BUILD_SECONDS} s" in events[0]
     assert events[2].startswith("built the C++ solver loops in ")
 
 
+def test_both_builds_are_announced_as_one(monkeypatch):
+    events = []
+    adaptive_native = _builds(monkeypatch, events, True, True)
+    experiment.prepare_native_loops(out=lambda text, flush=True: events.append(text))
+    assert f"about {native.BUILD_SECONDS + adaptive_native.BUILD_SECONDS} s" in events[0]
+    assert events[1:3] == ["fixed", "adaptive"] and events[3].startswith("built the C++ solver loops in ")
+
+
 def test_a_cached_build_is_loaded_without_a_word(monkeypatch):
     events = []
-    monkeypatch.setattr(native, "build_pending", lambda: False)
-    monkeypatch.setattr(native, "dense_loops", lambda: events.append("load") or object())
+    _builds(monkeypatch, events, False, False)
     experiment.prepare_native_loops(out=lambda text, flush=True: events.append(text))
-    assert events == ["load"]
+    assert events == ["fixed", "adaptive"]
 
 
 def test_build_pending_reads_torch_s_extension_cache(monkeypatch, tmp_path):

@@ -246,19 +246,23 @@ def init_ray(args) -> str | None:
 
 
 def prepare_native_loops(out=print) -> None:
-    """Builds (or loads the cached build of) :mod:`tune_node.native`'s C++ loops here,
-    so that trials on this machine load them instead of racing to build them. A build
-    (once per machine and torch version) is announced before it starts, with its usual
-    duration, and its end with the time it took."""
-    if native.build_pending():
-        out(f"building the C++ solver loops (once per machine and torch version; about {native.BUILD_SECONDS} s "
+    """Builds (or loads the cached builds of) the C++ solver loops here (:mod:`tune_node.native`'s
+    fixed-step loops, :mod:`tune_node.fast.adaptive_native`'s adaptive ones), so that trials on this
+    machine load them instead of racing to build them. A build (once per machine and torch version)
+    is announced before it starts, with its usual duration, and its end with the time it took."""
+    from ..fast import adaptive_native
+
+    builds = [(load, seconds) for pending, load, seconds in ((native.build_pending(), native.dense_loops, native.BUILD_SECONDS),
+                                                             (adaptive_native.build_pending(), adaptive_native.adaptive_loops,
+                                                              adaptive_native.BUILD_SECONDS)) if pending]
+    if builds:
+        out(f"building the C++ solver loops (once per machine and torch version; about {sum(s for _, s in builds)} s "
             f"on 2 CPU cores; TUNE_NODE_NATIVE=0 skips it) ...", flush=True)
         start = time.perf_counter()
-        loops = native.dense_loops()
-        if loops is not None:
+        if all([load() is not None for load, _ in builds]):
             out(f"built the C++ solver loops in {time.perf_counter() - start:.0f} s (cached for later runs)", flush=True)
-        return
-    native.dense_loops()  # loads the cached build, or is disabled: no news
+    native.dense_loops()  # loads the cached builds, or is disabled: no news
+    adaptive_native.adaptive_loops()
 
 
 def print_dry_run(header: str, rows: list[dict], gpus: float, gpus_per_trial: float | None = None, args=None) -> int:

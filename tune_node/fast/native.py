@@ -60,12 +60,19 @@ def build_pending() -> bool:
     The cache is looked up the way torch names it (its ``_get_build_directory``); where that
     fails, a build is assumed, so a slow first call is never unannounced.
     """
-    if _loaded is not _UNSET or not native_enabled():
+    return _loaded is _UNSET and extension_build_pending(_EXTENSION_NAME, SOURCE)
+
+
+def extension_build_pending(name: str, source: Path) -> bool:
+    """Whether loading the extension ``name`` of ``source`` compiles it: the C++ loops are enabled and
+    torch's extension cache holds no build of it newer than ``source`` (a build is assumed where the
+    cache cannot be looked up)."""
+    if not native_enabled():
         return False
     try:
-        directory = Path(_cpp_extension()._get_build_directory(_EXTENSION_NAME, verbose=False))
-        built = [p for p in (directory / f"{_EXTENSION_NAME}.so", directory / f"{_EXTENSION_NAME}.pyd") if p.is_file()]
-        return not built or built[0].stat().st_mtime < SOURCE.stat().st_mtime
+        directory = Path(_cpp_extension()._get_build_directory(name, verbose=False))
+        built = [p for p in (directory / f"{name}.so", directory / f"{name}.pyd") if p.is_file()]
+        return not built or built[0].stat().st_mtime < source.stat().st_mtime
     except Exception:  # a private torch helper: gone or changed in some torch version
         return True
 
@@ -78,17 +85,25 @@ def dense_loops():
     workers) wait on torch's build lock rather than building twice.
     """
     global _loaded
-    if _loaded is not _UNSET:
-        return _loaded
-    _loaded = None
+    if _loaded is _UNSET:
+        _loaded = load_extension(_EXTENSION_NAME, SOURCE, "the dense sphere field")
+    return _loaded
+
+
+def load_extension(name: str, source: Path, serves: str):
+    """The extension ``name`` compiled from ``source`` (or its cached build), or None where the C++
+    loops are disabled or cannot be built (a RuntimeWarning naming what they serve and why)."""
     if not native_enabled():
         return None
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its CUDA_HOME notice: irrelevant to these CPU/ATen builds
     try:
-        _loaded = _cpp_extension().load(name=_EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O2"],
-                                     verbose=False)
+        return _cpp_extension().load(name=name, sources=[str(source)], extra_cflags=["-O2"], verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: all fall back alike
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        warnings.warn(f"tune_node: C++ loops for the dense sphere field not available ({reason}); "
-                      "using the Python loops (same results, slower). Set TUNE_NODE_NATIVE=0 to skip "
-                      "the build attempt.", RuntimeWarning, stacklevel=2)
-    return _loaded
+        warnings.warn(f"tune_node: C++ loops for {serves} not available ({reason}); using the Python loops (same "
+                      "results, slower). Set TUNE_NODE_NATIVE=0 to skip the build attempt.", RuntimeWarning, stacklevel=3)
+        return None
+    finally:
+        logger.setLevel(level)

@@ -319,21 +319,32 @@ def solve_setting(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, s
     return adaptive_solve(f, z0, spec.embedded, float(setting.T), controller, seeded=seeded, max_steps=setting.max_adaptive_steps)
 
 
-def integrate_adaptive(vector_field, z0: torch.Tensor, setting: SolverSetting, *, seeded: bool = False) -> AdaptiveSolution:
-    """The opt-in replacement of :func:`~tune_node.ode.integrate.integrate` for adaptive backprop
-    settings: the field in its fast form where it has one (the dense sphere field, as
-    ``integrate`` prepares it), solved by :func:`solve_setting`; ``z`` comes back in ``z0``'s
-    shape. Same steps, NFE and (forward) values as ``integrate``'s torchdiffeq solve.
+def integrate_adaptive(vector_field, z0: torch.Tensor, setting: SolverSetting, *, seeded: bool = False,
+                       fused: bool = True) -> AdaptiveSolution:
+    """The adaptive backprop solve :func:`~tune_node.ode.integrate.integrate` runs for fields with a
+    fast form (unless ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``); it takes any autonomous field: the
+    field in its fast form where it has one (the dense sphere field, as ``integrate`` prepares it),
+    solved by :func:`solve_setting`; ``z`` comes back in ``z0``'s shape. Same steps, NFE and (forward) values as ``integrate``'s torchdiffeq solve.
 
     Arguments:
         vector_field: an autonomous field ``vector_field(z)``; with ``seeded`` one acting on
             stacked seeds (e.g. a :class:`~tune_node.fast.dense.StackedSphereClassifier`'s ``field``).
         z0, setting, seeded: as :func:`solve_setting`.
+        fused: where the field has the dense form (one sphere field, or a stacked one with
+            ``seeded``), solve with :func:`~tune_node.fast.adaptive_solve.dense_adaptive_solve`
+            (one autograd node, hand-written backward: the same steps, NFE and ``z``, gradients
+            equal up to rounding); False keeps this module's eager solve, the reference.
     """
     from .integrate import _preparer, takes_time
 
     if takes_time(vector_field):
         raise ValueError("integrate_adaptive integrates autonomous fields f(z) only")
+    if fused:
+        from ..fast.adaptive_solve import fused_adaptive_solve
+
+        sol = fused_adaptive_solve(vector_field, z0, setting, seeded=seeded)
+        if sol is not None:
+            return sol
     prepare = _preparer(vector_field)
     prepared = prepare(z0) if prepare is not None else None
     if prepared is None:

@@ -1,0 +1,262 @@
+"""The fused adaptive solve of the dense sphere field is the eager one, and torchdiffeq's.
+
+Reference: torchdiffeq.odeint (accepted steps through callback_accept_step, NFE counted on
+the field) and :func:`tune_node.ode.adaptive.adaptive_solve` on ``dense_field`` (the eager
+solve, whose graph is torchdiffeq's). The fused forward pass makes the eager solve's ATen
+calls on the same values, so steps, NFE and z(T) are compared for equality; its backward
+pass sums the same terms in another order, so gradients are compared to rounding. A seed
+group runs the same calls per seed as separate solves: equal bit for bit on CPU.
+"""
+
+import pytest
+import torch
+import torchdiffeq
+
+from tune_node import dense
+from tune_node.fast.adaptive_native import adaptive_loops
+from tune_node.fast.adaptive_solve import PythonAttemptLoops, dense_adaptive_solve
+from tune_node.models import build_model
+from tune_node.ode.adaptive import AdaptiveStepLimitError, AdaptiveUnderflowError, IController, adaptive_solve, integrate_adaptive
+from tune_node.ode.solvers import METHODS, SolverSetting
+
+ADAPTIVE = ["fehlberg2", "dopri5"]
+# CI and the development machine have a C++ compiler, so the C++ loops are tested there;
+# a machine without one skips only the tests that need them.
+NATIVE = adaptive_loops()
+needs_native = pytest.mark.skipif(NATIVE is None, reason="the C++ loops could not be built here")
+LOOPS = [pytest.param(PythonAttemptLoops, id="python"), pytest.param(NATIVE, id="cpp", marks=needs_native)]
+DTYPES = [pytest.param(torch.float64, 1e-5, 1e-10, id="float64"), pytest.param(torch.float32, 1e-3, 2e-5, id="float32")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def torchdiffeq_solve(f, z0, method, tol, T=1.0):
+    """torchdiffeq's z(T), NFE and accepted step end times on an autonomous ``f``."""
+    accepted, calls = [], [0]
+
+    class Counted(torch.nn.Module):
+        def forward(self, t, z):
+            calls[0] += 1
+            return f(z)
+
+        def callback_accept_step(self, t0, y0, dt):
+            accepted.append((t0 + dt).item())
+
+    t = torch.tensor([0.0, T], dtype=torch.float64)
+    z = torchdiffeq.odeint(Counted(), z0, t, method=method, rtol=tol, atol=tol)[-1]
+    return z, calls[0], accepted
+
+
+def weighted_loss(z):
+    # Every entry of a seed's state weighted differently, so no gradient term cancels; the
+    # same weights for every seed, so a seed's loss in a group is its loss alone.
+    weights = torch.linspace(-1, 2, z.shape[-2] * z.shape[-1], dtype=z.dtype).view(z.shape[-2:])
+    return (z.square() * weights).sum()
+
+
+def sphere_weights(dtype, seeds=None):
+    """Dense weights of Sphere2 fields (one model, or ``seeds`` stacked) as leaves."""
+    if seeds is None:
+        conv = build_model("sphere", (1, 2), seed=3).to(dtype).field.parameters()
+    else:
+        conv = dense.StackedSphereClassifier([build_model("sphere", (1, 2), seed=s).to(dtype) for s in seeds]).field.weights
+    return [w.detach().clone() for w in dense.dense_conv_weights(*conv, 2)]
+
+
+def linear_weights(dtype):
+    """A dense field whose ReLUs never cut: hidden biases far above the products' range,
+    so f(z) = z A + b on the states reached, a decaying spiral (an affine ODE)."""
+    gen = torch.Generator().manual_seed(5)
+    W1 = torch.cat([torch.eye(2, dtype=dtype)] * 4, 1)
+    W2 = torch.eye(8, dtype=dtype) + 0.05 * torch.randn(8, 8, generator=gen, dtype=dtype)
+    W3 = 0.05 * torch.randn(8, 2, generator=gen, dtype=dtype)
+    W3[:2] += torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=dtype)
+    c1, c2 = torch.full((8,), 20.0, dtype=dtype), torch.full((8,), 80.0, dtype=dtype)
+    c3 = 0.1 * torch.randn(2, generator=gen, dtype=dtype) - (c1 @ W2 + c2) @ W3
+    return [W1, c1, W2, c2, W3, c3]
+
+
+def solve(weights, z0, method, tol, *, fused, seeded=False, T=1.0, loss=weighted_loss, loops=None):
+    """(solution, [dL/dz0, dL/dweights...]) of the fused (``loops``: its default) or the eager solve."""
+    leaves = [w.detach().clone().requires_grad_(True) for w in weights]
+    z = z0.detach().clone().requires_grad_(True)
+    tableau, controller = METHODS[method].embedded, IController(tol, tol, METHODS[method].order)
+    if fused:
+        sol = dense_adaptive_solve(leaves, z, tableau, T, controller, seeded=seeded, loops=loops)
+    else:
+        sol = adaptive_solve(dense.dense_field(*leaves), z, tableau, T, controller, seeded=seeded)
+    loss(sol.z).backward()
+    return sol, [z.grad, *(w.grad for w in leaves)]
+
+
+def graph_node_names(node, seen=None):
+    seen = set() if seen is None else seen
+    if node is None or node in seen:
+        return set()
+    seen.add(node)
+    names = {type(node).__name__}
+    for child, _ in node.next_functions:
+        names |= graph_node_names(child, seen)
+    return names
+
+
+def assert_grads_close(grads, grads_ref, tol):
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize("dtype, tol, grad_tol", DTYPES)
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("T", [1.0, 0.02])
+def test_sphere_field_equals_torchdiffeq_and_the_eager_gradients(method, dtype, tol, grad_tol, T, loops):
+    # T = 0.02 ends within the first attempt: the interpolant's step is the first step size.
+    weights = sphere_weights(dtype)
+    z0 = torch.randn(64, 2, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    sol, grads = solve(weights, z0, method, tol, fused=True, T=T, loops=loops)
+    z_ref, nfe_ref, accepted_ref = torchdiffeq_solve(dense.dense_field(*weights), z0, method, tol, T)
+    assert sol.accepted == [accepted_ref] and sol.nfe == [nfe_ref]
+    assert len(accepted_ref) >= (3 if T == 1.0 else 1)
+    assert torch.equal(sol.z, z_ref)
+    eager, grads_ref = solve(weights, z0, method, tol, fused=False, T=T)
+    assert torch.equal(eager.z, sol.z) and eager.attempts == sol.attempts
+    assert_grads_close(grads, grads_ref, grad_tol)
+
+
+@pytest.mark.parametrize("dtype, tol, grad_tol", DTYPES)
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_affine_field_equals_torchdiffeq_and_the_exact_solution(method, dtype, tol, grad_tol):
+    weights = linear_weights(dtype)
+    z0 = torch.randn(16, 2, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    T = 2.0
+    sol, grads = solve(weights, z0, method, tol, fused=True, T=T)
+    f = dense.dense_field(*weights)
+    z_ref, nfe_ref, accepted_ref = torchdiffeq_solve(f, z0, method, tol, T)
+    assert sol.accepted == [accepted_ref] and sol.nfe == [nfe_ref] and torch.equal(sol.z, z_ref)
+    # The affine ODE z' = z A + b in closed form (augmented matrix exponential).
+    with torch.no_grad():
+        A = weights[0] @ weights[2] @ weights[4]
+        b = (weights[1] @ weights[2] + weights[3]) @ weights[4] + weights[5]
+        augmented = torch.zeros(3, 3, dtype=torch.float64)
+        augmented[:2, :2], augmented[2, :2] = A.double(), b.double()
+        exact = torch.cat([z0.double(), torch.ones(16, 1, dtype=torch.float64)], 1) @ torch.linalg.matrix_exp(augmented * T)
+        for z in (z0, sol.z):  # the hidden pre-activations stay far from the ReLUs' kinks
+            assert (z @ weights[0] + weights[1]).min() > 5
+        # Fehlberg 2(1)'s error estimate is first order: its global error is hundreds of tol.
+        assert (sol.z.double() - exact[:, :2]).abs().max() < {"fehlberg2": 1000, "dopri5": 20}[method] * tol
+    _, grads_ref = solve(weights, z0, method, tol, fused=False, T=T)
+    assert_grads_close(grads, grads_ref, grad_tol)
+
+
+@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize("dtype, tol, grad_tol", DTYPES)
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_five_seed_group_equals_five_separate_solves(method, dtype, tol, grad_tol, loops):
+    seeds = range(5)
+    weights = sphere_weights(dtype, seeds)
+    z0 = torch.randn(5, 32, 2, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    tol = tol / 10  # more steps, and seeds that reject on their own
+    group, group_grads = solve(weights, z0, method, tol, fused=True, seeded=True, loops=loops)
+    separate = [solve([w[s] for w in weights], z0[s], method, tol, fused=True, loops=loops) for s in seeds]
+    assert len({tuple(sol.accepted[0]) for sol, _ in separate}) > 1
+    for s, (sol, grads) in enumerate(separate):
+        assert group.nfe[s] == sol.nfe[0] and group.accepted[s] == sol.accepted[0] and group.attempts[s] == sol.attempts[0]
+        assert torch.equal(group.z[s], sol.z)
+        for g_group, g in zip(group_grads, grads):
+            assert torch.equal(g_group[s], g)
+    eager, eager_grads = solve(weights, z0, method, tol, fused=False, seeded=True)
+    assert torch.equal(eager.z, group.z) and eager.nfe == group.nfe
+    assert_grads_close(group_grads, eager_grads, grad_tol)
+
+
+def test_rejections_and_a_rejected_first_attempt_are_covered():
+    # Fehlberg 2(1) rejects often; a start far from the origin makes its first attempt fail.
+    weights = sphere_weights(torch.float64, range(5))
+    z0 = torch.randn(5, 32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z0[4] *= 40
+    sol, grads = solve(weights, z0, "fehlberg2", 1e-6, fused=True, seeded=True)
+    eager, grads_ref = solve(weights, z0, "fehlberg2", 1e-6, fused=False, seeded=True)
+    assert sol.accepted == eager.accepted and sol.nfe == eager.nfe and torch.equal(sol.z, eager.z)
+    assert min(sol.rejected) < max(sol.rejected)
+    assert_grads_close(grads, grads_ref, 1e-10)
+
+
+@needs_native
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("seeds", [None, range(5)], ids=["one", "group"])
+def test_cpp_and_python_loops_agree_bit_for_bit(method, seeds):
+    weights = sphere_weights(torch.float32, seeds)
+    z0 = torch.randn(*([] if seeds is None else [5]), 32, 2, generator=torch.Generator().manual_seed(6))
+    cpp, cpp_grads = solve(weights, z0, method, 1e-4, fused=True, seeded=seeds is not None, loops=NATIVE)
+    py, py_grads = solve(weights, z0, method, 1e-4, fused=True, seeded=seeds is not None, loops=PythonAttemptLoops)
+    assert cpp.accepted == py.accepted and cpp.nfe == py.nfe and torch.equal(cpp.z, py.z)
+    assert all(torch.equal(a, b) for a, b in zip(cpp_grads, py_grads))
+
+
+def test_without_gradients_same_result_and_no_recorded_attempts():
+    weights = sphere_weights(torch.float32, range(3))
+    z0 = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(2))
+    tableau, controller = METHODS["dopri5"].embedded, IController(1e-4, 1e-4, 5)
+    with torch.no_grad():
+        quiet = dense_adaptive_solve(weights, z0, tableau, 1.0, controller, seeded=True)
+    recorded = dense_adaptive_solve([w.requires_grad_(True) for w in weights], z0, tableau, 1.0, controller, seeded=True)
+    assert torch.equal(quiet.z, recorded.z.detach()) and quiet.nfe == recorded.nfe and quiet.z.grad_fn is None
+
+
+def test_errors_and_limits_are_the_eager_solves():
+    weights = sphere_weights(torch.float64)
+    z0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    tableau, controller = METHODS["dopri5"].embedded, IController(1e-8, 1e-8, 5)
+    attempts = dense_adaptive_solve(weights, z0, tableau, 1.0, controller).attempts[0]
+    with pytest.raises(AdaptiveStepLimitError, match=f"max_steps={attempts - 1}"):
+        dense_adaptive_solve(weights, z0, tableau, 1.0, controller, max_steps=attempts - 1)
+    with pytest.raises(AdaptiveUnderflowError):
+        dense_adaptive_solve(weights, torch.where(z0 > 1, torch.nan, z0), tableau, 1.0, controller)
+    with pytest.raises(ValueError, match="seeded"):
+        dense_adaptive_solve(weights, z0, tableau, 1.0, controller, seeded=True)
+    with pytest.raises(ValueError, match="embedded tableau"):
+        dense_adaptive_solve(weights, z0, METHODS["rk4"].tableau, 1.0, controller)
+    sol = dense_adaptive_solve([w.requires_grad_(True) for w in weights], z0, tableau, 1.0, controller)
+    sol.z.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        sol.z.sum().backward()
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_integrate_adaptive_takes_the_fused_solve_by_default(method):
+    model = build_model("sphere", (1, 2), seed=4)
+    x = torch.randn(16, 1, 2, generator=torch.Generator().manual_seed(2))
+    setting = SolverSetting.adaptive(method, 1e-4)
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        sol = integrate_adaptive(model.field, x, setting, fused=fused)
+        weighted_loss(sol.z).backward()
+        results.append((sol, [p.grad.clone() for p in model.field.parameters()]))
+    (ours, grads), (eager, grads_ref) = results
+    assert ours.z.shape == x.shape and torch.equal(ours.z, eager.z) and ours.nfe == eager.nfe
+    assert "_DenseAdaptiveSolveBackward" in graph_node_names(ours.z.grad_fn)
+    assert "_DenseAdaptiveSolveBackward" not in graph_node_names(eager.z.grad_fn)
+    assert_grads_close(grads, grads_ref, 2e-5)
+
+
+def test_fields_and_settings_it_does_not_fuse_fall_back_to_the_eager_solve():
+    from tune_node.fast.adaptive_solve import fused_adaptive_solve
+
+    model = build_model("sphere", (1, 2), seed=4)
+    x = torch.randn(8, 1, 2, generator=torch.Generator().manual_seed(2))
+    setting = SolverSetting.adaptive("dopri5", 1e-3)
+    assert fused_adaptive_solve(model.field, x, setting) is not None
+    assert fused_adaptive_solve(model.field, x, SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint")) is None
+    assert fused_adaptive_solve(model.field, x, setting, seeded=True) is None  # one model's field, seeded
+    model.field.dense = False
+    assert fused_adaptive_solve(model.field, x, setting) is None
+    model.field.dense = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_adaptive_solve(model.field, x, setting) is None

@@ -1,0 +1,354 @@
+// The per-attempt loops of tune_node.fast.adaptive_solve in C++: the same ATen calls in the
+// same order as its Python loops (so the same results bit for bit), without the Python
+// interpreter's cost per call, which is most of a small field's adaptive step. Built on
+// first use by tune_node.fast.adaptive_native.
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+// k = f(z) as dense_field computes it: addmm for one model, baddbmm for stacked seeds.
+Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Tensor h2, bool stacked) {
+  if (stacked) {
+    at::baddbmm_out(h1, w[1], z, w[0]).relu_();
+    at::baddbmm_out(h2, w[3], h1, w[2]).relu_();
+    return at::baddbmm(w[5], h2, w[4]);
+  }
+  at::addmm_out(h1, w[1], z, w[0]).relu_();
+  at::addmm_out(h2, w[3], h1, w[2]).relu_();
+  return at::addmm(w[5], h2, w[4]);
+}
+
+// w: W1, c1 (S,1,H), W1t, W2t, W3t; acc: gW1, gW2, gW3t, gc1, gc2, gc3, then scratch
+// sum1, sum2, sum3, hidden, first, h1. Returns dL/dz of k = f(z) given dL/dk = g.
+Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h2, const std::vector<Tensor>& w,
+                      const std::vector<Tensor>& acc) {
+  Tensor gW1 = acc[0], gW2 = acc[1], gW3t = acc[2], gc1 = acc[3], gc2 = acc[4], gc3 = acc[5];
+  Tensor sum1 = acc[6], sum2 = acc[7], sum3 = acc[8], hidden = acc[9], first = acc[10], h1 = acc[11];
+  gW3t.baddbmm_(g.transpose(-1, -2), h2);
+  gc3.add_(at::sum_out(sum3, g, {-2}, true));
+  Tensor gh = at::bmm_out(hidden, g, w[4]);
+  at::threshold_backward_out(gh, gh, h2, 0);
+  at::baddbmm_out(h1, w[1], z, w[0]).relu_();
+  gW2.baddbmm_(h1.transpose(-1, -2), gh);
+  gc2.add_(at::sum_out(sum2, gh, {-2}, true));
+  gh = at::bmm_out(first, gh, w[3]);
+  at::threshold_backward_out(gh, gh, h1, 0);
+  gW1.baddbmm_(z.transpose(-1, -2), gh);
+  gc1.add_(at::sum_out(sum1, gh, {-2}, true));
+  return at::bmm(gh, w[2]);
+}
+
+}  // namespace
+
+Tensor bool_tensor(const std::vector<bool>& values, const at::Device& device);
+
+// One attempt's stages: fills zs, h2s, ks (and y1_buffer for non-FSAL pairs); returns the
+// step's solution, with atol given IController's error ratio (else the error estimate), and the
+// step sizes times the coefficient rows.
+std::vector<Tensor> attempt_forward(const Tensor& y, const Tensor& f0, const Tensor& h_t, const Tensor& coefficients,
+                                    const std::vector<Tensor>& w, const Tensor& zs, Tensor h1, const Tensor& h2s,
+                                    const Tensor& ks, const Tensor& y1_buffer, bool stacked, bool fsal, int64_t row_b,
+                                    int64_t row_err, std::optional<double> atol, double rtol, bool seeded) {
+  const int64_t n = ks.size(-1);
+  // The step sizes times the coefficient rows, per seed (one model: a 0-dim step size).
+  const Tensor h = h_t.to(y.scalar_type());
+  const Tensor weights = (stacked ? h.view({-1, 1, 1, 1, 1}) : h.view(std::vector<int64_t>{})) * coefficients;
+  ks.select(-1, 0).copy_(f0);
+  for (int64_t i = 1; i < n; ++i) {
+    Tensor zi = zs.select(0, i - 1);
+    at::add_out(zi, y, at::sum(ks.slice(-1, 0, i) * weights.select(-2, i - 1).slice(-1, 0, i), {-1}));
+    ks.select(-1, i).copy_(field_eval(zi, w, h1, h2s.select(0, i - 1), stacked));
+  }
+  Tensor y1 = fsal ? zs.select(0, n - 2) : at::add_out(const_cast<Tensor&>(y1_buffer), y, at::sum(ks * weights.select(-2, row_b), {-1}));
+  Tensor error = at::sum(ks * weights.select(-2, row_err), {-1});
+  if (!atol) return {y1, error, weights};
+  Tensor x = (error / at::add(at::mul(at::maximum(y.abs(), y1.abs()), rtol), *atol)).abs().pow(2);
+  Tensor ratio = seeded ? x.flatten(1).mean(1).sqrt() : x.mean().sqrt();
+  return {y1, ratio.abs(), weights};
+}
+
+// One kept attempt's backward pass (all (S, ., .); wk: the attempt's h * coefficient rows as
+// (rows, stages, S, 1, 1)). interp: dL/d of the interpolant's start state, solution, midpoint,
+// first and last stage outputs, or empty. Returns dL/dy and dL/df0 before the attempt and, on
+// the first attempt, dL/dh per seed (float64) through its stage weights h * a (its solution's
+// h * b for a non-FSAL pair, its midpoint's h * b_mid if it finished; rows64: the coefficient rows).
+std::vector<Tensor> attempt_backward(const Tensor& gy, const Tensor& gf, const std::vector<bool>& accepted,
+                                     const Tensor& weights, const Tensor& zs_in, const Tensor& h2s_in, const Tensor& ks_in,
+                                     const std::vector<Tensor>& w, const std::vector<Tensor>& acc, bool fsal, int64_t row_b,
+                                     int64_t row_mid, const std::vector<Tensor>& interp, bool first, const Tensor& rows64) {
+  const int64_t seeds = gy.size(0), rows = rows64.size(0), n = rows64.size(1);
+  const bool single = zs_in.dim() == 3;  // one model's buffers: seeds as a leading 1
+  const Tensor zs = single ? zs_in.unsqueeze(1) : zs_in, h2s = single ? h2s_in.unsqueeze(1) : h2s_in;
+  const Tensor ks = single ? ks_in.unsqueeze(0) : ks_in;
+  const Tensor wk = weights.reshape({seeds, rows, n}).permute({1, 2, 0}).reshape({rows, n, seeds, 1, 1});
+  const Tensor m = bool_tensor(accepted, gy.device()).to(gy.scalar_type()).view({-1, 1, 1});
+  Tensor g_k = at::zeros({n, gy.size(0), gy.size(1), gy.size(2)}, gy.options());
+  Tensor g_y1 = gy * m;
+  g_k.select(0, n - 1).copy_(gf * m);
+  Tensor g_y;
+  if (!interp.empty()) {
+    g_y = interp[0];
+    g_y1.add_(interp[1]);
+    g_k.select(0, 0).add_(interp[3]);
+    g_k.select(0, n - 1).add_(interp[4]);
+    g_y.add_(interp[2]);
+    g_k.addcmul_(interp[2].unsqueeze(0), wk.select(0, row_mid));
+  }
+  if (!fsal) {
+    g_y = g_y.defined() ? g_y.add_(g_y1) : g_y1.clone();
+    g_k.addcmul_(g_y1.unsqueeze(0), wk.select(0, row_b));
+  }
+  std::vector<Tensor> combos;  // adjoints of the combinations h * row . k, for dL/dh
+  std::vector<int64_t> combo_rows;
+  for (int64_t i = n - 1; i > 0; --i) {
+    Tensor g_in = field_backward(g_k.select(0, i), zs.select(0, i - 1), h2s.select(0, i - 1), w, acc);
+    if (fsal && i == n - 1) g_in.add_(g_y1);
+    if (first) {
+      combos.push_back(g_in);
+      combo_rows.push_back(i - 1);
+    }
+    g_y = g_y.defined() ? g_y.add_(g_in) : g_in.clone();
+    g_k.slice(0, 0, i).addcmul_(g_in.unsqueeze(0), wk.select(0, i - 1).slice(0, 0, i));
+  }
+  Tensor keep = at::rsub(m, 1);
+  Tensor g_h;
+  if (first) {
+    if (!fsal) {
+      combos.push_back(g_y1);
+      combo_rows.push_back(row_b);
+    }
+    if (!interp.empty()) {
+      combos.push_back(interp[2]);
+      combo_rows.push_back(row_mid);
+    }
+    Tensor index = at::tensor(combo_rows, at::TensorOptions().dtype(at::kLong)).to(rows64.device());
+    Tensor products = at::einsum("csbw,sbwj->scj", {at::stack(combos).to(at::kDouble), ks.to(at::kDouble)});
+    g_h = at::sum(products * rows64.index_select(0, index), {1, 2});
+  } else {
+    g_h = at::zeros({gy.size(0)}, gy.options().dtype(at::kDouble));
+  }
+  return {g_y.addcmul_(gy, keep), g_k.select(0, 0).addcmul_(gf, keep), g_h};
+}
+
+// View of per-seed values (or a 0-dim value) broadcasting against `like`, cast to its dtype:
+// tune_node.ode.adaptive._per_seed.
+Tensor per_seed(const Tensor& values, const Tensor& like) {
+  Tensor v = values.scalar_type() == at::kBool ? values : values.to(like.scalar_type());
+  if (v.dim() == 0) return v;
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape[0] = -1;
+  return v.view(shape);
+}
+
+Tensor rms(const Tensor& x, bool seeded) {
+  Tensor squares = x.abs().pow(2);
+  return seeded ? squares.flatten(1).mean(1).sqrt() : squares.mean().sqrt();
+}
+
+Tensor bool_tensor(const std::vector<bool>& values, const at::Device& device) {
+  std::vector<int64_t> ints(values.begin(), values.end());
+  return at::tensor(ints, at::TensorOptions().dtype(at::kLong)).to(at::kBool).to(device);
+}
+
+// IController.initial_step with its trial evaluation through the dense field, call for call;
+// returns the first step size (float64), the trial evaluation's input and output.
+std::vector<Tensor> first_step_forward(const Tensor& y0, const Tensor& f0, const std::vector<Tensor>& w, Tensor h1,
+                                       const Tensor& h2_trial, bool stacked, double atol, double rtol, int64_t order,
+                                       bool seeded) {
+  Tensor scale = at::add(at::mul(y0.abs(), rtol), atol);
+  Tensor d0 = rms(y0 / scale, seeded), d1 = rms(f0 / scale, seeded);
+  Tensor tiny = at::bitwise_or(at::lt(d0, 1e-5), at::lt(d1, 1e-5));
+  Tensor h0 = at::where(tiny, at::full_like(d0, 1e-6), at::mul(d0, 0.01) / at::where(tiny, at::ones_like(d1), d1)).abs();
+  Tensor y1 = y0 + per_seed(h0, y0) * f0;
+  Tensor f1 = field_eval(y1, w, h1, h2_trial, stacked);
+  Tensor d2 = (rms((f1 - f0) / scale, seeded) / h0).abs();
+  Tensor flat = at::bitwise_and(at::le(d1, 1e-15), at::le(d2, 1e-15));
+  Tensor largest = at::where(flat, at::ones_like(d1), at::maximum(d1, d2));
+  // Python's 0.01 / t is t.reciprocal() * 0.01.
+  Tensor power = at::pow(at::mul(largest.reciprocal(), 0.01), 1.0 / static_cast<double>(order));
+  Tensor h1_step = at::where(flat, at::clamp(at::mul(h0, 1e-3), 1e-6), power).abs();
+  Tensor h = at::minimum(at::mul(h0, 100), h1_step).to(at::promote_types(at::kDouble, y0.scalar_type()));
+  return {h.reshape({-1}), y1, f1};
+}
+
+// tune_node.ode.adaptive._interpolate_at for start times that carry no gradient, call for call,
+// with the step's midpoint computed as the eager solve computes it; returns the interpolant and the midpoint.
+std::vector<Tensor> interpolate_at(double T, const Tensor& y0, const Tensor& y1, const Tensor& ks, const Tensor& weights,
+                                   int64_t row_mid, const Tensor& h_t, const std::vector<double>& starts,
+                                   const std::vector<bool>& finishing, bool seeded) {
+  const Tensor y_mid = at::add(y0, at::sum(ks * weights.select(-2, row_mid), {-1}));
+  const Tensor f0 = ks.select(-1, 0), f1 = ks.select(-1, ks.size(-1) - 1);
+  Tensor start = at::tensor(starts, at::TensorOptions().dtype(at::kDouble)).to(y0.device());
+  bool all_finishing = true;
+  for (bool f : finishing) all_finishing = all_finishing && f;
+  Tensor step = all_finishing ? h_t : at::where(bool_tensor(finishing, y0.device()), h_t, at::ones_like(h_t));
+  Tensor end = start + step;
+  Tensor x = at::rsub(start, T) / (end - start);
+  Tensor h = h_t;
+  if (!seeded) {
+    x = x.reshape(std::vector<int64_t>{});
+    h = h.reshape(std::vector<int64_t>{});
+  }
+  x = per_seed(x, y0);
+  Tensor dt = per_seed(h, y0);
+  Tensor a = at::mul(dt, 2) * (f1 - f0) - at::mul(y1 + y0, 8) + at::mul(y_mid, 16);
+  Tensor b = dt * (at::mul(f0, 5) - at::mul(f1, 3)) + at::mul(y0, 18) + at::mul(y1, 14) - at::mul(y_mid, 32);
+  Tensor c = dt * (f1 - at::mul(f0, 4)) - at::mul(y0, 11) - at::mul(y1, 5) + at::mul(y_mid, 16);
+  Tensor d = dt * f0;
+  Tensor total = y0 + x * d;
+  Tensor power = x;
+  for (const Tensor* coefficient : {&c, &b, &a}) {
+    power = power * x;
+    total = total + power * *coefficient;
+  }
+  return {total, y_mid};
+}
+
+namespace {
+
+// torch.minimum's gradient to its first input: all of it where smaller, half on a tie.
+double min_share(double g, double a, double b) { return a < b ? g : (a == b ? 0.5 * g : 0.0); }
+
+double sign(double x) { return static_cast<double>((x > 0) - (x < 0)); }
+
+std::vector<double> to_doubles(const Tensor& t) {
+  Tensor c = t.to(at::kDouble).cpu().contiguous();
+  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+
+Tensor per_seed_factors(const std::vector<double>& values, int64_t rows, const Tensor& like) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type()).to(like.device()).view({rows, -1, 1, 1});
+}
+
+}  // namespace
+
+// Gradients of the interpolant at T for the seeds an attempt finishes (all (S, B, W)): of
+// its start state, solution, midpoint, first and last stage outputs, and of the first step
+// size (float64; through the step size on the first attempt, and through the start time where
+// that carries the first step size). The interpolant is linear in the states; its weights,
+// polynomials in where T falls, are taken per seed in double precision.
+std::vector<Tensor> interpolant_backward(double T, const Tensor& grad_out, const Tensor& y0_in, const Tensor& y1_in,
+                                         const Tensor& ym_in, const Tensor& ks_in, const Tensor& h_t,
+                                         const std::vector<double>& starts, const std::vector<bool>& finishing,
+                                         const std::vector<bool>& offset, bool first) {
+  const int64_t seeds = grad_out.size(0);
+  const bool single = y0_in.dim() == 2;  // one model's states: seeds as a leading 1
+  const Tensor y0 = single ? y0_in.unsqueeze(0) : y0_in, y1 = single ? y1_in.unsqueeze(0) : y1_in;
+  const Tensor ym = single ? ym_in.unsqueeze(0) : ym_in, ks = single ? ks_in.unsqueeze(0) : ks_in;
+  const Tensor f0 = ks.select(-1, 0), f1 = ks.select(-1, ks.size(-1) - 1);
+  const std::vector<double> h = to_doubles(h_t);
+  std::vector<double> x(seeds), dt(seeds), span(seeds), weights(6 * seeds, 0.0);
+  for (int64_t s = 0; s < seeds; ++s) {
+    if (!finishing[s]) continue;  // its weights stay 0: the interpolant is not its output
+    span[s] = (starts[s] + h[s]) - starts[s];
+    x[s] = (T - starts[s]) / span[s];
+    dt[s] = h[s];
+    const double x1 = x[s], x2 = x1 * x1, x3 = x2 * x1, x4 = x2 * x2, d = dt[s];
+    weights[0 * seeds + s] = 1 - 11 * x2 + 18 * x3 - 8 * x4;       // y0
+    weights[1 * seeds + s] = -5 * x2 + 14 * x3 - 8 * x4;           // y1
+    weights[2 * seeds + s] = 16 * x2 - 32 * x3 + 16 * x4;          // midpoint
+    weights[3 * seeds + s] = d * (x1 - 4 * x2 + 5 * x3 - 2 * x4);  // f0
+    weights[4 * seeds + s] = d * (x2 - 3 * x3 + 2 * x4);           // f1
+    weights[5 * seeds + s] = 1;                                    // the output's gradient reaches it
+  }
+  Tensor factors = per_seed_factors(weights, 6, grad_out);
+  Tensor grads = grad_out.unsqueeze(0) * factors.slice(0, 0, 5);
+  // Per seed, G . v for v = y0, y1, midpoint, f0, f1: dL/dx and dL/ddt are combinations of these.
+  Tensor G = grad_out * factors.select(0, 5);
+  const std::vector<double> dots = to_doubles(at::sum(at::stack({y0, y1, ym, f0, f1}) * G, {2, 3}));
+  std::vector<double> g_h(seeds, 0.0);
+  for (int64_t s = 0; s < seeds; ++s) {
+    if (!finishing[s]) continue;
+    const double x1 = x[s], x2 = x1 * x1, x3 = x2 * x1, x4 = x2 * x2, d = dt[s];
+    const double Gy0 = dots[s], Gy1 = dots[seeds + s], Gym = dots[2 * seeds + s], Gf0 = dots[3 * seeds + s], Gf1 = dots[4 * seeds + s];
+    // d/dx of y0 + x d + x^2 c + x^3 b + x^4 a, with a, b, c, d the interpolant's coefficients.
+    const double g_x = Gy0 * (-22 * x1 + 54 * x2 - 32 * x3) + Gy1 * (-10 * x1 + 42 * x2 - 32 * x3) +
+                       Gym * (32 * x1 - 96 * x2 + 64 * x3) + Gf0 * d * (1 - 8 * x1 + 15 * x2 - 8 * x3) +
+                       Gf1 * d * (2 * x1 - 9 * x2 + 8 * x3);
+    if (offset[s]) g_h[s] -= g_x / span[s];
+    if (first) {
+      const double g_dt = Gf0 * (x1 - 4 * x2 + 5 * x3 - 2 * x4) + Gf1 * (x2 - 3 * x3 + 2 * x4);
+      g_h[s] += g_dt - g_x * (T - starts[s]) / (span[s] * span[s]);
+    }
+  }
+  Tensor g_h_t = at::tensor(g_h, at::TensorOptions().dtype(at::kDouble)).to(grad_out.device());
+  return {grads[0], grads[1], grads[2], grads[3], grads[4], g_h_t};
+}
+
+// The first step size's rule (IController.initial_step) and the first evaluation f0 = f(z0)
+// added to dL/dz0, given dL/dh (float64, per seed) and dL/df0 from the steps; (S, B, W)
+// tensors. The rule's scalar chain (norms to step size) is differentiated per seed in
+// double precision; only its ends touch the states.
+Tensor first_step_backward(const Tensor& g_h, const Tensor& g_z0_steps, const Tensor& g_f0_steps, const Tensor& z0,
+                           const Tensor& f0, const Tensor& trial_z, const Tensor& trial_h2, const Tensor& f1,
+                           const Tensor& h2_first, const std::vector<Tensor>& w, const std::vector<Tensor>& acc,
+                           double atol, double rtol, int64_t order) {
+  const int64_t seeds = z0.size(0);
+  const double count = static_cast<double>(z0.size(1) * z0.size(2));
+  const double p = 1.0 / static_cast<double>(order);
+  Tensor inv = at::add(at::mul(z0.abs(), rtol), atol).reciprocal();
+  Tensor u = at::stack({z0, f0, f1 - f0}) * inv;  // scaled state, field, field difference
+  const std::vector<double> norms = to_doubles(u.square().mean({2, 3}).sqrt());
+  const std::vector<double> gh = to_doubles(g_h);
+  std::vector<double> h0(seeds), h0_sign(seeds), g_h0(seeds), g_d1(seeds), factors(4 * seeds, 0.0);
+  std::vector<bool> tiny(seeds);
+  for (int64_t s = 0; s < seeds; ++s) {
+    const double d0 = norms[s], d1 = norms[seeds + s], n2 = norms[2 * seeds + s];
+    tiny[s] = d0 < 1e-5 || d1 < 1e-5;
+    const double h0_raw = tiny[s] ? 1e-6 : 0.01 * d0 / d1;
+    h0[s] = std::abs(h0_raw);
+    h0_sign[s] = sign(h0_raw);
+    const double d2_raw = n2 / h0[s], d2 = std::abs(d2_raw);
+    const bool flat = d1 <= 1e-15 && d2 <= 1e-15;
+    const double largest = flat ? 1.0 : std::max(d1, d2);
+    const double h1_raw = flat ? std::max(h0[s] * 1e-3, 1e-6) : std::pow(0.01 / largest, p);
+    const double h1 = std::abs(h1_raw);
+    double g0 = 100 * min_share(gh[s], 100 * h0[s], h1);
+    const double g1_raw = min_share(gh[s], h1, 100 * h0[s]) * sign(h1_raw);
+    if (flat && h0[s] * 1e-3 >= 1e-6) g0 += 1e-3 * g1_raw;
+    const double g_largest = flat ? 0.0 : g1_raw * p * std::pow(0.01 / largest, p - 1) * (-0.01 / (largest * largest));
+    g_d1[s] = min_share(g_largest, -d1, -d2);  // maximum: to the larger, halved on ties
+    const double g_d2_raw = min_share(g_largest, -d2, -d1) * sign(d2_raw);
+    g0 -= g_d2_raw * n2 / (h0[s] * h0[s]);
+    g_h0[s] = g0;
+    factors[2 * seeds + s] = g_d2_raw / h0[s] / (count * n2);  // dL/du2 = factor * u2
+    factors[3 * seeds + s] = h0[s];
+  }
+  Tensor g_f1 = u.select(0, 2) * per_seed_factors(factors, 4, z0).select(0, 2) * inv;
+  Tensor g_trial = field_backward(g_f1, trial_z, trial_h2, w, acc);  // the trial input z0 + h0 f0
+  const std::vector<double> dots = to_doubles(at::sum(g_trial * f0, {1, 2}));
+  for (int64_t s = 0; s < seeds; ++s) {
+    const double d0 = norms[s], d1 = norms[seeds + s];
+    const double g_h0_raw = (g_h0[s] + dots[s]) * h0_sign[s];
+    const double g_d0 = tiny[s] ? 0.0 : 0.01 * g_h0_raw / d1;
+    const double g_d1_total = g_d1[s] - (tiny[s] ? 0.0 : 0.01 * d0 * g_h0_raw / (d1 * d1));
+    factors[s] = g_d0 / (count * d0);
+    factors[seeds + s] = g_d1_total / (count * d1);
+  }
+  Tensor f = per_seed_factors(factors, 4, z0);
+  Tensor g_u = u * f.slice(0, 0, 3);  // dL/du per part
+  Tensor g_scale = -at::sum(g_u * u, {0}) * inv;
+  Tensor g_z0 = g_z0_steps + g_trial + g_u.select(0, 0) * inv + at::mul(g_scale * at::sign(z0), rtol);
+  Tensor g_f0 = g_f0_steps - g_f1 + g_trial * f.select(0, 3) + g_u.select(0, 1) * inv;
+  return g_z0 + field_backward(g_f0, z0, h2_first, w, acc);
+}
+
+Tensor eval_backward(const Tensor& g, const Tensor& z, const Tensor& h2, const std::vector<Tensor>& w,
+                     const std::vector<Tensor>& acc) {
+  return field_backward(g, z, h2, w, acc);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attempt_forward", &attempt_forward, "one attempt of tune_node.fast.adaptive_solve");
+  m.def("attempt_backward", &attempt_backward, "one kept attempt's backward pass of tune_node.fast.adaptive_solve");
+  m.def("eval_backward", &eval_backward, "one evaluation's backward pass of tune_node.fast.adaptive_solve");
+  m.def("first_step_forward", &first_step_forward, "IController's first step size through the dense field");
+  m.def("interpolate_at", &interpolate_at, "the interpolant at T of finishing steps");
+  m.def("interpolant_backward", &interpolant_backward, "the interpolant's backward pass");
+  m.def("first_step_backward", &first_step_backward, "the first step size's backward pass");
+}
