@@ -324,7 +324,8 @@ def integrate_adaptive(vector_field, z0: torch.Tensor, setting: SolverSetting, *
     """The adaptive backprop solve :func:`~tune_node.ode.integrate.integrate` runs for fields with a
     fast form (unless ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``); it takes any autonomous field: the
     field in its fast form where it has one (the dense sphere field, as ``integrate`` prepares it),
-    solved by :func:`solve_setting`; ``z`` comes back in ``z0``'s shape. Same steps, NFE and (forward) values as ``integrate``'s torchdiffeq solve.
+    solved by :func:`solve_setting`; ``z`` comes back in ``z0``'s shape. Same steps, NFE and
+    (forward) values as ``integrate``'s torchdiffeq solve.
 
     Arguments:
         vector_field: an autonomous field ``vector_field(z)``; with ``seeded`` one acting on
