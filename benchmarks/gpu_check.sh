@@ -34,7 +34,8 @@ log() { echo "$*" | tee -a "$RESULT"; }
 started=$(date +%s)
 log "gpu_check $(date -u +%FT%TZ): $("$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())')"
 # The C++ loops build once (cached), so the timed parts below do not pay for it.
-"$PYTHON" -c "from tune_node.fast import native; print('C++ loops:', 'built' if native.dense_loops() else 'not available')" | tee -a "$RESULT"
+"$PYTHON" -c "from tune_node.fast import adaptive_native, native
+print('C++ loops:', 'built' if native.dense_loops() and adaptive_native.adaptive_loops() else 'not available')" | tee -a "$RESULT"
 
 # (1) The tests marked gpu.
 set +e
