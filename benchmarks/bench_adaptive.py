@@ -11,6 +11,9 @@ backward evaluations both counted) per seed, for:
 - ours fused: :func:`tune_node.ode.adaptive.integrate_adaptive` (its default,
   :func:`tune_node.fast.adaptive_solve.dense_adaptive_solve`: one autograd node, hand-written
   backward), one seed and a 5-seed group (stacked, per-seed step control);
+- ours fused, stepped from Python: the same fused solve with the step control in Python between
+  the C++ per-attempt loops and a group's finished seeds computed (masked) until its last ends:
+  the fused solve before its whole stepping moved into C++ (same steps, NFE and bits);
 - ours eager: the same with ``fused=False`` (eager autograd, the reference);
 - torchdiffeq: :func:`tune_node.integrate.integrate` with ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``
   (torchdiffeq's stepping on the same dense field); a "group" is 5 separate solves, as
@@ -35,10 +38,12 @@ import torch
 
 from tune_node.datasets import load_dataset
 from tune_node.dense import StackedSphereClassifier
+from tune_node.fast.adaptive_solve import attempt_loops, dense_adaptive_solve
+from tune_node.fast.dense import dense_conv_weights
 from tune_node.integrate import integrate
 from tune_node.models import build_model
-from tune_node.ode.adaptive import integrate_adaptive
-from tune_node.solvers import SolverSetting
+from tune_node.ode.adaptive import IController, integrate_adaptive
+from tune_node.solvers import METHODS, SolverSetting
 
 SEEDS = 5
 BATCH = 128
@@ -68,6 +73,25 @@ def _variants(method: str, tol: float, fixed_steps: int):
     def ours_group(fused):
         def run():
             sol = integrate_adaptive(stacked.field, x_stacked, adaptive, seeded=True, fused=fused)
+            _loss(sol.z).backward()
+            return sum(sol.nfe)
+        return run
+
+    native = attempt_loops()
+    # The C++ per-attempt loops without their whole solve: dense_adaptive_solve steps from Python.
+    per_attempt = type("PerAttemptLoops", (), {name: staticmethod(getattr(native, name)) for name in
+                                               ("attempt_forward", "attempt_backward", "first_step_forward", "first_step_backward",
+                                                "interpolate_at", "interpolant_backward", "eval_backward")})
+    spec = METHODS[method]
+    controller = IController(rtol=tol, atol=tol, order=spec.order)
+
+    def stepped_from_python(field, x, seeded):
+        def run():
+            # fused_adaptive_solve's call, with the per-attempt loops.
+            conv = field.weights if seeded else [getattr(getattr(field, f"conv{i}"), p) for i in (1, 2, 3) for p in ("weight", "bias")]
+            weights = dense_conv_weights(*conv, x.shape[-1])
+            sol = dense_adaptive_solve(weights, x.reshape(*x.shape[:-2], -1), spec.embedded, 1.0, controller, seeded=seeded,
+                                       loops=per_attempt)
             _loss(sol.z).backward()
             return sum(sol.nfe)
         return run
@@ -105,6 +129,8 @@ def _variants(method: str, tol: float, fixed_steps: int):
     return {
         "ours fused, one seed": ours_one(True),
         f"ours fused, {SEEDS} seeds grouped": ours_group(True),
+        "ours fused stepped from Python, one seed": stepped_from_python(models[0].field, xs[0], False),
+        f"ours fused stepped from Python, {SEEDS} seeds": stepped_from_python(stacked.field, x_stacked, True),
         "ours eager, one seed": ours_one(False),
         f"ours eager, {SEEDS} seeds grouped": ours_group(False),
         "torchdiffeq, one seed": torchdiffeq_seeds(1),
@@ -114,8 +140,8 @@ def _variants(method: str, tol: float, fixed_steps: int):
     }
 
 
-def bench(method: str, tol: float, fixed_steps: int, repeats: int, stat=statistics.median) -> tuple[dict, dict]:
-    """``stat`` (median) of the us per NFE (fwd+bwd) per seed, and forward NFE per solve, by variant."""
+def bench(method: str, tol: float, fixed_steps: int, repeats: int) -> tuple[dict, dict]:
+    """The us per NFE (fwd+bwd) per seed of every timed solve, and forward NFE per solve, by variant."""
     runs = _variants(method, tol, fixed_steps)
     names = list(runs)
     nfe = {name: runs[name]() for name in names}  # warm-up (and the C++ loops' first load), untimed
@@ -128,7 +154,7 @@ def bench(method: str, tol: float, fixed_steps: int, repeats: int, stat=statisti
             if count != nfe[name]:
                 raise RuntimeError(f"{name}: NFE changed between solves ({nfe[name]} then {count})")
             samples[name].append(elapsed / (2 * count) * 1e6)
-    return {name: stat(v) for name, v in samples.items()}, nfe
+    return samples, nfe
 
 
 def main(argv=None) -> None:
@@ -137,34 +163,48 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-steps", type=int, default=8, help="steps of the fixed-step RK4 reference (default 8)")
     parser.add_argument("--repeats", type=int, default=30, help="timed solves per variant (default 30)")
     parser.add_argument("--quick", action="store_true", help="5 repeats")
-    parser.add_argument("--stat", choices=("median", "min"), default="median",
-                        help="per variant, the median of its solves (default) or the fastest (least disturbed by a loaded machine)")
+    parser.add_argument("--stat", choices=("median", "min", "both"), default="both",
+                        help="per variant, the median of its solves, the fastest (least disturbed by a loaded machine), "
+                             "or both: median (min) (default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     repeats = 5 if args.quick else args.repeats
-    stat = statistics.median if args.stat == "median" else min
-    results = {m: bench(m, args.tol, args.fixed_steps, repeats, stat) for m in ("fehlberg2", "dopri5")}
+    stats = {"median": [statistics.median], "min": [min], "both": [statistics.median, min]}[args.stat]
+    results = {m: bench(m, args.tol, args.fixed_steps, repeats) for m in ("fehlberg2", "dopri5")}
+
+    def show(a, b=None):
+        """``a``'s stat(s) per method, or its ratio to ``b``'s, as "median (min)"."""
+        cells = []
+        for m in results:
+            samples = results[m][0]
+            values = [stat(samples[a]) / (stat(samples[b]) if b else 1) for stat in stats]
+            fmt = "{:.2f}" if b else "{:.1f}"
+            text = fmt.format(values[0]) + (" (" + fmt.format(values[1]) + ")" if len(values) > 1 else "")
+            cells.append(f"{text:>15s}" + ("" if b else f" [{results[m][1][a]:4d}]"))
+        return " ".join(cells)
 
     one, group = "one seed", f"{SEEDS} seeds"
     fixed_one, fixed_group = f"fixed rk4-{args.fixed_steps} fused, one seed", f"fixed rk4-{args.fixed_steps} fused, {SEEDS} seeds"
     print(f"Sphere2 dense field, batch {BATCH}, float32, tol {args.tol:g}, one solve + backward; us per NFE (fwd+bwd) per seed, "
-          f"{args.stat} of {repeats}")
+          f"{' (' .join(s.__name__ for s in stats)}{')' if len(stats) > 1 else ''} of {repeats}")
     print("ratios (targets: fused / torchdiffeq <= 0.25, fused / fixed fused <= 1.5)")
-    print(f"  {'':42s} {'fehlberg2':>10s} {'dopri5':>10s}")
+    print(f"  {'':42s} {'fehlberg2':>15s} {'dopri5':>15s}")
     rows = [
         ("fused / torchdiffeq, one seed", "ours fused, one seed", "torchdiffeq, one seed"),
         (f"fused / torchdiffeq, {group}", f"ours fused, {SEEDS} seeds grouped", f"torchdiffeq, {SEEDS} seeds"),
         ("fused / fixed fused, one seed", "ours fused, one seed", fixed_one),
         (f"fused / fixed fused, {group}", f"ours fused, {SEEDS} seeds grouped", fixed_group),
+        ("fused / stepped from Python, one seed", "ours fused, one seed", "ours fused stepped from Python, one seed"),
+        (f"fused / stepped from Python, {group}", f"ours fused, {SEEDS} seeds grouped", f"ours fused stepped from Python, {SEEDS} seeds"),
         ("fused / eager, one seed", "ours fused, one seed", "ours eager, one seed"),
         (f"fused / eager, {group}", f"ours fused, {SEEDS} seeds grouped", f"ours eager, {SEEDS} seeds grouped"),
         (f"fused {group} / fused {one}", f"ours fused, {SEEDS} seeds grouped", "ours fused, one seed"),
     ]
     for label, a, b in rows:
-        print(f"  {label:42s} " + " ".join(f"{results[m][0][a] / results[m][0][b]:10.2f}" for m in results))
-    print("absolute, us per NFE per seed (forward NFE per solve, all seeds)")
+        print(f"  {label:42s} {show(a, b)}")
+    print("absolute, us per NFE per seed [forward NFE per solve, all seeds]")
     for name in results["dopri5"][0]:
-        print(f"  {name:42s} " + " ".join(f"{results[m][0][name]:10.1f} ({results[m][1][name]:4d})" for m in results))
+        print(f"  {name:42s} {show(name)}")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,78 @@ def test_cpp_and_python_loops_agree_bit_for_bit(method, seeds):
     assert all(torch.equal(a, b) for a, b in zip(cpp_grads, py_grads))
 
 
+class SteppedInPython(IController):
+    """IController's decisions, overridden: the fused solve then steps from Python around the
+    per-attempt loops instead of running the C++ loops' whole solve."""
+
+    def decide(self, h, ratio):
+        return super().decide(h, ratio)
+
+
+@needs_native
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_cpp_whole_solve_equals_stepping_from_python_and_compacts_a_group(method, grad):
+    # Seeds that end after different numbers of attempts: the whole solve drops finished ones
+    # from the group's batch, the Python stepping computes them masked until the last ends.
+    weights = sphere_weights(torch.float32, range(5))
+    z0 = torch.randn(5, 32, 2, generator=torch.Generator().manual_seed(4))
+    tableau, tol = METHODS[method].embedded, 1e-5
+    results = []
+    for controller in (IController(tol, tol, METHODS[method].order), SteppedInPython(tol, tol, METHODS[method].order)):
+        leaves = [w.detach().clone().requires_grad_(grad) for w in weights]
+        z = z0.clone().requires_grad_(grad)
+        sol = dense_adaptive_solve(leaves, z, tableau, 1.0, controller, seeded=True, loops=NATIVE)
+        grads = torch.autograd.grad(weighted_loss(sol.z), [z, *leaves]) if grad else []
+        results.append((sol, grads))
+    (whole, grads), (stepped, grads_ref) = results
+    assert len(set(whole.attempts)) > 2
+    assert whole.accepted == stepped.accepted and whole.nfe == stepped.nfe and whole.attempts == stepped.attempts
+    assert torch.equal(whole.z, stepped.z)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_a_group_whose_seeds_end_at_the_first_attempt_or_later(method):
+    # T between the seeds' first step sizes: some end within their first attempt (the interpolant's
+    # step is the first step size, with its gradient), the others run on, compacted.
+    weights = sphere_weights(torch.float64, range(4))
+    z0 = torch.randn(4, 16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    z0[2:] *= 6  # larger states, larger fields: smaller first steps
+    tol = 1e-6
+    firsts = [solve([w[s] for w in weights], z0[s], method, tol, fused=True, T=10.0)[0].accepted[0][0] for s in range(4)]
+    T = (min(firsts) + max(firsts)) / 2
+    group, grads = solve(weights, z0, method, tol, fused=True, seeded=True, T=T)
+    assert min(group.attempts) == 1 < max(group.attempts)
+    for s in range(4):
+        sol, grads_s = solve([w[s] for w in weights], z0[s], method, tol, fused=True, T=T)
+        assert group.accepted[s] == sol.accepted[0] and group.nfe[s] == sol.nfe[0] and torch.equal(group.z[s], sol.z)
+        assert all(torch.equal(g[s], g_s) for g, g_s in zip(grads, grads_s))
+    eager, grads_ref = solve(weights, z0, method, tol, fused=False, seeded=True, T=T)
+    assert eager.accepted == group.accepted and torch.equal(eager.z, group.z)
+    assert_grads_close(grads, grads_ref, 1e-10)
+
+
+def test_a_group_seed_over_the_step_limit_is_the_eager_solves_error():
+    weights = sphere_weights(torch.float64, range(3))
+    z0 = torch.randn(3, 16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    tableau, controller = METHODS["fehlberg2"].embedded, IController(1e-6, 1e-6, 2)
+    attempts = dense_adaptive_solve(weights, z0, tableau, 1.0, controller, seeded=True).attempts
+    assert len(set(attempts)) > 1
+    limit = sorted(set(attempts))[-2]  # the seeds with the most attempts exceed it, after others finished
+    errors = []
+    for fused in (True, False):
+        with pytest.raises(AdaptiveStepLimitError) as caught:
+            if fused:
+                dense_adaptive_solve(weights, z0, tableau, 1.0, controller, seeded=True, max_steps=limit)
+            else:
+                adaptive_solve(dense.dense_field(*weights), z0, tableau, 1.0, controller, seeded=True, max_steps=limit)
+        errors.append((caught.value.seed, caught.value.nfe, str(caught.value)))
+    assert errors[0] == errors[1]
+    # The failed solve gave its buffers back: the next one runs as before.
+    assert dense_adaptive_solve(weights, z0, tableau, 1.0, controller, seeded=True).attempts == attempts
+
+
 def test_without_gradients_same_result_and_no_recorded_attempts():
     weights = sphere_weights(torch.float32, range(3))
     z0 = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(2))

@@ -5,7 +5,8 @@
 ``TORCH_EXTENSIONS_DIR`` like :mod:`tune_node.fast.native`'s) and returns the module, or None
 where it cannot be built (warned once) or ``TUNE_NODE_NATIVE=0`` says not to try. The loops make
 the same ATen calls in the same order as :class:`~tune_node.fast.adaptive_solve.PythonAttemptLoops`,
-so the results are identical either way.
+so the results are identical either way. Its ``solve_forward`` runs a whole solve (IController's
+step control included) and returns an object whose ``backward`` runs its backward pass.
 """
 
 from __future__ import annotations

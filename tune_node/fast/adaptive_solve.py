@@ -17,23 +17,28 @@
 - the first hidden layer is recomputed in the backward pass rather than stored;
 - the per-attempt loops run in C++ (:mod:`tune_node.fast.adaptive_native`, the same ATen
   calls in the same order as :class:`PythonAttemptLoops`, so the same bits) where a compiler
-  is available; the step control between attempts stays in Python (the controller's ``decide``).
+  is available; with :class:`~tune_node.ode.adaptive.IController`'s own ``decide`` and
+  ``error_ratio`` the whole solve steps there too (its ``solve_forward``: the controller's
+  decisions in the same IEEE operations, one call for the forward pass and one for the
+  backward pass), and a group drops its finished seeds from the batch (each seed's bits are
+  those of its own solve either way); an overridden ``decide`` steps from Python here.
 
 A solve whose backward pass never runs leaves its buffers to the garbage collector; the
 next solve allocates afresh.
 
 Guarantees: the forward pass makes the eager solve's ATen calls on the same values (one
-model: 2-d products, as ``dense_field`` makes them; stacked: batched ones), so accepted
-steps, NFE and ``z(T)`` equal the eager solve's and torchdiffeq's bit for bit (tests:
-``torch.equal``). Gradients are the eager solve's graph (torchdiffeq's, including the
+model: 2-d products, as ``dense_field`` makes them; stacked: batched ones, on the running
+seeds' rows), so accepted steps, NFE and ``z(T)`` equal the eager solve's and torchdiffeq's
+bit for bit (tests: ``torch.equal``). Gradients are the eager solve's graph (torchdiffeq's, including the
 first step size's dependence on ``z0`` and the weights) summed in another order: equal up
 to rounding (tests: 1e-10 relative in float64). A seed of a group makes the same backward
-calls as a solve of its own, so a group's gradients equal separate solves' bit for bit
-wherever its forward products do (the Sphere2 sizes, tested).
+calls as a solve of its own, in the same order, so a group's gradients equal separate
+solves' bit for bit wherever its forward products do (the Sphere2 sizes, tested).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -96,6 +101,19 @@ class _Plan:
         rows += [list(tableau.b_error), list(tableau.b_mid)]
         self.rows = rows
         self.stages = n
+        self._tensors: dict[tuple, torch.Tensor] = {}
+
+    def rows_tensor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The coefficient rows as a tensor, made once per dtype and device (read only)."""
+        key = (dtype, device)
+        if key not in self._tensors:
+            self._tensors[key] = torch.tensor(self.rows, dtype=dtype, device=device)
+        return self._tensors[key]
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_of(tableau: ButcherTableau) -> _Plan:
+    return _Plan(tableau)
 
 
 @dataclass
@@ -394,6 +412,7 @@ class _Run:
         # The first step size's rule: its trial evaluation's input, second hidden layer and
         # output, and the first evaluation's second hidden layer.
         self.first: dict[str, torch.Tensor] = {}
+        self.native = None  # the C++ loops' whole solve (their solve_forward), which then runs the backward pass too
 
 
 def _forward(run: _Run, z0, W1, c1, W2, c2, W3, c3, record: bool) -> torch.Tensor:
@@ -406,15 +425,33 @@ def _forward(run: _Run, z0, W1, c1, W2, c2, W3, c3, record: bool) -> torch.Tenso
     width, hidden = z0.shape[-1], W2.shape[-1]
     dtype, device = z0.dtype, z0.device
     norm = _rms_norm(run.seeded)
-    coefficients = torch.tensor(plan.rows, dtype=dtype, device=device)
+    coefficients = plan.rows_tensor(dtype, device)
     run.key = key = (n, lead, width, hidden, dtype, device)
     loops = run.loops
     w = [W1, c1.unsqueeze(-2), W2, c2.unsqueeze(-2), W3, c3.unsqueeze(-2)] if stacked else [W1, c1, W2, c2, W3, c3]
-    h1 = z0.new_empty(*lead, hidden)
     # IController's ratio in the loops, call for call; any other error_ratio in Python.
     own_ratio = type(controller).error_ratio is IController.error_ratio
     atol, rtol = (controller.atol, controller.rtol) if own_ratio else (None, 0.0)
 
+    if own_ratio and type(controller).decide is IController.decide and hasattr(loops, "solve_forward"):
+        # The whole stepping in C++: IController's decisions made there in the same IEEE operations.
+        solve = loops.solve_forward(z0, w, coefficients, stacked, plan.fsal, plan.row_b, plan.row_err, plan.row_mid, hidden, T,
+                                    controller.atol, controller.rtol, controller.order, controller.safety, controller.ifactor,
+                                    controller.dfactor, run.seeded, -1 if run.max_steps is None else run.max_steps, record,
+                                    _free_slots.pop(key, []))
+        run.slots = solve.slots
+        if solve.failure:
+            _give_back(key, run.slots)
+            run.slots = []
+            seed, nfe = solve.failed_seed, solve.nfe[solve.failed_seed]
+            if solve.failure == 1:
+                raise AdaptiveStepLimitError(seed, run.max_steps, nfe)
+            raise AdaptiveUnderflowError(seed, solve.failed_t, solve.failed_h, nfe)
+        run.native = solve if record else None
+        run.nfe, run.accepted, run.attempts = solve.nfe, solve.accepted, solve.attempts
+        return solve.out
+
+    h1 = z0.new_empty(*lead, hidden)
     h2_first, h2_trial = z0.new_empty(*lead, hidden), z0.new_empty(*lead, hidden)
     f0 = PythonAttemptLoops.field_eval(z0, w, h1, h2_first, stacked)
     h_first, trial_z, trial_k = loops.first_step_forward(z0, f0, w, h1, h2_trial, stacked, controller.atol, controller.rtol,
@@ -507,10 +544,15 @@ def _backward(run: _Run, grad_out, W1, c1, W2, W3):
            *(grad_out.new_empty(seeds, batch, hidden) for _ in range(3))]
     w = [W1, c1.unsqueeze(-2), W1.transpose(-1, -2), W2.transpose(-1, -2), W3.transpose(-1, -2)]
     grad_out = grad_out.contiguous()
+    rows64 = plan.rows_tensor(torch.float64, device)
+    if run.native is not None:
+        gy = run.native.backward(grad_out, w, acc, rows64, T, plan.fsal, plan.row_b, plan.row_mid, run.controller.atol,
+                                 run.controller.rtol, run.controller.order)
+        run.native = None
+        return gy, acc
     gy = torch.zeros_like(grad_out)
     gf = torch.zeros_like(grad_out)
     g_h = torch.zeros(seeds, dtype=torch.float64, device=device)
-    rows64 = torch.tensor(plan.rows, dtype=torch.float64, device=device)
     single = run.z0.dim() == 2
     as_seeds = (lambda t: t.unsqueeze(0)) if single else (lambda t: t)
     for attempt in reversed(run.kept):
@@ -591,7 +633,7 @@ def dense_adaptive_solve(weights, z0: torch.Tensor, tableau: ButcherTableau, T: 
     if single == seeded:
         raise ValueError("dense_adaptive_solve takes one model's weights unseeded or stacked weights seeded, "
                          f"got {'one model' if single else 'stacked'} weights with seeded={seeded}")
-    run = _Run(_Plan(tableau), float(T), controller, seeded, max_steps, loops or attempt_loops())
+    run = _Run(_plan_of(tableau), float(T), controller, seeded, max_steps, loops or attempt_loops())
     tensors = (z0, *weights)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         z = _DenseAdaptiveSolve.apply(*tensors, run)
