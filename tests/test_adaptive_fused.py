@@ -10,7 +10,7 @@ group runs the same calls per seed as separate solves: equal bit for bit on CPU.
 
 import pytest
 import torch
-import torchdiffeq
+from _solve_reference import graph_node_names, torchdiffeq_solve
 
 from tune_node import dense
 from tune_node.fast.adaptive_native import adaptive_loops
@@ -34,23 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def torchdiffeq_solve(f, z0, method, tol, T=1.0):
-    """torchdiffeq's z(T), NFE and accepted step end times on an autonomous ``f``."""
-    accepted, calls = [], [0]
-
-    class Counted(torch.nn.Module):
-        def forward(self, t, z):
-            calls[0] += 1
-            return f(z)
-
-        def callback_accept_step(self, t0, y0, dt):
-            accepted.append((t0 + dt).item())
-
-    t = torch.tensor([0.0, T], dtype=torch.float64)
-    z = torchdiffeq.odeint(Counted(), z0, t, method=method, rtol=tol, atol=tol)[-1]
-    return z, calls[0], accepted
 
 
 def weighted_loss(z):
@@ -93,17 +76,6 @@ def solve(weights, z0, method, tol, *, fused, seeded=False, T=1.0, loss=weighted
         sol = adaptive_solve(dense.dense_field(*leaves), z, tableau, T, controller, seeded=seeded)
     loss(sol.z).backward()
     return sol, [z.grad, *(w.grad for w in leaves)]
-
-
-def graph_node_names(node, seen=None):
-    seen = set() if seen is None else seen
-    if node is None or node in seen:
-        return set()
-    seen.add(node)
-    names = {type(node).__name__}
-    for child, _ in node.next_functions:
-        names |= graph_node_names(child, seen)
-    return names
 
 
 def assert_grads_close(grads, grads_ref, tol):

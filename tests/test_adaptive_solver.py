@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-import torchdiffeq
+from _solve_reference import torchdiffeq_solve
 
 from tune_node import dense
 from tune_node.integrate import integrate
@@ -41,23 +41,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def torchdiffeq_solve(f, z0, method, tol, T=1.0, **options):
-    """torchdiffeq's z(T), NFE and accepted step end times on an autonomous ``f``."""
-    accepted, calls = [], [0]
-
-    class Counted(torch.nn.Module):
-        def forward(self, t, z):
-            calls[0] += 1
-            return f(z)
-
-        def callback_accept_step(self, t0, y0, dt):
-            accepted.append((t0 + dt).item())
-
-    t = torch.tensor([0.0, T], dtype=torch.float64)
-    z = torchdiffeq.odeint(Counted(), z0, t, method=method, rtol=tol, atol=tol, options=options or None)[-1]
-    return z, calls[0], accepted
 
 
 def weighted_loss(z):

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from _solve_reference import graph_node_names
 
 from tune_node import dense, native
 from tune_node.dense_solve import PythonLoops, dense_rk_solve, solve_loops
@@ -23,17 +24,6 @@ TIGHT = dict(rtol=1e-12, atol=1e-12)
 NATIVE = native.dense_loops()
 needs_native = pytest.mark.skipif(NATIVE is None, reason="the C++ loops could not be built here")
 LOOPS = [pytest.param(PythonLoops, id="python"), pytest.param(NATIVE, id="cpp", marks=needs_native)]
-
-
-def graph_node_names(node, seen=None):
-    seen = set() if seen is None else seen
-    if node is None or node in seen:
-        return set()
-    seen.add(node)
-    names = {type(node).__name__}
-    for child, _ in node.next_functions:
-        names |= graph_node_names(child, seen)
-    return names
 
 
 def stacked_weights(seeds, dim, dtype=torch.float64):
