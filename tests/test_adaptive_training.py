@@ -108,3 +108,43 @@ def test_a_seeds_failed_solve_names_the_seed():
     with pytest.raises(SolverStepLimitError, match=r"max_steps=2") as caught:
         train_seed_group([_config("dopri5", 1e-9, seed=s, iterations=2, max_steps=2) for s in (0, 1)])
     assert caught.value.seed in (0, 1)
+
+
+def test_a_diverged_seed_leaves_its_adaptive_group_training(monkeypatch):
+    """A seed whose loss stops being finite is marked diverged and its NaN weights are left out of the
+    group's adaptive solve (their step control would fail), so the other seeds train on as alone."""
+    from tune_node.train.seed_groups import SphereStack
+
+    configs = [_config("dopri5", 1e-4, seed=s, iterations=6) for s in (0, 1, 2)]
+    alone = [train(c) for c in configs[::2]]
+    honest = SphereStack.losses
+
+    def poisoned(self, logits, y):
+        losses, total = honest(self, logits, y)
+        if poisoned.calls == 2:  # iteration 3: seed 1's loss is not finite
+            bad = torch.zeros_like(losses)
+            bad[1] = float("nan")
+            total = total + (logits[1].sum() * float("nan"))
+            losses = losses + bad
+        poisoned.calls += 1
+        return losses, total
+
+    poisoned.calls = 0
+    monkeypatch.setattr(SphereStack, "losses", poisoned)
+    group = train_seed_group(configs)
+    assert group[1].diverged is not None and group[1].diverged.iteration == 3
+    for g, a in zip(group[::2], alone):
+        assert g.diverged is None and g.total_nfe_forward == a.total_nfe_forward
+        for key, value in a.model.state_dict().items():
+            assert torch.equal(g.model.state_dict()[key], value), key
+    # Seed 1's cost stops where it diverged; the solves after it did not evaluate it.
+    assert 0 < group[1].total_nfe_forward < group[0].total_nfe_forward + group[2].total_nfe_forward
+
+
+def test_a_bad_solver_choice_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    from tune_node import grid
+
+    monkeypatch.setenv("TUNE_NODE_ADAPTIVE_SOLVER", "scipy")
+    assert grid.main(["--space", "tiny", "--storage", str(tmp_path / "runs"), "--dry-run"]) == 2
+    assert "error: TUNE_NODE_ADAPTIVE_SOLVER='scipy'; allowed: tune_node, torchdiffeq" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

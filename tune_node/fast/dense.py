@@ -21,7 +21,15 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..ode.integrate import PreparedField, Solution, integrate_seeds
+from ..ode.integrate import (
+    NFECounter,
+    PreparedField,
+    Solution,
+    SolverStepLimitError,
+    StepSizeUnderflowError,
+    integrate_seeds,
+    seeded_adaptive,
+)
 from ..ode.solvers import SolverSetting
 from .dense_solve import PythonLoops, dense_rk_solve, solve_loops
 
@@ -160,9 +168,12 @@ class _StackedField(nn.Module):
 
     time_dependent = False
 
-    def __init__(self, weights: list[nn.Parameter]):
+    def __init__(self, weights: list[torch.Tensor]):
         super().__init__()
-        self.weights = nn.ParameterList(weights)
+        if all(isinstance(w, nn.Parameter) for w in weights):
+            self.weights = nn.ParameterList(weights)
+        else:  # some seeds of a stack (rows of its parameters): gradients flow back to the stack's parameters
+            self.weights = list(weights)
 
     def prepare(self, z0: torch.Tensor) -> PreparedField:
         return prepare_dense(list(self.weights), z0)
@@ -212,7 +223,27 @@ class StackedSphereClassifier(nn.Module):
         return {k: p[i].detach().clone() for k, p in zip(self.keys, self.stacked_parameters())}
 
     def solve(self, x: torch.Tensor, setting: SolverSetting) -> Solution:
-        return integrate_seeds(self.field, x, setting)
+        if not seeded_adaptive(self.field, setting):
+            return integrate_seeds(self.field, x, setting)
+        # A seed whose weights are no longer finite (it diverged) would break its adaptive step control
+        # and so the group's solve: the finite seeds are solved, the others' states are NaN at no cost.
+        finite = torch.stack([torch.isfinite(w).flatten(1).all(1) for w in self.field.weights]).all(0)
+        if bool(finite.all()):
+            return integrate_seeds(self.field, x, setting)
+        rows = finite.nonzero().flatten()
+        seed_nfe = [0] * self.size
+        z = torch.full_like(x, float("nan"))
+        if len(rows) == 0:
+            return Solution(z, setting, NFECounter(), seed_nfe=seed_nfe)
+        some = _StackedField([w.index_select(0, rows) for w in self.field.weights])
+        try:
+            sol = integrate_seeds(some, x.index_select(0, rows), setting)
+        except (SolverStepLimitError, StepSizeUnderflowError) as err:
+            err.seed = int(rows[err.seed])  # the position in this stack, not in the finite seeds
+            raise
+        for position, nfe in zip(rows.tolist(), sol.seed_nfe):
+            seed_nfe[position] = nfe
+        return Solution(z.index_copy(0, rows, sol.z), setting, sol.counter, seed_nfe=seed_nfe)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.classifier_bias.unsqueeze(1), z.flatten(2), self.classifier_weight.transpose(1, 2))

@@ -37,10 +37,13 @@ from .solvers import DEFAULT_MAX_ADAPTIVE_STEPS, ButcherTableau, SolverSetting
 
 __all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "StepSizeUnderflowError", "integrate", "rk_solve",
            "takes_time", "FieldSignatureError", "register_fast_form", "fast_form", "adaptive_solver", "ADAPTIVE_SOLVERS",
-           "integrate_seeds", "steps_taken"]
+           "integrate_seeds", "steps_taken",
+           "ADAPTIVE_SOLVER_ENV"]
 
 #: The solvers of adaptive backprop solves of a field with a fast form; :func:`adaptive_solver` picks one.
 ADAPTIVE_SOLVERS = ("tune_node", "torchdiffeq")
+#: The environment variable that picks it.
+ADAPTIVE_SOLVER_ENV = "TUNE_NODE_ADAPTIVE_SOLVER"
 
 
 def adaptive_solver() -> str:
@@ -49,9 +52,9 @@ def adaptive_solver() -> str:
     the environment variable ``TUNE_NODE_ADAPTIVE_SOLVER``, which Ray's workers inherit. ValueError for another value."""
     import os
 
-    chosen = os.environ.get("TUNE_NODE_ADAPTIVE_SOLVER", "tune_node")
+    chosen = os.environ.get(ADAPTIVE_SOLVER_ENV, "tune_node")
     if chosen not in ADAPTIVE_SOLVERS:
-        raise ValueError(f"TUNE_NODE_ADAPTIVE_SOLVER={chosen!r}; allowed: {', '.join(ADAPTIVE_SOLVERS)}")
+        raise ValueError(f"{ADAPTIVE_SOLVER_ENV}={chosen!r}; allowed: {', '.join(ADAPTIVE_SOLVERS)}")
     return chosen
 
 # The messages of torchdiffeq's adaptive Runge-Kutta loop (rk_common.py) that this

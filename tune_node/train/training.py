@@ -744,7 +744,9 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
             batch_accuracies = seeds.batch_accuracies(logits.detach(), y)
             counts = sol.seed_counts(n)
             for i, d in enumerate(datasets):
-                test_acc = accuracy(seeds.model(i), d.x_test, d.y_test, setting, config.eval_batch_size)[0] if test_now else None
+                # A diverged seed (its weights no longer finite) has no accuracy, and an adaptive solve of it would fail.
+                evaluate = test_now and diverged[i] is None
+                test_acc = accuracy(seeds.model(i), d.x_test, d.y_test, setting, config.eval_batch_size)[0] if evaluate else None
                 t = totals[i]
                 progress = Progress(
                     iteration=iteration, loss=float(losses[i]), train_accuracy=batch_accuracies[i],
@@ -790,6 +792,9 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
         except (SolverStepLimitError, StepSizeUnderflowError) as err:
             diverged[0] = solver_failure_divergence(seeds.model(0), iteration, err) if n == 1 else None
             if diverged[0] is None:
+                position = getattr(err, "seed", None)
+                if n > 1 and position is not None:  # a stack's solve names the position: say which seed
+                    err.args = (f"seed {configs[position].seed} of the group, iteration {iteration}: {err}",)
                 raise
             break
         if every_seed_diverged(losses, iteration):
