@@ -191,6 +191,11 @@ def test_a_grid_and_an_adaptation_on_two_nodes_write_to_s3_resume_and_read_back(
     assert len({p.split("/")[0] for p in files if "events.out.tfevents" in p}) == 6  # a resumed trial has a file per run
     # What finished before the kill was not trained again.
     assert {p: _read(storage, f"grid/{p}") for p in first} == first
+    # Every trial's progress.csv on the URI holds each report once, also where a run was cut and resumed
+    # (a resumed run's staging folder starts empty: its earlier lines are brought back first).
+    for path in (p for p in files if p.endswith("/progress.csv")):
+        progress = pd.read_csv(pd.io.common.BytesIO(_read(storage, f"grid/{path}")))
+        assert progress["timesteps_total"].tolist() == [50, 100], path
     # Read back from the URI alone (a fresh local copy): the table the run wrote.
     shutil_copy = storage.local / "grid"
     import shutil
@@ -216,3 +221,33 @@ def test_a_grid_and_an_adaptation_on_two_nodes_write_to_s3_resume_and_read_back(
     assert len(summary) == 2 and sorted(summary["seed"]) == [0, 1]
     record = json.loads(_read(storage, "adapt/adapt.json"))
     assert len(record["trials"]) == 2
+
+
+def test_a_name_that_is_no_folder_name_never_touches_the_copies(s3):
+    storage = open_storage(s3("names"))
+    other = storage.local / "running"
+    other.mkdir(parents=True)
+    (other / ".tune_node.lock").write_text("")
+    (other / "grid.json").write_text("{}")
+    for name in ("..", ".", "a/b"):
+        with pytest.raises(StorageError, match="is not an experiment name"):
+            storage.pull(name)
+    with pytest.raises(StorageError, match="is not an experiment name"):
+        split_experiment_uri(s3("names/.."))
+    assert sorted(p.name for p in other.iterdir()) == [".tune_node.lock", "grid.json"]
+
+
+def test_refusals_name_the_uri_not_the_local_copy(s3, tmp_path, capsys, monkeypatch):
+    from tune_node import grid
+
+    monkeypatch.chdir(tmp_path)
+    uri = s3("refusals")
+    storage = open_storage(uri)
+    with storage.filesystem.open_output_stream(f"{storage.root}/taken/adapt.json") as f:
+        f.write(b'{"trials": [{"seed": 0}]}')
+    assert grid.main(["--space", "tiny", "--storage", uri, "--name", "taken", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"python -m tune_node.adapt --storage '{uri}' --name taken --resume" in err, err
+    assert grid.main(["--space", "tiny", "--storage", uri, "--name", "absent", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"no experiment 'absent' in '{uri}'" in err and str(storage.local) not in err.split("(")[0], err

@@ -205,7 +205,7 @@ def _run(args, argv: list[str] | None):
                          f"run; use --k between 1 and {too_few[0]} (or more --iterations)")
         space_name = space.name
         storage.pull(name)  # a URI's experiment, as it stands there
-        experiment_dir = check_new(storage.local, name, "adaptation")
+        experiment_dir = check_new(storage, name, "adaptation")
     problem = data_problem(trials)
     if problem:
         raise UsageError(problem)
@@ -220,8 +220,8 @@ def _run(args, argv: list[str] | None):
         return status, None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
     command = command_line("tune_node.adapt", argv)
-    folder = (open_existing(storage.local, name, "adaptation", command)[0] if args.resume
-              else open_new(storage.local, name, "adaptation", command))
+    folder = (open_existing(storage, name, "adaptation", command)[0] if args.resume
+              else open_new(storage, name, "adaptation", command))
     problem = start_experiment(
         args, folder, len(trials),
         record=lambda: {"space": space_name, "space_file": space.path, "trials": trials},

@@ -38,7 +38,7 @@ from ..cli.common import (
 )
 from ..fast import native
 from .experiment_folder import ExperimentFolder, ExperimentFolderError, experiment_kind, open_folders
-from .storage import Storage, open_storage
+from .storage import Storage, StorageError, open_storage
 
 __all__ = ["finish", "fit", "print_dry_run", "start_experiment", "check_address", "init_ray", "prepare_native_loops",
            "experiment_cli", "ray_address", "fail", "command_line", "check_cluster_options", "ray_noise_filtered", "RAY_NOTICES",
@@ -82,7 +82,11 @@ def fit(trainable: Callable, trials: list, *, name: str, storage: Storage | Path
         grid = _tuner(tune, trainable, trials, name=name, storage=storage, resume=resume, dirname=dirname,
                       progress_total=progress_total, search_alg=search_alg, stop=stop, max_concurrent=max_concurrent,
                       num_samples=num_samples).fit()
-    storage.pull(name)
+    try:
+        storage.pull(name)
+    except StorageError as err:
+        raise StorageError(f"{err}; the trials are done and their results on {storage.where(name)}: once it can be reached, "
+                           f"python -m tune_node.results {shlex.quote(storage.where(name))} builds the tables") from None
     return grid
 
 
@@ -107,6 +111,9 @@ def _tuner(tune, trainable, trials, *, name, storage, resume, dirname, progress_
                 callbacks=[TensorBoardCallback(), ProgressCSVCallback(),
                            ProgressCallback(progress_total or len(trials), plan=trials if search_alg is None else None)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # Remote storage gets the trials' logs from the driver's staging folder at Ray's syncs:
+                # every 30 s (Ray: 300), so a killed driver loses little of them.
+                **({"sync_config": tune.SyncConfig(sync_period=30)} if storage.remote else {}),
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=0,
             ),
@@ -222,8 +229,12 @@ def init_ray(args) -> str | None:
     package_root = str(Path(__file__).resolve().parents[2])  # the folder holding tune_node/
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     # Worker logs would repeat every checkpoint's path; failures still show (error.txt, progress lines).
-    env_vars = {"PYTHONPATH": pythonpath}
-    if logical_gpus():  # a cluster's workers do not inherit this driver's environment
+    from ..ode.integrate import ADAPTIVE_SOLVER_ENV, adaptive_solver
+
+    # A cluster's workers do not inherit this driver's environment; the driver's choices rule theirs
+    # (the driver plans seed groups by the adaptive solver the workers will use).
+    env_vars = {"PYTHONPATH": pythonpath, ADAPTIVE_SOLVER_ENV: adaptive_solver()}
+    if logical_gpus():
         env_vars[LOGICAL_GPUS_ENV] = "1"
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                   runtime_env={"env_vars": env_vars})
@@ -382,7 +393,7 @@ def experiment_cli(main: Callable) -> Callable:
         before = open_folders()
         try:
             return main(argv)
-        except (UsageError, ExperimentFolderError) as err:
+        except (UsageError, ExperimentFolderError, StorageError) as err:
             return fail(err)
         finally:
             for folder in open_folders():
@@ -494,7 +505,10 @@ def finish(experiment_dir: Path, finished: int, total: int, failed, cli: str, st
             default ``"<total - finished> of <total> seeds did not finish"``.
     """
     storage = storage if isinstance(storage, Storage) else open_storage(storage)
-    storage.push(name)
+    try:
+        storage.push(name)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
     copy = f" (the local copy of {storage.where(name)})" if storage.remote else ""
     print(f"\nTensorBoard: tensorboard --logdir {experiment_dir}{copy}")
     if finished >= total:

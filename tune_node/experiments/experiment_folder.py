@@ -23,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -389,21 +390,28 @@ def storage_problem(storage: str | Path) -> str | None:
     return None
 
 
-def _checked_path(storage: str | Path, name: str) -> tuple[Path, Path]:
-    """``(storage, storage / name)`` once the name is a plain folder name and the path no file."""
+def _checked_path(storage, name: str) -> tuple[str, Path]:
+    """``(storage as messages name it, the experiment folder on this machine)`` once the name is a plain
+    folder name and the path no file. ``storage``: a folder, or a :class:`~tune_node.experiments.storage.Storage`
+    (a URI's: its local copy holds the folder, messages name the URI)."""
+    from .storage import Storage
+
     problem = check_name(name)
     if problem:
         raise ExperimentFolderError(problem)
-    problem = storage_problem(storage)
-    if problem:
-        raise ExperimentFolderError(problem)
-    storage = Path(storage)
-    path = storage / name
+    if isinstance(storage, Storage):
+        shown, local = shlex.quote(storage.text), storage.local
+    else:
+        problem = storage_problem(storage)
+        if problem:
+            raise ExperimentFolderError(problem)
+        shown, local = str(storage), Path(storage)
+    path = local / name
     _check_folder_path(path)
-    return storage, path
+    return shown, path
 
 
-def check_new(storage: str | Path, name: str, kind: str) -> Path:
+def check_new(storage, name: str, kind: str) -> Path:
     """The read-only checks of :func:`open_new` (for a dry run): returns the folder path, or raises
     :class:`ExperimentFolderError`."""
     storage, path = _checked_path(storage, name)
@@ -412,7 +420,7 @@ def check_new(storage: str | Path, name: str, kind: str) -> Path:
     return path
 
 
-def open_new(storage: str | Path, name: str, kind: str, command: str | None = None) -> ExperimentFolder:
+def open_new(storage, name: str, kind: str, command: str | None = None) -> ExperimentFolder:
     """Create (or take, when absent or empty) the folder of a new ``kind`` experiment and hold its lock.
 
     Raises :class:`ExperimentFolderError` (:class:`ExperimentBusy` for a held lock)
@@ -421,7 +429,7 @@ def open_new(storage: str | Path, name: str, kind: str, command: str | None = No
     cannot be created (the OS error said). Creates nothing when it raises.
     """
     path = check_new(storage, name, kind)
-    storage = Path(storage)
+    storage = _checked_path(storage, name)[0]
     for attempt in range(3):
         created = []
         for folder in (path, *path.parents):
@@ -464,7 +472,7 @@ def _remove_created(created: list[Path]) -> None:
             break
 
 
-def check_existing(storage: str | Path, name: str, kind: str) -> tuple[Path, dict]:
+def check_existing(storage, name: str, kind: str) -> tuple[Path, dict]:
     """The read-only checks of :func:`open_existing` (for a dry run): ``(folder path, record)``."""
     storage, path = _checked_path(storage, name)
     held = experiment_kind(path)
@@ -481,7 +489,7 @@ def check_existing(storage: str | Path, name: str, kind: str) -> tuple[Path, dic
     return path, read_record(path, kind)
 
 
-def open_existing(storage: str | Path, name: str, kind: str, command: str | None = None) -> tuple[ExperimentFolder, dict]:
+def open_existing(storage, name: str, kind: str, command: str | None = None) -> tuple[ExperimentFolder, dict]:
     """Hold the lock of the existing ``kind`` experiment ``<storage>/<name>`` for a ``--resume``;
     returns it and its record (:func:`read_record`).
 

@@ -107,7 +107,17 @@ def check_arguments(args) -> str | None:
         check_gpus(args.gpus, need_cuda=not args.dry_run and _needs_local_cuda(args))  # a dry run only notes a missing CUDA
     except UsageError as err:
         return str(err)
-    return _check_resources(args) or check_cluster_options(args) or storage_problem(args.storage)
+    return _check_resources(args) or check_cluster_options(args) or _adaptive_solver_problem() or storage_problem(args.storage)
+
+
+def _adaptive_solver_problem() -> str | None:
+    from ..ode.integrate import adaptive_solver
+
+    try:
+        adaptive_solver()
+    except ValueError as err:
+        return f"{err} (the solver of adaptive backprop solves of the sphere fields)"
+    return None
 
 
 def _threshold_problem(threshold: float) -> str | None:
@@ -166,7 +176,7 @@ def resumed_experiment(args, storage: Storage, name: str, kind: str) -> tuple[Pa
     """``(folder, record, trial configs, space name)`` of the experiment ``--resume`` continues (a URI's
     brought to its local copy first), checked to be of ``kind`` and to fit ``--space`` if given (UsageError otherwise)."""
     storage.pull(name)
-    experiment_dir, saved = check_existing(storage.local, name, kind)
+    experiment_dir, saved = check_existing(storage, name, kind)
     problem = space_problem(resume_space(args), saved, name)
     if problem:
         raise UsageError(problem)
@@ -339,7 +349,7 @@ def _run(args, argv: list[str] | None):
                          f"at least one step count or tolerance")
         space_name, name = space.name, args.name if args.name is not None else space.name
         storage.pull(name)  # a URI's experiment, as it stands there
-        experiment_dir = check_new(storage.local, name, "grid")
+        experiment_dir = check_new(storage, name, "grid")
     # Before planning: planning builds a user's model to see whether its seeds stack.
     problem = data_problem(trials)
     if problem:
@@ -364,7 +374,7 @@ def _run(args, argv: list[str] | None):
         return status, None
     # Held from here to the end of main (experiment_cli closes it): a second run on this folder is refused.
     command = command_line("tune_node.grid", argv)
-    folder = open_existing(storage.local, name, "grid", command)[0] if args.resume else open_new(storage.local, name, "grid", command)
+    folder = open_existing(storage, name, "grid", command)[0] if args.resume else open_new(storage, name, "grid", command)
     index = {id(t): i for i, t in enumerate(trials)}
     problem = start_experiment(
         args, folder, len(trials),

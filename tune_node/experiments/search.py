@@ -399,7 +399,7 @@ def _run(args, argv: list[str] | None):
         confirm = args.confirm if args.confirm is not None else DEFAULT_CONFIRM
         refine = args.refine if args.refine is not None else DEFAULT_REFINE
         space_name, description = space.name, space.description
-        experiment_dir = check_new(storage.local, name, "search")
+        experiment_dir = check_new(storage, name, "search")
     try:
         groups = search_groups(trials, confirm, refine)
     except ValueError as err:
@@ -426,7 +426,7 @@ def _run(args, argv: list[str] | None):
                                        "most earlier; refinement adds rungs between them)")))
         return status, None
     command = command_line("tune_node.search", argv)
-    folder = open_existing(storage.local, name, "search", command)[0] if args.resume else open_new(storage.local, name, "search", command)
+    folder = open_existing(storage, name, "search", command)[0] if args.resume else open_new(storage, name, "search", command)
     problem = start_experiment(
         args, folder, len(trials),
         record=lambda: {"space": space_name, "space_file": space.path, "description": description, "trials": trials,
@@ -479,7 +479,7 @@ def _run_study(args, argv, space, saved):
     if saved is None:
         study = {"sampler": args.sampler or "tpe", "samples": args.samples or 24, "objectives": args.objectives or "nfe",
                  "sampler_seed": args.sampler_seed, "threshold": args.threshold}
-        experiment_dir = check_new(storage.local, name, "search")
+        experiment_dir = check_new(storage, name, "search")
         probe = space.setting_trials(space.ranges[0].setting(space.ranges[0].low), space.ranges[0].overrides)
         problem = data_problem([t for r in space.ranges for t in space.setting_trials(r.setting(r.low), r.overrides)] or probe)
         if problem:
@@ -498,7 +498,7 @@ def _run_study(args, argv, space, saved):
         print("estimated wall time: none (the sampler picks the settings, and so their cost, while the study runs)")
         return status, None
     command = command_line("tune_node.search", argv)
-    folder = open_existing(storage.local, name, "search", command)[0] if saved else open_new(storage.local, name, "search", command)
+    folder = open_existing(storage, name, "search", command)[0] if saved else open_new(storage, name, "search", command)
     problem = start_experiment(
         args, folder, study["samples"],
         record=lambda: {"space": space.name, "space_file": space.path, "description": space.description, "trials": [],

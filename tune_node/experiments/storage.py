@@ -106,8 +106,11 @@ class Storage:
             return
         import pyarrow.fs as pafs
 
-        from .experiment_folder import running_holder
+        from .experiment_folder import check_name, running_holder
 
+        problem = check_name(name)  # "..": the copy's parent, every experiment in it
+        if problem:
+            raise StorageError(problem)
         base = f"{self.root}/{name}"
         local = self.local / name
         holder = running_holder(local)
@@ -125,12 +128,15 @@ class Storage:
         for relative, info in sorted(remote.items()):
             target = local / relative
             top_level = "/" not in relative
-            if target.is_file() and not top_level and target.stat().st_size == info.size:
+            if target.is_file() and not top_level and target.stat().st_size == info.size and not _newer(info, target):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.part")
-            with self.filesystem.open_input_stream(info.path) as source, open(tmp, "wb") as sink:
-                shutil.copyfileobj(source, sink, 1 << 20)
+            try:
+                with self.filesystem.open_input_stream(info.path) as source, open(tmp, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+            except OSError as err:
+                raise StorageError(f"cannot copy {self.where(name)}/{relative} to {target}: {err}") from None
             os.replace(tmp, target)
 
     def push(self, name: str) -> None:
@@ -143,12 +149,21 @@ class Storage:
         if not local.is_dir():
             return
         base = f"{self.root}/{name}"
-        self.filesystem.create_dir(base, recursive=True)
-        for path in sorted(local.iterdir()):
-            if not path.is_file() or path.name in LOCAL_ONLY_FILES or _RAY_TOP_LEVEL.match(path.name) or path.name.startswith("."):
-                continue
-            with open(path, "rb") as source, self.filesystem.open_output_stream(f"{base}/{path.name}") as sink:
-                shutil.copyfileobj(source, sink, 1 << 20)
+        try:
+            self.filesystem.create_dir(base, recursive=True)
+            for path in sorted(local.iterdir()):
+                if not path.is_file() or path.name in LOCAL_ONLY_FILES or _RAY_TOP_LEVEL.match(path.name) or path.name.startswith("."):
+                    continue
+                with open(path, "rb") as source, self.filesystem.open_output_stream(f"{base}/{path.name}") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+        except OSError as err:
+            raise StorageError(f"cannot send {local}'s tables and record up to {self.where(name)}: {err}; they are "
+                               f"in {local}, and the next run on this experiment sends them again") from None
+
+
+def _newer(info, target: Path) -> bool:
+    """Whether the URI's file was written after the local copy's (a checkpoint rewritten at the same size)."""
+    return info.mtime is not None and info.mtime.timestamp() > target.stat().st_mtime
 
 
 def _local_files(folder: Path) -> list[str]:
@@ -223,5 +238,10 @@ def split_experiment_uri(uri: str) -> tuple[Storage, str]:
     parent, _, name = path.rpartition("/")
     if not name or not (parts.netloc + parent).strip("/"):
         raise StorageError(f"{uri!r} names no experiment inside a bucket; give scheme://bucket/prefix/<name>")
+    from .experiment_folder import check_name
+
+    problem = check_name(name)
+    if problem:
+        raise StorageError(f"{uri!r}: {problem}")
     storage = f"{parts.scheme}://{parts.netloc}{parent}" + (f"?{parts.query}" if parts.query else "")
     return open_storage(storage), name

@@ -30,6 +30,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -152,13 +153,46 @@ def run_name(trial_configs: list[dict], number: int | None = None) -> str:
 
 def trial_storage_dir(trial) -> Path:
     """The trial's directory in the experiment's storage (where its checkpoints are), when that
-    storage is a local or mounted file system; otherwise Ray's driver staging folder."""
+    storage is a local or mounted file system; otherwise Ray's driver staging folder, which Ray
+    uploads to the storage, holding the trial's earlier logs (see :func:`_restore_logs`)."""
     storage = getattr(trial, "storage", None)
     filesystem = getattr(storage, "storage_filesystem", None)
     if filesystem is not None and getattr(filesystem, "type_name", "") == "local":
         return Path(trial.path)
     trial.init_local_path()
-    return Path(trial.local_path)
+    directory = Path(trial.local_path)
+    if filesystem is not None:
+        _restore_logs(filesystem, storage.trial_fs_path, directory)
+    return directory
+
+
+_RESTORED: set[str] = set()
+
+
+def _restore_logs(filesystem, trial_path: str, directory: Path) -> None:
+    """Copy a trial's TensorBoard event files and progress.csv from remote storage into Ray's staging
+    folder where that lacks them (once per folder and process). A resumed run starts a new staging
+    folder, which Ray uploads over the trial's files: without the earlier lines, it would cut them short."""
+    if str(directory) in _RESTORED:
+        return
+    _RESTORED.add(str(directory))
+    import pyarrow.fs as pafs
+
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(trial_path, recursive=True, allow_not_found=True))
+        for info in infos:
+            relative = info.path[len(trial_path):].lstrip("/")
+            logs = info.base_name == PROGRESS_CSV or info.base_name.startswith("events.out.tfevents.")
+            if info.type != pafs.FileType.File or not logs or relative.startswith("checkpoint_"):
+                continue
+            target = directory / relative
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with filesystem.open_input_stream(info.path) as source, open(target, "wb") as sink:
+                sink.write(source.read())
+    except OSError as err:  # the logs go on from here; the checkpoints, which matter for the results, are Ray's
+        print(f"warning: could not restore the earlier logs of {trial_path}: {err}", file=sys.stderr)
 
 
 def _is_number(value) -> bool:

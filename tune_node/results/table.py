@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..experiments.experiment_folder import CHECKPOINT_FILE, FINAL_FILE, GRID_FILE, describe_contents, experiment_kind
-from ..experiments.storage import local_experiment
+from ..experiments.storage import is_uri, local_experiment
 from .critical_step import CHANCE
 
 __all__ = ["COLUMNS", "collect", "write_results", "read_results", "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError"]
@@ -174,7 +174,10 @@ def write_results(experiment_dir: str | Path) -> tuple[pd.DataFrame, Path]:
 def read_results(path: str | Path) -> pd.DataFrame:
     """A results table from a CSV/Parquet file or an experiment directory (rebuilt when it has no table yet),
     also an experiment's URI (``s3://bucket/prefix/name``: read from its local copy, brought up to date first)."""
-    path = local_experiment(path)
+    if is_uri(path):
+        # Its results.csv names checkpoints in the local copy of the machine that wrote it: rebuilt here.
+        return collect(local_experiment(path))
+    path = Path(path)
     if path.is_dir():
         csv = path / RESULTS_CSV
         return pd.read_csv(csv) if csv.is_file() else collect(path)
