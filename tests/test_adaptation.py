@@ -9,6 +9,7 @@ from tune_node.adaptation import (
     BatchEvaluation,
     StepAdaptation,
     ToleranceAdaptation,
+    check_subset,
     initial_step_size,
 )
 from tune_node.adaptation_results import HISTORY_COLUMNS, SUMMARY_COLUMNS, history_rows, summary_row
@@ -240,6 +241,9 @@ def hand_computed_initial_step(a, z0, order, rtol, atol, T):
     # Large tolerances, slow field: h0 = 0.01 / 0.01 = 1, h1 = (0.01 / (0.01 d0)) ** (1/2) > 1 -> capped at T.
     (0.01, [1.0, -2.0], 1, 10.0, 10.0, 1.0, 1.0),
     (0.01, [1.0, -2.0], 1, 10.0, 10.0, 0.5, 0.5),
+    # rtol = 0, atol = 1: the unweighted RMS norm (a fixed-step solver has no tolerances): d0 = sqrt(5/2), d1 = 3 d0,
+    # d2 = 9 d0, h0 = 0.01/3, h1 = (0.01 / (9 d0)) ** (1/2) is smaller than 100 h0.
+    (-3.0, [1.0, -2.0], 1, 0.0, 1.0, 1.0, (0.01 / (9 * math.sqrt(2.5))) ** 0.5),
     # z0 = 0: d0 < 1e-5 gives h0 = 1e-6, d1 = d2 = 0 gives h1 = max(1e-6, 1e-9), h = 1e-6.
     (-3.0, [0.0, 0.0], 1, 1e-3, 1e-3, 1.0, 1e-6),
 ])
@@ -257,9 +261,13 @@ def test_initial_step_size_matches_hand_computation_on_linear_ode(a, z0, order, 
     assert h == pytest.approx(reference, rel=1e-9) and len(calls) == INITIAL_STEP_NFE
 
 
-def test_initial_step_size_rejects_bad_order():
+def test_initial_step_size_rejects_bad_order_and_weights():
     with pytest.raises(ValueError, match="order must be an integer >= 1, got 0"):
         initial_step_size(lambda z: z, torch.ones(2), 0)
+    with pytest.raises(ValueError, match="rtol must be >= 0, got -0.1"):
+        initial_step_size(lambda z: z, torch.ones(2), 1, rtol=-0.1)
+    with pytest.raises(ValueError, match="atol must be > 0, got 0"):
+        initial_step_size(lambda z: z, torch.ones(2), 1, rtol=1e-3, atol=0)
 
 
 def test_short_real_step_adaptation_run_moves_h_and_counts_every_evaluation():
@@ -313,3 +321,77 @@ def test_training_resumed_from_a_checkpoint_adapts_exactly_as_uninterrupted(tmp_
     assert fresh.history == controller.history and fresh.h == controller.h and len(fresh.history) == 6
     assert resumed.check_nfe == full.check_nfe and resumed.total_nfe_forward == full.total_nfe_forward
     assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+
+
+class DataScripted(Scripted):
+    """A :class:`Scripted` evaluator that also records the data each pass was given."""
+
+    def __init__(self, accuracies: dict):
+        super().__init__(accuracies)
+        self.data = []
+
+    def __call__(self, model, x, y, setting):
+        self.data.append((x, y))
+        return super().__call__(model, x, y, setting)
+
+
+def test_check_data_evaluates_both_solvers_on_the_fixed_data_and_counts_the_extra_pass():
+    x_fixed, y_fixed = torch.zeros(7, 2), torch.tensor([0, 1, 0, 1, 0, 1, 0])
+    # The training logits say 0.90; the fixed data say 0.95 under Euler(20), 0.70 under the test solver.
+    evaluator = DataScripted({euler(20): 0.95, midpoint_test_of(20): 0.70})
+    c = StepAdaptation("euler", 0.05, "midpoint", evaluate=evaluator, check_data=(x_fixed, y_fixed))
+    new, spent = check_once(c, 0.90)
+    assert c.h == pytest.approx(0.025) and new == euler(40)
+    check = c.history[-1]
+    assert check.train_solver_accuracy == 0.95 and check.test_solver_accuracy == 0.70
+    assert evaluator.calls == [euler(20), midpoint_test_of(20)] and spent == 20 + 2 * midpoint_test_of(20).steps
+    assert all(x is x_fixed and y is y_fixed for x, y in evaluator.data)
+
+
+def test_check_data_growth_trial_and_same_steps_shortcut():
+    fixed = (torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    # h = 0.1 grows to 0.11, still 10 steps: the trial is the fixed data's own train pass.
+    evaluator = DataScripted({euler(10): 0.80, midpoint_test_of(10): 0.85})
+    c = StepAdaptation("euler", 0.1, "midpoint", evaluate=evaluator, check_data=fixed)
+    _, spent = check_once(c, 0.10)  # the training logits' 0.10 would disagree: they must be ignored
+    assert c.h == pytest.approx(0.11) and c.history[-1].candidate_accuracy == 0.80
+    assert evaluator.calls == [euler(10), midpoint_test_of(10)] and spent == evaluator.nfe
+    # h = 0.05 -> 0.055 (19 steps): a trial pass on the fixed data decides.
+    evaluator = DataScripted({euler(20): 0.9, midpoint_test_of(20): 0.9, euler(19): 0.75})
+    c = StepAdaptation("euler", 0.05, "midpoint", evaluate=evaluator, check_data=fixed)
+    check_once(c, 0.9)
+    assert c.h == 0.05 and not c.history[-1].accepted and evaluator.calls == [euler(20), midpoint_test_of(20), euler(19)]
+
+
+def test_default_checks_use_the_batch_and_bad_check_data_fails():
+    assert StepAdaptation("euler", 0.05).check_data is None
+    with pytest.raises(ValueError, match="check_data must be None or a non-empty"):
+        StepAdaptation("euler", 0.05, check_data=(torch.zeros(3, 2), torch.zeros(2)))
+    with pytest.raises(ValueError, match="check_data must be None or a non-empty"):
+        StepAdaptation("euler", 0.05, check_data=torch.zeros(3))
+
+
+def test_check_subset_is_fixed_by_the_seed_and_leaves_the_global_random_state():
+    config = TrainConfig(dataset="sphere2", solver=SolverSetting.fixed("euler", 1), seed=4, iterations=1)
+    data = config.load_data()
+    state = torch.get_rng_state()
+    x, y = check_subset(data, 100, 4)
+    assert torch.equal(torch.get_rng_state(), state)
+    x2, y2 = check_subset(data, 100, 4)
+    assert x.shape[0] == len(y) == 100 and torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(check_subset(data, 100, 5)[0], x)
+    whole = check_subset(data, 10 ** 6, 4)
+    assert whole[0] is data.x_train and whole[1] is data.y_train
+    with pytest.raises(ValueError, match="check_size must be an integer >= 1, got 0"):
+        check_subset(data, 0, 4)
+
+
+def test_for_training_check_size_keeps_the_starting_step_and_the_default_checks_on_batches():
+    config = TrainConfig(dataset="sphere2", solver=SolverSetting.fixed("euler", 1), seed=1, iterations=1)
+    plain_config, plain = StepAdaptation.for_training(config, rtol=0.1, atol=0.1)
+    fixed_config, fixed = StepAdaptation.for_training(config, rtol=0.1, atol=0.1, check_size=50)
+    assert plain.check_data is None and plain.h == fixed.h and plain_config == fixed_config
+    assert len(fixed.check_data[1]) == 50 and torch.equal(fixed.check_data[0], check_subset(config.load_data(), 50, 1)[0])
+    # The starting step's norm weights are an option too (the paper states none): tighter weights, smaller step.
+    _, tight = StepAdaptation.for_training(config, rtol=1e-6, atol=1e-6)
+    assert tight.h < plain.h

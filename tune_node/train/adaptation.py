@@ -15,6 +15,12 @@ Fixed-step settings are integer step counts, but ``h`` moves by factors such as
 most ``h``. So a growth of ``h`` may leave the number of steps unchanged for a
 few checks, and repeated growths still accumulate as in the paper.
 
+By default a check uses the iteration's batch, as the paper's Algorithm 2 does
+("the accuracy is calculated over one batch"). :class:`StepAdaptation` can instead
+check on fixed data (``check_data``; :meth:`StepAdaptation.for_training` with
+``check_size`` draws a fixed subset of the training set): the train solver's accuracy
+then needs a pass of its own, counted like the others.
+
 Every function evaluation of a check (test-solver pass, trial pass at the proposed
 value, and the starting-step selection) is returned as ``nfe_spent`` so that the
 training's ``check_nfe`` holds the true cost of adapting. Every check is recorded
@@ -49,6 +55,7 @@ __all__ = [
     "batch_accuracy",
     "initial_step_size",
     "first_batch",
+    "check_subset",
     "STEP_TEST_METHODS",
     "TOLERANCE_TEST_METHODS",
     "INITIAL_STEP_NFE",
@@ -137,8 +144,16 @@ class _Adaptation:
     _value_name: str  # the name of the adapted parameter in state dicts: "step_size" or "tol"
 
     def __init__(self, method: str, test_method: str, k: int, threshold: float, shrink: float, grow: float,
-                 gradient: str, T: float, evaluate: Evaluator | None):
+                 gradient: str, T: float, evaluate: Evaluator | None,
+                 check_data: tuple[torch.Tensor, torch.Tensor] | None = None):
         _check_common(k, threshold, shrink, grow)
+        if check_data is not None:
+            if not (isinstance(check_data, (tuple, list)) and len(check_data) == 2 and len(check_data[1]) > 0
+                    and len(check_data[0]) == len(check_data[1])):
+                raise ValueError("check_data must be None or a non-empty (x, y) pair of equal length")
+            check_data = (check_data[0], check_data[1])
+        # None: every check uses the iteration's batch (the paper's); else the fixed (x, y) checked on.
+        self.check_data = check_data
         self.method, self.test_method = method, test_method
         self.k, self.threshold, self.shrink, self.grow = k, float(threshold), float(shrink), float(grow)
         self.gradient, self.T = gradient, float(T)
@@ -194,10 +209,20 @@ class _Adaptation:
 
     def _check(self, iteration: int, model, x, y, logits) -> Check:
         current = self.setting
-        train_acc = float((logits.argmax(1) == y).float().mean())
         test_setting = self._test_setting()
+        if self.check_data is None:
+            train_acc, nfe = float((logits.argmax(1) == y).float().mean()), 0
+        else:
+            # Fixed check data: the training logits are of another batch, so the train solver runs again.
+            cx, cy = self.check_data
+            if isinstance(x, torch.Tensor) and cx.device != x.device:  # kept where training runs, moved once
+                cx, cy = cx.to(x.device), cy.to(x.device)
+                self.check_data = (cx, cy)
+            x, y = cx, cy
+            own = self.evaluate(model, x, y, current)
+            train_acc, nfe = own.accuracy, own.nfe
         test = self.evaluate(model, x, y, test_setting)
-        nfe = test.nfe
+        nfe += test.nfe
         steps = current.steps
         candidate_acc = None
         if abs(train_acc - test.accuracy) > self.threshold:
@@ -209,7 +234,7 @@ class _Adaptation:
             if may_grow:
                 candidate = self.setting_for(proposed)
                 if candidate == current:
-                    # Same weights, batch and setting as the training pass: its accuracy is known.
+                    # Same weights, data and setting as the pass train_acc came from: its accuracy is known.
                     candidate_acc = train_acc
                 else:
                     trial = self.evaluate(model, x, y, candidate)
@@ -277,6 +302,9 @@ class StepAdaptation(_Adaptation):
         max_steps: optional floor on ``h`` as ``T / max_steps`` (the paper has none).
         gradient, T: gradient mode and final time of the train setting.
         evaluate: batch evaluator, :func:`batch_accuracy` by default.
+        check_data: None (the paper's: each check uses the iteration's batch and reads the
+            train solver's accuracy off the training logits), or a fixed ``(x, y)`` every
+            check evaluates both solvers on (one more pass per check, counted in its NFE).
 
     Guarantees: ``h <= T`` always; the train setting is
     ``SolverSetting.from_step_size(method, h)``.
@@ -288,7 +316,7 @@ class StepAdaptation(_Adaptation):
     def __init__(self, method: str = "euler", step_size: float = 0.1, test_method: str | None = None, k: int = 50,
                  threshold: float = 0.1, shrink: float = 0.5, grow: float = 1.1, error_factor: float = ERROR_FACTOR,
                  max_steps: int | None = None, gradient: str = "backprop", T: float = 1.0,
-                 evaluate: Evaluator | None = None):
+                 evaluate: Evaluator | None = None, check_data: tuple[torch.Tensor, torch.Tensor] | None = None):
         if method not in STEP_TEST_METHODS:
             raise ValueError(f"step adaptation trains with a fixed-step method {' or '.join(STEP_TEST_METHODS)}, got {method!r}")
         test_method = test_method or default_test_method(method)
@@ -298,7 +326,7 @@ class StepAdaptation(_Adaptation):
             raise ValueError(f"error_factor must be >= 1, got {error_factor!r}")
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
-        super().__init__(method, test_method, k, threshold, shrink, grow, gradient, T, evaluate)
+        super().__init__(method, test_method, k, threshold, shrink, grow, gradient, T, evaluate, check_data)
         self.error_factor = float(error_factor)
         self.max_steps = max_steps
         if not (isinstance(step_size, (int, float)) and step_size > 0 and math.isfinite(step_size)):
@@ -326,14 +354,20 @@ class StepAdaptation(_Adaptation):
         return min(self.h * self.grow, self.T)
 
     @classmethod
-    def for_training(cls, config, data: Dataset | None = None, rtol: float = 1e-3, atol: float = 1e-3, **kwargs):
+    def for_training(cls, config, data: Dataset | None = None, rtol: float = 1e-3, atol: float = 1e-3,
+                     check_size: int | None = None, **kwargs):
         """A controller starting at the step of :func:`initial_step_size` on the first batch of ``config``.
 
         Arguments:
             config: the :class:`~tune_node.training.TrainConfig` to train; its solver's
                 method, gradient and T are used (its steps are replaced).
             data: the loaded dataset, to skip loading it again.
-            rtol, atol: the weights of the starting-step algorithm's norm.
+            rtol, atol: the weights of the starting-step algorithm's norm (the paper
+                states none; 1e-3 is this package's choice).
+            check_size: None (the paper's: checks use the iteration's batch), or the
+                number of training points of a fixed subset every check uses, drawn
+                once from ``config.seed`` by :func:`check_subset` (all of them when
+                it exceeds the training set).
             kwargs: further :class:`StepAdaptation` arguments (``test_method``, ``k``, ...).
 
         Returns ``(config, controller)``: a copy of ``config`` whose solver is the
@@ -341,6 +375,9 @@ class StepAdaptation(_Adaptation):
         function evaluations are counted in the first ``update``'s ``nfe_spent``.
         """
         s = config.solver
+        if check_size is not None:
+            data = data or config.load_data()
+            kwargs["check_data"] = check_subset(data, check_size, config.seed)
         model, x = first_batch(config, data)
         h = initial_step_size(model.field, x, get_method(s.method).order, rtol=rtol, atol=atol, T=s.T)
         controller = cls(s.method, h, gradient=s.gradient, T=s.T, **kwargs)
@@ -419,6 +456,21 @@ def _with_solver(config, setting: SolverSetting):
     return TrainConfig.from_dict({**config.to_dict(), "solver": setting.to_dict()})
 
 
+def check_subset(data: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed subset of ``size`` training points of ``data`` (all of them if ``size`` is larger).
+
+    Drawn with a generator of its own seeded by ``seed``: the global random state, and
+    so training's batches and weights, stay as they are.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"check_size must be an integer >= 1, got {size!r}")
+    n = len(data.y_train)
+    if size >= n:
+        return data.x_train, data.y_train
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:size]
+    return data.x_train[idx], data.y_train[idx]
+
+
 def first_batch(config, data: Dataset | None = None):
     """The initial model and first training batch ``train(config)`` will use.
 
@@ -450,12 +502,16 @@ def initial_step_size(field, z0: torch.Tensor, order: int, rtol: float = 1e-3, a
 
     Spends :data:`INITIAL_STEP_NFE` (2) field evaluations. The default weights
     ``rtol = atol = 1e-3`` are this package's choice: the paper does not state them.
+    ``rtol = 0, atol = 1`` gives the unweighted RMS norm of the state (no tolerances
+    at all, which is what a fixed-step solver has); ``atol`` must be > 0.
     """
     if not (isinstance(order, int) and order >= 1):
         raise ValueError(f"order must be an integer >= 1, got {order!r}")
-    for name, v in (("rtol", rtol), ("atol", atol), ("T", T)):
+    for name, v in (("atol", atol), ("T", T)):
         if not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"{name} must be > 0, got {v!r}")
+    if not (isinstance(rtol, (int, float)) and rtol >= 0):
+        raise ValueError(f"rtol must be >= 0, got {rtol!r}")
     scale = atol + z0.abs() * rtol
 
     def norm(v: torch.Tensor) -> float:
