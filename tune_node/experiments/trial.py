@@ -25,6 +25,8 @@ TRAINING_KEYS = ("seed", "iterations", "lr", "batch_size", "optimizer", "report_
 GPU_KEYS = tuple(name for name, _ in GPU_FLAGS)
 _GPU_DEFAULTS = dict(GPU_FLAGS)
 _ADAPTATION_KEYS = ("threshold", "k", "initial_tol", "gradient", "mode", "method", "test_method")
+# Step mode's open choices and their defaults (Adaptation's), carried only where they differ.
+_STEP_CHOICES = {"check_size": None, "initial_rtol": 1e-3, "initial_atol": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class Adaptation:
         initial_tol: the starting tolerance (tolerance mode; step mode starts from the
             Hairer-Norsett-Wanner step on the first batch).
         gradient: the train solver's gradient mode.
+        check_size, initial_rtol, initial_atol: step mode's choices the paper leaves open
+            (:meth:`~tune_node.adaptation.StepAdaptation.for_training`): checks on a fixed subset of
+            ``check_size`` training points (None: the iteration's batch, the paper's reading) and the
+            starting step's norm weights. A trial's dict carries them only where they differ from
+            these defaults, so the records and names of other trials stay as they were.
     """
 
     mode: str
@@ -48,6 +55,9 @@ class Adaptation:
     threshold: float
     initial_tol: float
     gradient: str = "backprop"
+    check_size: int | None = None
+    initial_rtol: float = 1e-3
+    initial_atol: float = 1e-3
 
     def controller(self, config: TrainConfig, data=None):
         """``(config, controller)``: ``config`` at the controller's starting setting, and the
@@ -58,7 +68,8 @@ class Adaptation:
 
         kwargs = {"test_method": self.test_method, "k": self.k, "threshold": self.threshold}
         if self.mode == "step":
-            return StepAdaptation.for_training(config, data=data, **kwargs)
+            return StepAdaptation.for_training(config, data=data, rtol=self.initial_rtol, atol=self.initial_atol,
+                                               check_size=self.check_size, **kwargs)
         return ToleranceAdaptation.for_training(config, tol=self.initial_tol, **kwargs)
 
     def starting_setting(self) -> SolverSetting:
@@ -124,8 +135,9 @@ class Trial:
                     "tol": s.tol, "gradient": s.gradient, **({"max_steps": s.max_steps} if s.max_steps is not None else {}),
                     "seed": self.seed, **training, **self.user_code()}
         a = self.adaptation
+        chosen = {k: getattr(a, k) for k, default in _STEP_CHOICES.items() if getattr(a, k) != default}
         return {"experiment": self.experiment, "dataset": self.dataset, "steps": None, "tol": None,
-                **{k: getattr(a, k) for k in _ADAPTATION_KEYS}, "seed": self.seed, **training, **self.user_code()}
+                **{k: getattr(a, k) for k in _ADAPTATION_KEYS}, **chosen, "seed": self.seed, **training, **self.user_code()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trial":
@@ -136,7 +148,8 @@ class Trial:
         common = {"experiment": d["experiment"], "dataset": d["dataset"], "seed": d["seed"], "training": training,
                   "model": d.get("model"), "code_dir": d.get("code_dir")}
         if "mode" in d:
-            return cls(**common, adaptation=Adaptation(**{k: d[k] for k in _ADAPTATION_KEYS}))
+            return cls(**common, adaptation=Adaptation(**{k: d[k] for k in _ADAPTATION_KEYS},
+                                                       **{k: d[k] for k in _STEP_CHOICES if k in d}))
         solver = SolverSetting(d["method"], steps=d["steps"], tol=d["tol"], gradient=d["gradient"], max_steps=d.get("max_steps"))
         return cls(**common, solver=solver)
 
