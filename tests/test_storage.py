@@ -174,10 +174,13 @@ def _killed_once_then_resumed(start: list[str], resume: list[str], storage, name
     return first
 
 
-def test_a_grid_and_an_adaptation_on_two_nodes_write_to_s3_resume_and_read_back(s3, two_nodes, tmp_path):
+COMMON = ["--seeds", "2", "--iterations", "100", "--set", "report_every=50"]
+
+
+def test_a_grid_on_two_nodes_writes_to_s3_resumes_and_reads_back(s3, two_nodes, tmp_path):
     uri = s3("cluster")
     storage = open_storage(uri)
-    common = ["--storage", uri, "--address", two_nodes, "--seeds", "2", "--iterations", "100", "--set", "report_every=50"]
+    common = ["--storage", uri, "--address", two_nodes, *COMMON]
 
     grid = ["--space", "tiny", "--name", "grid", "--no-seed-groups", *common]
     first = _killed_once_then_resumed(_cli("tune_node.grid", *grid), _cli("tune_node.grid", "--storage", uri, "--address", two_nodes,
@@ -210,6 +213,12 @@ def test_a_grid_and_an_adaptation_on_two_nodes_write_to_s3_resume_and_read_back(
     assert table["seed"].nunique() == 2
     assert set(table["checkpoint"].map(lambda p: Path(p).is_file())) == {True}  # brought down into the local copy
 
+
+@pytest.mark.slow  # the grid's test above runs the same storage path; this one adds the adaptation's tables
+def test_an_adaptation_on_two_nodes_writes_to_s3_resumes_and_reads_back(s3, two_nodes, tmp_path):
+    uri = s3("cluster")
+    storage = open_storage(uri)
+    common = ["--storage", uri, "--address", two_nodes, *COMMON]
     adapt = ["--space", "tiny", "--name", "adapt", "--mode", "step", "--train-solver", "euler", "--test-solver", "rk4",
              "--k", "50", *common]
     _killed_once_then_resumed(_cli("tune_node.adapt", *adapt), _cli("tune_node.adapt", "--storage", uri, "--address", two_nodes,
