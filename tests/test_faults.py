@@ -288,3 +288,27 @@ def test_a_failed_trial_line_points_at_the_storage_copy_of_its_error_file(tmp_pa
     ProgressCallback(1, out=lambda text, flush=True: lines.append(text)).on_trial_error(0, [trial], trial)
     assert lines and lines[0].endswith(f"see {tmp_path / 'exp' / 'euler_steps2_seed0_x' / 'error.txt'}")
     assert "session_x" not in lines[0]
+
+
+def test_a_final_checkpoint_cut_short_by_a_kill_does_not_count_as_finished(tmp_path):
+    """Remote storage uploads a checkpoint file by file: a driver killed in between can leave final.json
+    without the model beside it; such a trial is not finished (it trains its last stretch again)."""
+    import pyarrow.fs
+
+    from tune_node.experiments.trainable import _complete
+
+    fs = pyarrow.fs.LocalFileSystem()
+    cut, whole, diverged = (tmp_path / n for n in ("cut", "whole", "diverged"))
+    for folder in (cut, whole, diverged):
+        (folder / "seed1").mkdir(parents=True)
+    (cut / "final.json").write_text('{"diverged": null}')
+    (whole / "final.json").write_text('{"diverged": null}')
+    (whole / "checkpoint.pt").write_bytes(b"model")
+    (diverged / "final.json").write_text('{"diverged": {"iteration": 3, "reason": "loss is nan"}}')
+    assert not _complete(fs, str(cut), ["final.json"])
+    assert _complete(fs, str(whole), ["final.json"])
+    assert _complete(fs, str(diverged), ["final.json"])
+    (whole / "seed1" / "final.json").write_text("{}")
+    assert not _complete(fs, str(whole), ["final.json", "seed1/final.json"])
+    (whole / "seed1" / "checkpoint.pt").write_bytes(b"model")
+    assert _complete(fs, str(whole), ["final.json", "seed1/final.json"])

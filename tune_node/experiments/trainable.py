@@ -130,7 +130,7 @@ def _final_checkpoint(final_files: list[str]) -> tune.Checkpoint | None:
         directories = sorted(e.path for e in entries if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_"))
         for directory in reversed(directories):
             infos = fs.get_file_info([f"{directory}/{name}" for name in final_files])
-            if all(info.type == pyarrow.fs.FileType.File for info in infos):
+            if all(info.type == pyarrow.fs.FileType.File for info in infos) and _complete(fs, directory, final_files):
                 return tune.Checkpoint(path=directory, filesystem=fs)
     except (AttributeError, RuntimeError, OSError):  # no storage context (direct call)
         pass
@@ -140,6 +140,23 @@ def _final_checkpoint(final_files: list[str]) -> tune.Checkpoint | None:
             if all((Path(directory) / name).is_file() for name in final_files):
                 return checkpoint
     return None
+
+
+def _complete(fs, directory: str, final_files: list[str]) -> bool:
+    """Whether every seed's final checkpoint in ``directory`` is whole: its model file beside its
+    ``final.json``, or a ``final.json`` that records a divergence (which keeps no model). A driver killed
+    while a checkpoint was being uploaded (remote storage copies file by file) can leave one without."""
+    for name in final_files:
+        model = f"{directory}/{Path(name).parent / CHECKPOINT_FILE}".replace("/./", "/")
+        if fs.get_file_info(model).type == pyarrow.fs.FileType.File:
+            continue
+        try:
+            with fs.open_input_stream(f"{directory}/{name}") as f:
+                if json.loads(f.read()).get("diverged") is None:
+                    return False
+        except (OSError, ValueError, AttributeError):
+            return False
+    return True
 
 
 def _final_names(config: dict) -> list[str]:
