@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..experiments.experiment_folder import GRID_FILE, experiment_kind
-from ..experiments.storage import StorageError, is_uri, local_experiment, split_experiment_uri
+from ..experiments.storage import StorageError, is_uri, split_experiment_uri
 from . import table as _table
 from .table import NotAnExperimentError, write_results
 
@@ -22,17 +22,25 @@ def main(argv: list[str] | None = None) -> int:
                                                "(s3://bucket/prefix/name: tables written to its local copy and sent up)")
     args = parser.parse_args(argv)
 
+    storage = name = None
     try:
-        experiment_dir = local_experiment(args.experiment_dir)
+        if is_uri(args.experiment_dir):  # opened once: it is probed over the network
+            storage, name = split_experiment_uri(args.experiment_dir)
+            storage.pull(name)
+            experiment_dir = storage.local / name
+        else:
+            experiment_dir = Path(args.experiment_dir)
     except StorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        return _write_tables(experiment_dir)
-    finally:
-        if is_uri(args.experiment_dir):
-            storage, name = split_experiment_uri(args.experiment_dir)
+    status = _write_tables(experiment_dir)
+    if storage is not None:
+        try:
             storage.push(name)
+        except StorageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return max(status, 1)
+    return status
 
 
 def _write_tables(experiment_dir: Path) -> int:
