@@ -81,15 +81,18 @@ def test_a_seed_group_trains_as_its_seeds_alone(method):
 
 
 def test_what_does_not_stack_per_seed(monkeypatch):
-    assert stack_for(_config("dopri5", 1e-3, gradient="adjoint"), (1, 2)) is None
+    assert stack_for(_config("dopri5", 1e-3, gradient="adjoint"), (1, 2)) is not None
+    fixed_adjoint = TrainConfig(dataset="sphere2", solver=SolverSetting.fixed("rk4", 4, gradient="adjoint"), iterations=2)
+    assert stack_for(fixed_adjoint, (1, 2)) is None
     monkeypatch.setenv("TUNE_NODE_ADAPTIVE_SOLVER", "torchdiffeq")
     assert stack_for(_config("dopri5", 1e-3), (1, 2)) is None
+    assert stack_for(_config("dopri5", 1e-3, gradient="adjoint"), (1, 2)) is None
     from tune_node.fast.dense import StackedSphereClassifier
 
     net = StackedSphereClassifier([_sphere_model(0), _sphere_model(1)])
     setting = SolverSetting.adaptive("dopri5", 1e-3)
     assert not seeded_adaptive(net.field, setting)
-    with pytest.raises(ValueError, match=r"cannot be solved per seed here; allowed: adaptive backprop settings"):
+    with pytest.raises(ValueError, match=r"cannot be solved per seed here; allowed: adaptive settings of an embedded pair"):
         integrate_seeds(net.field, torch.zeros(2, 4, 1, 2), setting)
     monkeypatch.setenv("TUNE_NODE_ADAPTIVE_SOLVER", "scipy")
     with pytest.raises(ValueError, match=r"TUNE_NODE_ADAPTIVE_SOLVER='scipy'; allowed: tune_node, torchdiffeq"):

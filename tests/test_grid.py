@@ -198,18 +198,18 @@ def test_dry_run_shows_seed_groups_longest_first(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("space, grouped", [("sphere2_fixed", True), ("sphere10_fixed", True), ("sphere2_adaptive", "backprop"),
+@pytest.mark.parametrize("space, grouped", [("sphere2_fixed", True), ("sphere10_fixed", True), ("sphere2_adaptive", "adaptive"),
                                             ("sphere900_fixed", False), ("mnist_fixed", False)])
 def test_plan_groups_only_where_it_pays(space, grouped, monkeypatch):
     """Seeds stack where the stacked solve serves them: fixed-step backprop on short spheres, and adaptive
-    backprop (per-seed step control), but not the adjoint, long spheres or images."""
+    backprop and adjoint (per-seed step control), but not long spheres or images."""
     trials = load_space(space).trials()
     units = plan_trials(trials)
     assert sorted(json.dumps(t, sort_keys=True) for u in units for t in u) == sorted(json.dumps(t, sort_keys=True) for t in trials)
     for unit in units:
         assert len({json.dumps({k: v for k, v in t.items() if k != "seed"}, sort_keys=True) for t in unit}) == 1
-    if grouped == "backprop":
-        assert all(len(u) == (5 if u[0]["gradient"] == "backprop" else 1) for u in units)
+    if grouped == "adaptive":
+        assert all(len(u) == 5 for u in units) and {u[0]["gradient"] for u in units} == {"backprop", "adjoint"}
         monkeypatch.setenv("TUNE_NODE_ADAPTIVE_SOLVER", "torchdiffeq")  # one step control for all seeds: no stacking
         assert all(len(u) == 1 for u in plan_trials(trials))
     else:

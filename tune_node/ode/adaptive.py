@@ -137,7 +137,7 @@ class AdaptiveSolution:
         z: the state at ``T``, shaped like ``z0``.
         nfe: forward evaluations per seed (one entry unseeded): ``2 + attempts * (stages - 1)``;
             with backprop the backward pass differentiates each once.
-        accepted: per seed, the end times of its accepted steps (the last one >= ``T``).
+        accepted: per seed, the end times of its accepted steps (the last one >= the end time).
         attempts: per seed, the step attempts (accepted and rejected).
     """
 
@@ -164,7 +164,8 @@ def _rms_norm(seeded: bool) -> Norm:
 
 
 def adaptive_solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, tableau: ButcherTableau, T: float,
-                   controller: StepController, *, seeded: bool = False, max_steps: int | None = None) -> AdaptiveSolution:
+                   controller: StepController, *, seeded: bool = False, max_steps: int | None = None,
+                   norm: Norm | None = None, t_start: float = 0.0) -> AdaptiveSolution:
     """``z(T)`` of ``dz/dt = f(z)``, ``z(0) = z0``, with adaptive steps of an embedded pair.
 
     Arguments:
@@ -173,11 +174,16 @@ def adaptive_solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, 
         z0: the initial state.
         tableau: an embedded pair: ``b_error`` and ``b_mid`` set, last stage at ``c = 1``
             (its evaluation is the next step's first, torchdiffeq's convention).
-        T: the end time, > 0.
+        T: the length of the interval, > 0 (the end time, starting at 0).
         controller: the step control, e.g. ``IController(tol, tol, order)``.
         seeded: ``z0``'s leading dimension indexes independent solves (own steps, NFE, end).
         max_steps: the most step attempts per seed; the next one raises
             :class:`AdaptiveStepLimitError` (torchdiffeq's ``max_num_steps``). None: no cap.
+        norm: the error norm, a state-shaped tensor to one value per seed (0-dim unseeded);
+            None: the RMS norm over each seed's state (torchdiffeq's default).
+        t_start: the time the solve starts at; it ends at ``t_start + T``. Only rounding
+            depends on it (the times a step accumulates, where ``T`` falls in the last step),
+            e.g. ``-T`` for torchdiffeq's reversed solves, which run from ``-T`` to 0.
 
     Guarantees: every seed takes the steps, evaluations and result of a solve of its own
     slice (equal up to rounding; exact counts). Raises :class:`AdaptiveUnderflowError` when a
@@ -189,7 +195,8 @@ def adaptive_solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, 
         raise ValueError(f"T must be a finite number > 0, got {T!r}")
     n = tableau.stages
     seeds = z0.shape[0] if seeded else 1
-    norm = _rms_norm(seeded)
+    norm = _rms_norm(seeded) if norm is None else norm
+    t_end = t_start + T
     dtype, device = z0.dtype, z0.device
     # One row per stage input (a's rows, padded), then the solution (unless it is the last
     # stage's input: exact FSAL), the error and the midpoint. Each combination is
@@ -214,7 +221,7 @@ def adaptive_solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, 
     h_first = controller.initial_step(f, z0, f0, norm).reshape(seeds)
     steps_h = h_first.detach().tolist()
     nfe = [2] * seeds
-    times, starts = [0.0] * seeds, [0.0] * seeds
+    times, starts = [t_start] * seeds, [t_start] * seeds
     accepted: list[list[float]] = [[] for _ in range(seeds)]
     attempts = [0] * seeds
     # Whether a seed's time carries the first step's gradient (its first attempt was accepted).
@@ -256,11 +263,11 @@ def adaptive_solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, 
                 timed_by_first[s] = timed_by_first[s] or first
                 starts[s], times[s] = times[s], times[s] + steps_h[s]
                 accepted[s].append(times[s])
-                finishing[s] = times[s] >= T
+                finishing[s] = times[s] >= t_end
             steps_h[s] = h_next
         if any(finishing):
-            total = _interpolate_at(T, y, y1, combine(y, weights[..., row_mid, :], ks), ks[0], ks[-1], h_t, h_first,
-                                    [starts[s] if finishing[s] else T for s in range(seeds)], finishing, offset, seeded)
+            total = _interpolate_at(t_end, y, y1, combine(y, weights[..., row_mid, :], ks), ks[0], ks[-1], h_t, h_first,
+                                    [starts[s] if finishing[s] else t_end for s in range(seeds)], finishing, offset, seeded)
             if out is None or not seeded:
                 out = total
             else:

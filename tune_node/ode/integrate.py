@@ -10,9 +10,10 @@ Fixed-step methods with backprop run this module's own explicit Runge-Kutta loop
 exactly ``steps`` steps of size ``h = T / steps``, nothing else per step. Adaptive
 backprop solves of a field with a fast form (the paper's dense sphere field) run
 :mod:`tune_node.ode.adaptive`, torchdiffeq's adaptive Runge-Kutta solve rewritten (the same
-accepted steps and NFE; gradients equal up to rounding), unless
+accepted steps and NFE; gradients equal up to rounding), and so do adaptive adjoint solves of
+the sphere field (:mod:`tune_node.fast.dense_adjoint`, torchdiffeq's adjoint rewritten), unless
 ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq`` (:func:`adaptive_solver`); other adaptive solves,
-and every method in adjoint mode, run through torchdiffeq. Every solve counts its function
+and fixed-step methods in adjoint mode, run through torchdiffeq. Every solve counts its function
 evaluations exactly, forward and backward separately.
 
 Adaptive solves are capped at ``setting.max_adaptive_steps`` step attempts
@@ -40,14 +41,15 @@ __all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "S
            "integrate_seeds", "steps_taken",
            "ADAPTIVE_SOLVER_ENV"]
 
-#: The solvers of adaptive backprop solves of a field with a fast form; :func:`adaptive_solver` picks one.
+#: The solvers of adaptive solves of a field with a fast form (backprop; the adjoint of the sphere field);
+#: :func:`adaptive_solver` picks one.
 ADAPTIVE_SOLVERS = ("tune_node", "torchdiffeq")
 #: The environment variable that picks it.
 ADAPTIVE_SOLVER_ENV = "TUNE_NODE_ADAPTIVE_SOLVER"
 
 
 def adaptive_solver() -> str:
-    """Which solver runs adaptive backprop solves of fields with a fast form (the dense sphere field):
+    """Which solver runs adaptive solves of fields with a fast form (backprop; the sphere field's adjoint too):
     ``"tune_node"`` (:mod:`tune_node.ode.adaptive`, the default) or ``"torchdiffeq"`` (the reference), from
     the environment variable ``TUNE_NODE_ADAPTIVE_SOLVER``, which Ray's workers inherit. ValueError for another value."""
     import os
@@ -275,6 +277,9 @@ class Solution:
     #: A stacked seeds' adaptive solve (:func:`integrate_seeds`): each seed's forward evaluations
     #: (``counter.forward`` is then their largest); None where every seed took the same.
     seed_nfe: list[int] | None = None
+    #: An adjoint solve by tune-node's solver: what its backward pass records (per-seed ``nfe``, ``ran``;
+    #: :class:`tune_node.fast.dense_adjoint.AdjointRecord`); None for torchdiffeq's, which counts into ``counter``.
+    backward_record: object | None = None
 
     @property
     def nfe_forward(self) -> int:
@@ -285,6 +290,8 @@ class Solution:
         :attr:`nfe_backward` counts it: with backprop, each forward evaluation once a backward pass runs)."""
         if self.seed_nfe is None:
             return [(self.nfe_forward, self.nfe_backward)] * seeds
+        if self.backward_record is not None:
+            return list(zip(self.seed_nfe, self.backward_record.nfe))
         differentiated = self.setting.gradient == "backprop" and self.z.requires_grad
         return [(n, n if differentiated else 0) for n in self.seed_nfe]
 
@@ -292,6 +299,8 @@ class Solution:
     def nfe_backward(self) -> int:
         if self.setting.gradient == "backprop":
             return self.counter.forward if self.z.requires_grad else 0
+        if self.backward_record is not None:
+            return max(self.backward_record.nfe)
         return self.counter.backward
 
     @property
@@ -310,21 +319,42 @@ def steps_taken(setting: SolverSetting, nfe_forward: int) -> int:
     return max(0, (nfe_forward - spec.startup_nfe) // spec.stages_per_step)
 
 
-def _ours(vector_field, z0: torch.Tensor, setting: SolverSetting, *, seeded: bool) -> Solution:
-    """An adaptive backprop solve by :func:`tune_node.ode.adaptive.integrate_adaptive`, its errors as this module's."""
+def _converted(err: Exception, setting: SolverSetting, seeded: bool, phase: str = "forward") -> Exception:
+    """This module's error for an error of :mod:`tune_node.ode.adaptive`'s solves (others unchanged)."""
+    from .adaptive import AdaptiveStepLimitError, AdaptiveUnderflowError
+
+    if isinstance(err, AdaptiveStepLimitError):
+        converted = SolverStepLimitError(setting, err.nfe, phase)
+    elif isinstance(err, AdaptiveUnderflowError):
+        converted = StepSizeUnderflowError(setting, err.nfe, phase, detail=str(err))
+    else:
+        return err
+    converted.seed = err.seed if seeded else None  # which of the stacked seeds failed
+    return converted
+
+
+def _ours(vector_field, z0: torch.Tensor, setting: SolverSetting, *, seeded: bool) -> Solution | None:
+    """An adaptive solve by tune-node's solver, its errors as this module's: backprop by
+    :func:`tune_node.ode.adaptive.integrate_adaptive`; the adjoint by
+    :func:`tune_node.fast.dense_adjoint.fused_adjoint_solve` where it takes the field (else None)."""
     from .adaptive import AdaptiveStepLimitError, AdaptiveUnderflowError, integrate_adaptive
 
+    record = None
     try:
-        sol = integrate_adaptive(vector_field, z0, setting, seeded=seeded)
-    except (AdaptiveStepLimitError, AdaptiveUnderflowError) as err:
-        if isinstance(err, AdaptiveStepLimitError):
-            converted = SolverStepLimitError(setting, err.nfe)
+        if setting.gradient == "adjoint":
+            from ..fast.dense_adjoint import fused_adjoint_solve
+
+            solved = fused_adjoint_solve(vector_field, z0, setting, seeded=seeded,
+                                         on_error=lambda err: _converted(err, setting, seeded, "backward"))
+            if solved is None:
+                return None
+            sol, record = solved
         else:
-            converted = StepSizeUnderflowError(setting, err.nfe, detail=str(err))
-        converted.seed = err.seed if seeded else None  # which of the stacked seeds failed
-        raise converted from err
+            sol = integrate_adaptive(vector_field, z0, setting, seeded=seeded)
+    except (AdaptiveStepLimitError, AdaptiveUnderflowError) as err:
+        raise _converted(err, setting, seeded) from err
     counter = NFECounter(forward=max(sol.nfe), in_backward=True)
-    return Solution(sol.z, setting, counter, None, seed_nfe=list(sol.nfe) if seeded else None)
+    return Solution(sol.z, setting, counter, None, seed_nfe=list(sol.nfe) if seeded else None, backward_record=record)
 
 
 def integrate_seeds(stacked_field: nn.Module, z0: torch.Tensor, setting: SolverSetting) -> Solution:
@@ -332,23 +362,38 @@ def integrate_seeds(stacked_field: nn.Module, z0: torch.Tensor, setting: SolverS
     field acts on each slice alone): fixed-step solves as ``integrate``; an adaptive backprop solve gives
     each seed its own steps, acceptance and NFE (:attr:`Solution.seed_nfe`), as separate solves would.
 
-    Raises ValueError for an adaptive setting this cannot solve per seed (the adjoint, a method without an
-    embedded pair, ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``, a field without a fast form): one shared step
-    control would couple the seeds. A seed's failed solve raises :class:`SolverStepLimitError` or
-    :class:`StepSizeUnderflowError` naming the seed.
+    The same for an adaptive adjoint solve of the stacked sphere field, forward and backward
+    (:mod:`tune_node.fast.dense_adjoint`; per-seed backward evaluations in :meth:`Solution.seed_counts`).
+
+    Raises ValueError for an adaptive setting this cannot solve per seed (a method without an
+    embedded pair, ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``, a field without a fast form, the adjoint of
+    another field than the stacked sphere field): one shared step control would couple the seeds.
+    A seed's failed solve raises :class:`SolverStepLimitError` or :class:`StepSizeUnderflowError`
+    naming the seed (from ``backward()`` where the adjoint's backward solve fails).
     """
     if not setting.is_adaptive:
         return integrate(stacked_field, z0, setting)
     if not seeded_adaptive(stacked_field, setting):
         raise ValueError(f"{setting.method} (tol={setting.tol:g}, {setting.gradient}) cannot be solved per seed here; "
-                         f"allowed: adaptive backprop settings of an embedded pair with TUNE_NODE_ADAPTIVE_SOLVER=tune_node")
-    return _ours(stacked_field, z0, setting, seeded=True)
+                         f"allowed: adaptive settings of an embedded pair with TUNE_NODE_ADAPTIVE_SOLVER=tune_node, "
+                         f"backprop for a field with a fast form, the adjoint for the stacked sphere field")
+    sol = _ours(stacked_field, z0, setting, seeded=True)
+    if sol is None:
+        raise ValueError(f"the adjoint of {type(stacked_field).__name__} from states of shape {tuple(z0.shape)} cannot be solved "
+                         f"per seed; allowed: the stacked sphere field on (seeds, batch, channels, dim) states")
+    return sol
 
 
 def seeded_adaptive(stacked_field, setting: SolverSetting) -> bool:
     """Whether :func:`integrate_seeds` solves the adaptive ``setting`` of ``stacked_field`` per seed."""
-    return (setting.is_adaptive and setting.gradient == "backprop" and setting.spec.embedded is not None
-            and _preparer(stacked_field) is not None and not takes_time(stacked_field) and adaptive_solver() == "tune_node")
+    if not (setting.is_adaptive and setting.spec.embedded is not None and not takes_time(stacked_field)
+            and adaptive_solver() == "tune_node"):
+        return False
+    if setting.gradient == "adjoint":
+        from ..fast.dense_adjoint import stacked_adjoint
+
+        return stacked_adjoint(stacked_field)
+    return _preparer(stacked_field) is not None
 
 
 def rk_solve(f, z0: torch.Tensor, tableau: ButcherTableau, steps: int, T: float = 1.0, record_path: bool = False,
@@ -426,15 +471,17 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
     ``rtol = atol = setting.tol`` and make at most ``setting.max_adaptive_steps`` step
     attempts, forward and (adjoint) backward. With backprop, a field offering ``prepare(z0)``
     (see :class:`PreparedField`) is integrated in its prepared form, by its fused
-    solver where it has one and gradients are recorded; adjoint solves
-    always call the field itself, as the adjoint differentiates each call.
+    solver where it has one and gradients are recorded; adjoint solves call the field
+    itself (torchdiffeq differentiates each call), except adaptive adjoint solves of the
+    sphere field, which :mod:`tune_node.fast.dense_adjoint` makes in the dense form.
 
     Raises:
         SolverStepLimitError: an adaptive solve needs more attempts than the cap; from
-            ``backward()`` too when the adjoint's backward solve does.
-        StepSizeUnderflowError: an adaptive forward solve's step size underflowed. In the
-            adjoint's backward solve torchdiffeq's own AssertionError ('underflow in dt')
-            surfaces from ``backward()`` unchanged: it is raised inside autograd, out of reach.
+            ``backward()`` too when the adjoint's backward solve does (``phase`` "backward").
+        StepSizeUnderflowError: an adaptive forward solve's step size underflowed; from
+            ``backward()`` too in tune-node's adjoint. In torchdiffeq's adjoint backward solve its
+            own AssertionError ('underflow in dt') surfaces from ``backward()`` unchanged: it is
+            raised inside autograd, out of reach.
     """
     counter = NFECounter()
     spec = setting.spec
@@ -450,6 +497,11 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
     if (setting.is_adaptive and setting.gradient == "backprop" and prepare is not None and not time_dependent
             and spec.embedded is not None and adaptive_solver() == "tune_node"):
         return _ours(vector_field, z0, setting, seeded=False)
+    if (setting.is_adaptive and setting.gradient == "adjoint" and not time_dependent and spec.embedded is not None
+            and adaptive_solver() == "tune_node"):
+        sol = _ours(vector_field, z0, setting, seeded=False)
+        if sol is not None:
+            return sol
     if setting.gradient == "backprop" and not setting.is_adaptive:
         if prepared.solve is not None and not record_path and torch.is_grad_enabled():
             z = prepared.solve(prepared.encode(z0), spec.tableau, setting.steps, T)

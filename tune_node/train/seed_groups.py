@@ -39,14 +39,15 @@ def stack_for(config: TrainConfig, input_shape: tuple[int, ...]):
     """The :class:`~tune_node.training.SeedStack` class that trains seeds of ``config`` as one
     model, or None (they train seed after seed).
 
-    Backprop only: the paper's model on a sphere short enough for the dense field
-    (:data:`~tune_node.fast.dense.DENSE_MAX_DIM`) stacks as :class:`SphereStack`, fixed-step or
-    adaptive (each seed with its own step control, :func:`~tune_node.ode.integrate.integrate_seeds`,
-    unless ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``); a user's model (``config.model``) as
-    :class:`FuncStack`, fixed-step only, where :func:`stackable` says it can.
+    Backprop, and the adjoint of adaptive methods: the paper's model on a sphere short enough for
+    the dense field (:data:`~tune_node.fast.dense.DENSE_MAX_DIM`) stacks as :class:`SphereStack`,
+    fixed-step or adaptive (each seed with its own step control, forward and in the adjoint's
+    backward solve, :func:`~tune_node.ode.integrate.integrate_seeds`, unless
+    ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``); a user's model (``config.model``) as
+    :class:`FuncStack`, fixed-step backprop only, where :func:`stackable` says it can.
     """
     s = config.solver
-    if s.gradient != "backprop":
+    if s.gradient != "backprop" and not (s.is_adaptive and s.gradient == "adjoint" and config.model is None):
         return None
     if s.is_adaptive and (config.model is not None or s.spec.embedded is None or adaptive_solver() != "tune_node"):
         return None
@@ -125,7 +126,7 @@ def train_seed_group(
     Returns one :class:`~tune_node.training.TrainResult` per config, in order. Where
     :func:`stack_for` allows, the seeds train as one :class:`SphereStack` or :class:`FuncStack`
     through the one training loop, :func:`~tune_node.training.train_seeds`; other settings
-    (adaptive, adjoint, images, long spheres, a user's model that does not stack) train seed
+    (fixed-step adjoint, images, long spheres, a user's model that does not stack) train seed
     after seed with ``train``. Grouped, each seed's weights equal those of its own ``train``
     run up to floating-point rounding (bit for bit on CPU in the tests); ``wall_time`` and
     ``elapsed`` are the group's. A seed whose loss stops being finite is marked as diverged
