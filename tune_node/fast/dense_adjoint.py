@@ -17,7 +17,7 @@ field (:mod:`tune_node.fast.dense`):
   weights themselves (the dense matrices' products added back onto the kernel entries they repeat),
   since torchdiffeq's norm measures the conv weights' adjoints;
 - stacked seeds (``seeded``) each keep their own step control, backward as forward, with the norm
-  taken per seed, so a group makes its seeds' own solves.
+  taken per seed, so a group makes its seeds' own solves (the backward solves one seed after another).
 
 Guarantees: forward results as torchdiffeq's adjoint, bit for bit. Backward: torchdiffeq's algorithm
 (same tableau, controller, norm, reversed times), its arithmetic in another order (torchdiffeq
@@ -143,19 +143,27 @@ class _DenseAdjointSolve(torch.autograd.Function):
         dtype = torch.promote_types(zT.dtype, grad_out.dtype)
         y0 = torch.cat([zT.new_zeros(seeds, 1, dtype=dtype), zT.flatten(1).to(dtype), grad_out.flatten(1).to(dtype),
                         zT.new_zeros(seeds, conv_total, dtype=dtype)], 1)
-        g = _augmented_field(tuple(w.to(dtype) for w in weights), index, conv_total, batch, width)
+        weights = [w.to(dtype) for w in weights]
         norm = _adjoint_norm([1, batch * width, batch * width, *conv_sizes])
-        try:
-            sol = adaptive_solve(g, y0, run.tableau, run.T, run.controller, seeded=True, max_steps=run.max_steps,
-                                 norm=norm, t_start=-run.T)
-        except (AdaptiveStepLimitError, AdaptiveUnderflowError) as err:
-            if run.on_error is None:
-                raise
-            raise run.on_error(err) from err
-        run.record.nfe[:] = sol.nfe
-        run.record.accepted[:] = sol.accepted
+        # Seed by seed: the solve is bound by its products' arithmetic, so a stacked solve saves
+        # nothing per evaluation, and its seeds would ride along until the slowest one ends.
+        ends, accepted = [], []
+        for s in range(seeds):
+            g = _augmented_field(tuple(w[s:s + 1] for w in weights), index, conv_total, batch, width)
+            try:
+                sol = adaptive_solve(g, y0[s:s + 1], run.tableau, run.T, run.controller, seeded=True, max_steps=run.max_steps,
+                                     norm=norm, t_start=-run.T)
+            except (AdaptiveStepLimitError, AdaptiveUnderflowError) as err:
+                err.seed, err.args = s, (str(err).replace("seed 0:", f"seed {s}:", 1),)  # its place in the stack
+                if run.on_error is None:
+                    raise
+                raise run.on_error(err) from err
+            ends.append(sol.z)
+            run.record.nfe[s] = sol.nfe[0]
+            accepted.append(sol.accepted[0])
+        run.record.accepted[:] = accepted
         run.record.ran = True
-        out = sol.z
+        out = torch.cat(ends)
         state = batch * width
         grad_z0 = out[:, 1 + state:1 + 2 * state].reshape(seeds, batch, width)
         grads = [piece.reshape(seeds, *(s[1:] if run.seeded else s)) for piece, s in
