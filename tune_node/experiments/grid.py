@@ -10,9 +10,10 @@ tolerance) per dataset, train method and gradient mode. Examples::
     python -m tune_node.grid --space my_study.toml --address auto --seeds 0,1,2
     python -m tune_node.grid --space sphere2_fixed --name sphere2_fixed --resume   # after a crash
 
-A Ray Tune trial trains one seed, or, where it pays (fixed-step backprop on a
-sphere of up to :data:`~tune_node.fast.dense.DENSE_MAX_DIM` dimensions, or of a user's
-model without buffers: :func:`~tune_node.seed_groups.stack_for`), a *seed group*:
+A Ray Tune trial trains one seed, or, where it pays (on a sphere of up to
+:data:`~tune_node.fast.dense.DENSE_MAX_DIM` dimensions: fixed-step backprop, and adaptive
+backprop and adjoint with per-seed step control; fixed-step backprop of a user's model
+without buffers: :func:`~tune_node.seed_groups.stack_for`), a *seed group*:
 the seeds of one setting trained as one batched model
 (:func:`~tune_node.seed_groups.train_seed_group`), with results, checkpoints and
 TensorBoard runs still per seed (``--no-seed-groups``: one seed per trial). Trials
