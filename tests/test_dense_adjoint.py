@@ -195,3 +195,20 @@ def test_torchdiffeq_stays_one_variable_away(monkeypatch):
     reference = integrate(model.field, x, setting)
     assert reference.backward_record is None and reference.nfe_forward == ours.nfe_forward
     torch.testing.assert_close(reference.z, ours.z, rtol=1e-5, atol=1e-5)
+
+
+def test_a_diverged_seed_is_left_out_and_the_others_keep_their_counts():
+    models = [_model(s) for s in range(3)]
+    net = StackedSphereClassifier(models)
+    with torch.no_grad():
+        net.field.weights[2][1].fill_(float("nan"))  # seed 1 diverged
+    x = torch.randn(3, 32, 1, 2, generator=torch.Generator().manual_seed(1))
+    setting = SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint")
+    logits, sol = net(x, setting)
+    logits[[0, 2]].square().sum().backward()
+    counts = sol.seed_counts(3)
+    assert counts[1] == (0, 0)
+    for i in (0, 2):
+        alone = integrate(models[i].field, x[i], setting)
+        models[i].classifier(alone.z.flatten(1)).square().sum().backward()
+        assert counts[i] == (alone.nfe_forward, alone.nfe_backward) and counts[i][1] > 0

@@ -184,6 +184,25 @@ class _StackedField(nn.Module):
         return p.decode(p.f(p.encode(z)))
 
 
+class _PositionedRecord:
+    """The backward record of some seeds' adjoint solve, read at their positions in the whole stack
+    (the others' counts 0); read when asked, as the backward pass fills it later."""
+
+    def __init__(self, record, positions: list[int], size: int):
+        self.record, self.positions, self.size = record, positions, size
+
+    @property
+    def nfe(self) -> list[int]:
+        counts = [0] * self.size
+        for position, nfe in zip(self.positions, self.record.nfe):
+            counts[position] = nfe
+        return counts
+
+    @property
+    def ran(self) -> bool:
+        return self.record.ran
+
+
 class StackedSphereClassifier(nn.Module):
     """S sphere classifiers (:func:`~tune_node.models.build_model` ``("sphere", ...)``) as one model.
 
@@ -243,7 +262,8 @@ class StackedSphereClassifier(nn.Module):
             raise
         for position, nfe in zip(rows.tolist(), sol.seed_nfe):
             seed_nfe[position] = nfe
-        return Solution(z.index_copy(0, rows, sol.z), setting, sol.counter, seed_nfe=seed_nfe)
+        record = None if sol.backward_record is None else _PositionedRecord(sol.backward_record, rows.tolist(), self.size)
+        return Solution(z.index_copy(0, rows, sol.z), setting, sol.counter, seed_nfe=seed_nfe, backward_record=record)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.classifier_bias.unsqueeze(1), z.flatten(2), self.classifier_weight.transpose(1, 2))
