@@ -13,7 +13,8 @@ backward evaluations both counted) per seed, for:
   backward), one seed and a 5-seed group (stacked, per-seed step control);
 - ours fused, stepped from Python: the same fused solve with the step control in Python between
   the C++ per-attempt loops and a group's finished seeds computed (masked) until its last ends:
-  the fused solve before its whole stepping moved into C++ (same steps, NFE and bits);
+  the fused solve before its whole stepping moved into C++ (same steps, NFE and bits; it shares
+  the per-attempt loops, so their own speed-ups, but builds the dense matrices with autograd);
 - ours eager: the same with ``fused=False`` (eager autograd, the reference);
 - torchdiffeq: :func:`tune_node.integrate.integrate` with ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``
   (torchdiffeq's stepping on the same dense field); a "group" is 5 separate solves, as

@@ -290,6 +290,31 @@ def test_integrate_adaptive_takes_the_fused_solve_by_default(method):
     assert_grads_close(grads, grads_ref, 2e-5)
 
 
+@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("seeds", [None, range(3)], ids=["one", "group"])
+def test_conv_weights_inside_the_node_equal_autograd_through_the_dense_build(method, seeds, loops, monkeypatch):
+    # integrate_adaptive builds the dense matrices inside the solve's autograd node and scatters
+    # their gradients back by hand: the same values as autograd through dense_conv_weights.
+    from tune_node.fast import adaptive_solve
+
+    monkeypatch.setattr(adaptive_solve, "attempt_loops", lambda: loops)
+    models = [build_model("sphere", (1, 2), seed=s) for s in (range(1) if seeds is None else seeds)]
+    field = models[0].field if seeds is None else dense.StackedSphereClassifier(models).field
+    conv = list(field.parameters()) if seeds is None else list(field.weights)
+    x = torch.randn(*([] if seeds is None else [len(seeds)]), 16, 1, 2, generator=torch.Generator().manual_seed(3))
+    setting = SolverSetting.adaptive(method, 1e-4)
+    sol = integrate_adaptive(field, x, setting, seeded=seeds is not None)
+    assert "_DenseAdaptiveSolveBackward" in graph_node_names(sol.z.grad_fn)
+    grads = torch.autograd.grad(weighted_loss(sol.z), conv)
+    tableau, controller = METHODS[method].embedded, IController(1e-4, 1e-4, METHODS[method].order)
+    weights = dense.dense_conv_weights(*conv, 2)
+    ref = dense_adaptive_solve(weights, x.flatten(-2), tableau, 1.0, controller, seeded=seeds is not None, loops=loops)
+    grads_ref = torch.autograd.grad(weighted_loss(ref.z.view(x.shape)), conv)
+    assert sol.nfe == ref.nfe and torch.equal(sol.z, ref.z.view(x.shape))
+    assert all(g.shape == g_ref.shape and torch.equal(g, g_ref) for g, g_ref in zip(grads, grads_ref))
+
+
 def test_fields_and_settings_it_does_not_fuse_fall_back_to_the_eager_solve():
     from tune_node.fast.adaptive_solve import fused_adaptive_solve
 

@@ -6,7 +6,8 @@
 where it cannot be built (warned once) or ``TUNE_NODE_NATIVE=0`` says not to try. The loops make
 the same ATen calls in the same order as :class:`~tune_node.fast.adaptive_solve.PythonAttemptLoops`,
 so the results are identical either way. Its ``solve_forward`` runs a whole solve (IController's
-step control included) and returns an object whose ``backward`` runs its backward pass.
+step control included) and returns an object whose ``gradients`` runs its backward pass (to the
+dense or the conv weights; ``dense_from_conv`` builds the dense matrices from the conv weights).
 """
 
 from __future__ import annotations

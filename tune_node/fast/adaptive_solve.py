@@ -7,21 +7,26 @@
 :func:`~tune_node.fast.dense_solve.dense_rk_solve` makes fixed steps fast:
 
 - the whole solve, first step size included, runs without autograd and is one autograd
-  node; the attempts write their stage inputs, second hidden layers and stage outputs
-  into buffers kept between solves, and an attempt that every seed rejects leaves its
-  buffers to the next one, so only accepted steps are kept;
+  node (through :func:`fused_adaptive_solve`, with the dense matrices' build from the conv
+  weights inside it and its scatter-add backward by hand); the attempts write their stage
+  inputs, hidden layers and stage outputs into buffers kept between solves, and an attempt
+  that every seed rejects leaves its buffers to the next one, so only accepted steps are kept;
 - the backward pass walks the kept attempts in reverse with per-seed step sizes as
   tensors (a seed's terms masked where it rejected or had finished), through the FSAL
   stage, the last step's interpolant to ``T`` (whose position in the step depends on
   the first step size when that step was accepted) and the first step size's rule;
-- the first hidden layer is recomputed in the backward pass rather than stored;
+- both hidden layers are kept (writing the first into a per-stage buffer costs nothing; recomputing
+  it in the backward pass cost a product and a ReLU per evaluation);
 - the per-attempt loops run in C++ (:mod:`tune_node.fast.adaptive_native`, the same ATen
   calls in the same order as :class:`PythonAttemptLoops`, so the same bits) where a compiler
   is available; with :class:`~tune_node.ode.adaptive.IController`'s own ``decide`` and
   ``error_ratio`` the whole solve steps there too (its ``solve_forward``: the controller's
   decisions in the same IEEE operations, one call for the forward pass and one for the
   backward pass), and a group drops its finished seeds from the batch (each seed's bits are
-  those of its own solve either way); an overridden ``decide`` steps from Python here.
+  those of its own solve either way); an overridden ``decide`` steps from Python here. The
+  C++ loops run some elementwise chains (the error ratio's scaled squares, the first step
+  size's norms and trial state, the interpolant) as plain loops making the same IEEE
+  operations in the same order as the ATen calls they replace, so the same bits.
 
 A solve whose backward pass never runs leaves its buffers to the garbage collector; the
 next solve allocates afresh.
@@ -57,7 +62,7 @@ from ..ode.integrate import fast_form, takes_time
 from ..ode.solvers import ButcherTableau, SolverSetting
 from ..train.models import ConvODEField
 from . import adaptive_native
-from .dense import DENSE_MAX_DIM, _StackedField, dense_conv_weights, prepare_conv_field
+from .dense import DENSE_MAX_DIM, _gather_plan, _StackedField, dense_conv_weights, prepare_conv_field
 
 __all__ = ["dense_adaptive_solve", "fused_adaptive_solve", "PythonAttemptLoops", "attempt_loops"]
 
@@ -78,7 +83,8 @@ def _take_slot(key: tuple, stages: int, lead: tuple, width: int, hidden: int, li
     h2s = like.new_empty(stages - 1, *lead, hidden)  # second hidden layer after ReLU
     ks = like.new_empty(*lead, width, stages)  # stage outputs stacked last, as the eager solve stacks them
     y1 = like.new_empty(*lead, width)  # the step's solution (non-FSAL pairs)
-    return zs, h2s, ks, y1
+    h1s = like.new_empty(stages - 1, *lead, hidden)  # first hidden layer after ReLU
+    return zs, h2s, ks, y1, h1s
 
 
 def _give_back(key: tuple, slots: list) -> None:
@@ -121,7 +127,7 @@ class _Attempt:
     """What the backward pass needs of one kept attempt (one that a running seed accepted)."""
 
     y: torch.Tensor  # the state the attempt started from
-    slot: tuple  # zs, h2s, ks, y1 buffers
+    slot: tuple  # zs, h2s, ks, y1, h1s buffers
     weights: torch.Tensor  # step size times the coefficient rows, in the state dtype, per seed
     h_t: torch.Tensor  # (S,) float64: the step sizes (0 for finished seeds)
     accepted: list[bool]  # per seed: accepted by a seed still running
@@ -141,7 +147,8 @@ class PythonAttemptLoops:
     ``w`` lists the field's weights for evaluations (``W1, c1, W2, c2, W3, c3``, biases shaped
     for ``addmm`` (one model) or ``baddbmm`` (stacked)); for backward passes it lists
     ``W1, c1 (S, 1, H), W1^T, W2^T, W3^T``, and ``acc`` the gradient accumulators ``gW1, gW2,
-    gW3^T, gc1, gc2, gc3`` and the scratch ``sum1, sum2, sum3, hidden, first, h1`` (all ``(S, ., .)``).
+    gW3^T``, the biases' per batch row ``gc1, gc2, gc3`` (summed over the rows at the end: one
+    addition per evaluation) and the scratch ``hidden, first`` (all ``(S, ., .)``).
     """
 
     @staticmethod
@@ -153,7 +160,7 @@ class PythonAttemptLoops:
         return mm(w[5], h2, w[4])
 
     @staticmethod
-    def attempt_forward(y, f0, h_t, coefficients, w, zs, h1, h2s, ks, y1_buffer, stacked, fsal, row_b, row_err, atol, rtol, seeded):
+    def attempt_forward(y, f0, h_t, coefficients, w, zs, h1s, h2s, ks, y1_buffer, stacked, fsal, row_b, row_err, atol, rtol, seeded):
         """One attempt's stages into ``zs``, ``h2s``, ``ks``: returns the step's solution, with
         ``atol`` given IController's error ratio (else the error estimate), and the step sizes
         ``h_t`` times the ``coefficients`` rows, per seed (one model: a 0-dim step size)."""
@@ -164,7 +171,7 @@ class PythonAttemptLoops:
             zi = zs[i - 1]
             # y + sum over stages of k * (h a): the eager solve's products and sum, the same bits.
             torch.add(y, (ks[..., :i] * weights[..., i - 1, :i]).sum(-1), out=zi)
-            ks[..., i].copy_(PythonAttemptLoops.field_eval(zi, w, h1, h2s[i - 1], stacked))
+            ks[..., i].copy_(PythonAttemptLoops.field_eval(zi, w, h1s[i - 1], h2s[i - 1], stacked))
         y1 = zs[n - 2] if fsal else torch.add(y, (ks * weights[..., row_b, :]).sum(-1), out=y1_buffer)
         error = (ks * weights[..., row_err, :]).sum(-1)
         if atol is None:
@@ -175,28 +182,27 @@ class PythonAttemptLoops:
         return [y1, ratio.abs(), weights]
 
     @staticmethod
-    def eval_backward(g, z, h2, w, acc):
-        """Accumulates the weight gradients of one evaluation ``k = f(z)`` given ``dL/dk = g``;
-        returns ``dL/dz``. The first hidden layer is recomputed: cheaper than storing it."""
-        gW1, gW2, gW3t, gc1, gc2, gc3, sum1, sum2, sum3, hidden, first, h1 = acc
+    def eval_backward(g, z, h1, h2, w, acc):
+        """Accumulates the weight gradients of one evaluation ``k = f(z)`` given ``dL/dk = g`` and
+        its hidden layers ``h1``, ``h2`` (after ReLU, kept by the forward pass); returns ``dL/dz``."""
+        gW1, gW2, gW3t, gc1, gc2, gc3, hidden, first = acc
         gW3t.baddbmm_(g.transpose(-1, -2), h2)
-        gc3.add_(torch.sum(g, -2, keepdim=True, out=sum3))
+        gc3.add_(g)
         gh = torch.bmm(g, w[4], out=hidden)
         _threshold_backward_into(gh, h2, 0, grad_input=gh)
-        h1 = torch.relu_(torch.baddbmm(w[1], z, w[0], out=h1))
         gW2.baddbmm_(h1.transpose(-1, -2), gh)
-        gc2.add_(torch.sum(gh, -2, keepdim=True, out=sum2))
+        gc2.add_(gh)
         gh = torch.bmm(gh, w[3], out=first)
         _threshold_backward_into(gh, h1, 0, grad_input=gh)
         gW1.baddbmm_(z.transpose(-1, -2), gh)
-        gc1.add_(torch.sum(gh, -2, keepdim=True, out=sum1))
+        gc1.add_(gh)
         return torch.bmm(gh, w[2])
 
     @staticmethod
-    def attempt_backward(gy, gf, accepted, weights, zs, h2s, ks, w, acc, fsal, row_b, row_mid, interp, first, rows64):
+    def attempt_backward(gy, gf, accepted, weights, zs, h1s, h2s, ks, w, acc, fsal, row_b, row_mid, interp, first, rows64):
         """One kept attempt's backward pass given the adjoints ``gy``, ``gf`` of the state and
         FSAL stage after it (``(S, B, W)``). ``accepted``: per seed, whether it accepted;
-        ``weights``, ``zs``, ``h2s``, ``ks``: the attempt's step sizes times the coefficient
+        ``weights``, ``zs``, ``h1s``, ``h2s``, ``ks``: the attempt's step sizes times the coefficient
         rows and its buffers (one model's without the seed dimension); ``interp``: the
         interpolant's adjoints of the start state, solution, midpoint, first and last stage
         outputs, or empty. Returns the adjoints of the state and FSAL stage before it and, on
@@ -205,12 +211,15 @@ class PythonAttemptLoops:
         ``rows64``: the coefficient rows), else zeros."""
         seeds, (rows, n) = gy.shape[0], rows64.shape
         if zs.dim() == 3:  # one model's buffers: seeds as a leading 1
-            zs, h2s, ks = zs.unsqueeze(1), h2s.unsqueeze(1), ks.unsqueeze(0)
+            zs, h1s, h2s, ks = zs.unsqueeze(1), h1s.unsqueeze(1), h2s.unsqueeze(1), ks.unsqueeze(0)
         wk = weights.reshape(seeds, rows, n).permute(1, 2, 0).reshape(rows, n, seeds, 1, 1)
-        m = torch.tensor(accepted, dtype=torch.long).to(torch.bool).to(gy.device).to(gy.dtype).view(-1, 1, 1)
+        # Every seed accepted (always so for one model): no masks, whose products by 1 and sums
+        # with 0 leave the same values.
+        all_accepted = all(accepted)
+        m = None if all_accepted else torch.tensor(accepted, dtype=torch.long).to(torch.bool).to(gy.device).to(gy.dtype).view(-1, 1, 1)
         g_k = gy.new_zeros(n, *gy.shape)  # adjoints of the stage outputs
-        g_y1 = gy * m
-        g_k[n - 1].copy_(gf * m)
+        g_y1 = gy.clone() if all_accepted else gy * m
+        g_k[n - 1].copy_(gf if all_accepted else gf * m)
         g_y = None
         if interp:
             g_y = interp[0]
@@ -224,7 +233,7 @@ class PythonAttemptLoops:
             g_k.addcmul_(g_y1.unsqueeze(0), wk[row_b])
         combos, rows = [], []  # adjoints of the combinations h * row . k, for dL/dh
         for i in range(n - 1, 0, -1):
-            g_in = PythonAttemptLoops.eval_backward(g_k[i], zs[i - 1], h2s[i - 1], w, acc)
+            g_in = PythonAttemptLoops.eval_backward(g_k[i], zs[i - 1], h1s[i - 1], h2s[i - 1], w, acc)
             if fsal and i == n - 1:
                 g_in.add_(g_y1)
             if first:
@@ -232,7 +241,6 @@ class PythonAttemptLoops:
                 rows.append(i - 1)
             g_y = g_in.clone() if g_y is None else g_y.add_(g_in)
             g_k[:i].addcmul_(g_in.unsqueeze(0), wk[i - 1, :i])
-        keep = 1 - m
         if first:
             if not fsal:
                 combos.append(g_y1)
@@ -245,16 +253,20 @@ class PythonAttemptLoops:
             g_h = torch.sum(products * rows64.index_select(0, index), (1, 2))
         else:
             g_h = torch.zeros(gy.shape[0], dtype=torch.float64, device=gy.device)
+        if all_accepted:
+            return [g_y, g_k[0], g_h]
+        keep = 1 - m
         return [g_y.addcmul_(gy, keep), g_k[0].addcmul_(gf, keep), g_h]
 
     @staticmethod
-    def first_step_forward(y0, f0, w, h1, h2_trial, stacked, atol, rtol, order, seeded):
-        """IController.initial_step with its trial evaluation through the dense field: the
-        first step size (float64, one per seed), the trial evaluation's input and output."""
+    def first_step_forward(y0, f0, w, h1_trial, h2_trial, stacked, atol, rtol, order, seeded):
+        """IController.initial_step with its trial evaluation through the dense field (its hidden
+        layers into ``h1_trial``, ``h2_trial``): the first step size (float64, one per seed), the
+        trial evaluation's input and output."""
         trial = {}
 
         def f(z):
-            trial["z"], trial["k"] = z, PythonAttemptLoops.field_eval(z, w, h1, h2_trial, stacked)
+            trial["z"], trial["k"] = z, PythonAttemptLoops.field_eval(z, w, h1_trial, h2_trial, stacked)
             return trial["k"]
 
         h = IController(rtol, atol, order).initial_step(f, y0, f0, _rms_norm(seeded))
@@ -322,7 +334,7 @@ class PythonAttemptLoops:
         return [*grads.unbind(0), torch.tensor(g_h, dtype=torch.float64).to(grad_out.device)]
 
     @staticmethod
-    def first_step_backward(g_h, g_z0, g_f0, z0, f0, trial_z, trial_h2, f1, h2_first, w, acc, atol, rtol, order):
+    def first_step_backward(g_h, g_z0, g_f0, z0, f0, trial_z, trial_h1, trial_h2, f1, h1_first, h2_first, w, acc, atol, rtol, order):
         """Adds the first step size's rule (IController.initial_step) and the first evaluation
         ``f0 = f(z0)`` to ``dL/dz0``, given ``dL/dh`` (float64, per seed) and ``dL/df0`` from the
         steps (``(S, B, W)`` tensors); returns ``dL/dz0``. The rule's scalar chain (norms to
@@ -360,7 +372,7 @@ class PythonAttemptLoops:
             factors[3 * seeds + s] = h0[s]
         eval_backward = PythonAttemptLoops.eval_backward
         g_f1 = u[2] * _per_seed_factors(factors, 4, z0)[2] * inv
-        g_trial = eval_backward(g_f1, trial_z, trial_h2, w, acc)  # the trial input z0 + h0 f0
+        g_trial = eval_backward(g_f1, trial_z, trial_h1, trial_h2, w, acc)  # the trial input z0 + h0 f0
         dots = torch.sum(g_trial * f0, (1, 2)).to(torch.float64).cpu().tolist()
         for s in range(seeds):
             d0, d1 = norms[s], norms[seeds + s]
@@ -374,7 +386,7 @@ class PythonAttemptLoops:
         g_scale = -torch.sum(g_u * u, (0,)) * inv
         g_z0 = g_z0 + g_trial + g_u[0] * inv + torch.mul(g_scale * torch.sign(z0), rtol)
         g_f0 = g_f0 - g_f1 + g_trial * f[3] + g_u[1] * inv
-        return g_z0 + eval_backward(g_f0, z0, h2_first, w, acc)
+        return g_z0 + eval_backward(g_f0, z0, h1_first, h2_first, w, acc)
 
 
 def _sign(x: float) -> float:
@@ -409,10 +421,14 @@ class _Run:
         self.nfe: list[int] = []
         self.accepted: list[list[float]] = []
         self.attempts: list[int] = []
-        # The first step size's rule: its trial evaluation's input, second hidden layer and
-        # output, and the first evaluation's second hidden layer.
+        # The first step size's rule: its trial evaluation's input, hidden layers and output,
+        # and the first evaluation's hidden layers.
         self.first: dict[str, torch.Tensor] = {}
         self.native = None  # the C++ loops' whole solve (their solve_forward), which then runs the backward pass too
+        # Set where the solve takes conv weights and builds the dense matrices itself: the signal
+        # length and (channels, hidden).
+        self.length: int | None = None
+        self.conv_shape: tuple[int, int] = (0, 0)
 
 
 def _forward(run: _Run, z0, W1, c1, W2, c2, W3, c3, record: bool) -> torch.Tensor:
@@ -451,12 +467,11 @@ def _forward(run: _Run, z0, W1, c1, W2, c2, W3, c3, record: bool) -> torch.Tenso
         run.nfe, run.accepted, run.attempts = solve.nfe, solve.accepted, solve.attempts
         return solve.out
 
-    h1 = z0.new_empty(*lead, hidden)
-    h2_first, h2_trial = z0.new_empty(*lead, hidden), z0.new_empty(*lead, hidden)
-    f0 = PythonAttemptLoops.field_eval(z0, w, h1, h2_first, stacked)
-    h_first, trial_z, trial_k = loops.first_step_forward(z0, f0, w, h1, h2_trial, stacked, controller.atol, controller.rtol,
+    h1_first, h2_first, h1_trial, h2_trial = (z0.new_empty(*lead, hidden) for _ in range(4))
+    f0 = PythonAttemptLoops.field_eval(z0, w, h1_first, h2_first, stacked)
+    h_first, trial_z, trial_k = loops.first_step_forward(z0, f0, w, h1_trial, h2_trial, stacked, controller.atol, controller.rtol,
                                                          controller.order, run.seeded)
-    run.first = dict(f0=f0, h2=h2_first, trial_z=trial_z, trial_h2=h2_trial, trial_k=trial_k)
+    run.first = dict(f0=f0, h1=h1_first, h2=h2_first, trial_z=trial_z, trial_h1=h1_trial, trial_h2=h2_trial, trial_k=trial_k)
 
     steps_h = h_first.tolist()
     nfe = [2] * seeds
@@ -479,8 +494,8 @@ def _forward(run: _Run, z0, W1, c1, W2, c2, W3, c3, record: bool) -> torch.Tenso
         h_t = h_first if first else torch.tensor([0.0 if d else v for d, v in zip(done, steps_h)], dtype=torch.float64, device=device)
         if slot is None:
             slot = _take_slot(key, n, lead, width, hidden, z0)
-        zs, h2s, ks, y1_buffer = slot
-        y1, ratios, weights = loops.attempt_forward(y, f0, h_t, coefficients, w, zs, h1, h2s, ks, y1_buffer, stacked, plan.fsal,
+        zs, h2s, ks, y1_buffer, h1s = slot
+        y1, ratios, weights = loops.attempt_forward(y, f0, h_t, coefficients, w, zs, h1s, h2s, ks, y1_buffer, stacked, plan.fsal,
                                                     plan.row_b, plan.row_err, atol, rtol, run.seeded)
         if not own_ratio:
             ratios = controller.error_ratio(ratios, y, y1, norm)
@@ -533,49 +548,59 @@ def _forward(run: _Run, z0, W1, c1, W2, c2, W3, c3, record: bool) -> torch.Tenso
 
 
 def _backward(run: _Run, grad_out, W1, c1, W2, W3):
-    """``dL/dz0`` and the weight gradients' accumulators given ``dL/dz(T)``, all ``(S, ., .)``."""
+    """``dL/dz0`` and the weight gradients' accumulators given ``dL/dz(T)``, all ``(S, ., .)``, for a
+    solve stepped from Python (the C++ whole solve runs its own: ``Solve.gradients``)."""
     plan, T, loops = run.plan, run.T, run.loops
     seeds, batch, width = grad_out.shape
     hidden, device = W2.shape[-1], grad_out.device
     # W3's gradient accumulates transposed: MKL's fast orientation for a narrow factor.
+    # The biases' gradients accumulate per batch row, summed over the rows at the end.
     acc = [W1.new_zeros(W1.shape), W2.new_zeros(W2.shape), W3.new_zeros(seeds, width, hidden),
-           *(grad_out.new_zeros(seeds, 1, k) for k in (hidden, hidden, width)),
-           *(grad_out.new_empty(seeds, 1, k) for k in (hidden, hidden, width)),
-           *(grad_out.new_empty(seeds, batch, hidden) for _ in range(3))]
+           *(grad_out.new_zeros(seeds, batch, k) for k in (hidden, hidden, width)),
+           *(grad_out.new_empty(seeds, batch, hidden) for _ in range(2))]
     w = [W1, c1.unsqueeze(-2), W1.transpose(-1, -2), W2.transpose(-1, -2), W3.transpose(-1, -2)]
     grad_out = grad_out.contiguous()
     rows64 = plan.rows_tensor(torch.float64, device)
-    if run.native is not None:
-        gy = run.native.backward(grad_out, w, acc, rows64, T, plan.fsal, plan.row_b, plan.row_mid, run.controller.atol,
-                                 run.controller.rtol, run.controller.order)
-        run.native = None
-        return gy, acc
     gy = torch.zeros_like(grad_out)
     gf = torch.zeros_like(grad_out)
     g_h = torch.zeros(seeds, dtype=torch.float64, device=device)
     single = run.z0.dim() == 2
     as_seeds = (lambda t: t.unsqueeze(0)) if single else (lambda t: t)
     for attempt in reversed(run.kept):
-        zs, h2s, ks, _ = attempt.slot
+        zs, h2s, ks, _, h1s = attempt.slot
         interp = []
         if any(attempt.finishing):
             *interp, g_hx = loops.interpolant_backward(T, grad_out, attempt.y, attempt.y1, attempt.y_mid, ks, attempt.h_t,
                                                        attempt.starts, attempt.finishing, attempt.offset, attempt.first)
             g_h += g_hx
-        gy, gf, g_hs = loops.attempt_backward(gy, gf, attempt.accepted, attempt.weights, zs, h2s, ks, w, acc, plan.fsal,
+        gy, gf, g_hs = loops.attempt_backward(gy, gf, attempt.accepted, attempt.weights, zs, h1s, h2s, ks, w, acc, plan.fsal,
                                               plan.row_b, plan.row_mid, interp, attempt.first, rows64)
         if attempt.first:
             g_h += g_hs
     first, ctl = run.first, run.controller
     gy = loops.first_step_backward(g_h, gy, gf, as_seeds(run.z0), as_seeds(first["f0"]), as_seeds(first["trial_z"]),
-                                   as_seeds(first["trial_h2"]), as_seeds(first["trial_k"]), as_seeds(first["h2"]), w, acc,
-                                   ctl.atol, ctl.rtol, ctl.order)
-    return gy, acc
+                                   as_seeds(first["trial_h1"]), as_seeds(first["trial_h2"]), as_seeds(first["trial_k"]),
+                                   as_seeds(first["h1"]), as_seeds(first["h2"]), w, acc, ctl.atol, ctl.rtol, ctl.order)
+    return gy, _summed_biases(acc)
+
+
+def _summed_biases(acc: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The accumulators with the biases' per-row gradients summed over the batch rows (``(S, 1, .)``)."""
+    return [*acc[:3], *(torch.sum(g, -2, keepdim=True) for g in acc[3:6])]
 
 
 class _DenseAdaptiveSolve(torch.autograd.Function):
+    """The solve as one autograd node, on the dense weights, or on the conv weights (``run.length``
+    set) with the dense matrices built inside: autograd's graph of that build (a concatenation,
+    a gather, a split and views) cost ~0.2 ms per solve forward and backward, a tenth of a
+    one-seed solve; its backward pass is here the gather's scatter-add, the same one autograd runs."""
+
     @staticmethod
-    def forward(ctx, z0, W1, c1, W2, c2, W3, c3, run):
+    def forward(ctx, z0, *weights_and_run):
+        *weights, run = weights_and_run
+        if run.length is not None:
+            weights = _dense_weights(run, weights)
+        W1, c1, W2, c2, W3, c3 = weights
         out = _forward(run, z0, W1, c1, W2, c2, W3, c3, record=True)
         run.z0 = z0
         ctx.run = run
@@ -589,6 +614,16 @@ class _DenseAdaptiveSolve(torch.autograd.Function):
         if run is None:
             raise RuntimeError("dense_adaptive_solve runs one backward pass per solve (retain_graph is not supported)")
         W1, c1, W2, W3 = ctx.saved_tensors
+        if run.native is not None:
+            # The C++ whole solve: its gradients (dense or conv) in one call.
+            plan, ctl = run.plan, run.controller
+            index = _gather_plan(*run.conv_shape, run.length, W1.device)[0] if run.length is not None else None
+            grads = run.native.gradients(grad_out, [W1, c1, W2, W3], plan.rows_tensor(torch.float64, W1.device), run.T, plan.fsal,
+                                         plan.row_b, plan.row_mid, ctl.atol, ctl.rtol, ctl.order, index, _conv_shapes(*run.conv_shape))
+            run.native = None
+            _give_back(run.key, run.slots)
+            ctx.run = None
+            return (*grads, None)
         single = W2.dim() == 2
         if single:
             W1, c1, W2, W3, grad_out = (t.unsqueeze(0) for t in (W1, c1, W2, W3, grad_out))
@@ -596,10 +631,49 @@ class _DenseAdaptiveSolve(torch.autograd.Function):
         _give_back(run.key, run.slots)
         ctx.run = None
         gW1, gW2, gW3t, gc1, gc2, gc3 = acc[:6]
+        if run.length is not None:
+            return (gz.squeeze(0) if single else gz, *_conv_grads(run, [gW1, gc1, gW2, gc2, gW3t.transpose(-1, -2), gc3], single), None)
         grads = [gz, gW1, gc1.squeeze(-2), gW2, gc2.squeeze(-2), gW3t.transpose(-1, -2).contiguous(), gc3.squeeze(-2)]
         if single:
             grads = [t.squeeze(0) for t in grads]
         return (*grads, None)
+
+
+def _conv_shapes(channels: int, hidden: int) -> list[tuple[int, ...]]:
+    return [(hidden, channels, 1), (hidden,), (hidden, hidden, 3), (hidden,), (channels, hidden, 1), (channels,)]
+
+
+def _dense_weights(run: _Run, conv: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`~tune_node.fast.dense.dense_conv_weights` (no gradients), by the C++ loops where they run."""
+    if not hasattr(run.loops, "dense_from_conv"):
+        return list(dense_conv_weights(*conv, run.length))
+    index, shapes = _gather_plan(*run.conv_shape, run.length, conv[0].device)
+    return run.loops.dense_from_conv(conv, conv[2].dim() == 4, index, shapes)
+
+
+def _conv_grads(run: _Run, dense_grads: list[torch.Tensor], single: bool) -> list[torch.Tensor]:
+    """The conv weights' gradients from the dense matrices' (all ``(S, ., .)``): the backward pass
+    of :func:`~tune_node.fast.dense.dense_conv_weights`'s gather, the scatter-add autograd makes
+    (the same sums in the same order)."""
+    channels, hidden = run.conv_shape
+    index, _ = _gather_plan(channels, hidden, run.length, dense_grads[0].device)
+    seeds = dense_grads[0].shape[0]
+    flat = torch.cat([g.reshape(seeds, -1) for g in dense_grads], dim=-1)
+    sizes = [hidden * channels, hidden, hidden * hidden * 3, hidden, channels * hidden, channels]
+    scattered = flat.new_zeros(seeds, sum(sizes) + 1).index_add_(-1, index, flat)
+    shapes = _conv_shapes(channels, hidden)
+    lead = () if single else (seeds,)
+    return [piece.view(*lead, *shape) for piece, shape in zip(scattered.split(sizes + [1], dim=-1), shapes)]
+
+
+def _check_solve(tableau: ButcherTableau, T: float, controller: IController) -> None:
+    if not (tableau.embedded and tableau.b_mid is not None and tableau.c[-1] == 1):
+        raise ValueError("dense_adaptive_solve needs an embedded tableau with b_error, b_mid and its last stage at c = 1")
+    if not (T > 0 and math.isfinite(T)):
+        raise ValueError(f"T must be a finite number > 0, got {T!r}")
+    if not (isinstance(controller, IController) and type(controller).initial_step is IController.initial_step):
+        raise TypeError(f"dense_adaptive_solve differentiates IController's first step size only, got {type(controller).__name__}; "
+                        "use adaptive_solve")
 
 
 def dense_adaptive_solve(weights, z0: torch.Tensor, tableau: ButcherTableau, T: float, controller: IController, *,
@@ -622,13 +696,7 @@ def dense_adaptive_solve(weights, z0: torch.Tensor, tableau: ButcherTableau, T: 
     one backward pass per solve (no double backward, no ``retain_graph``). Raises the errors
     ``adaptive_solve`` raises where it raises them.
     """
-    if not (tableau.embedded and tableau.b_mid is not None and tableau.c[-1] == 1):
-        raise ValueError("dense_adaptive_solve needs an embedded tableau with b_error, b_mid and its last stage at c = 1")
-    if not (T > 0 and math.isfinite(T)):
-        raise ValueError(f"T must be a finite number > 0, got {T!r}")
-    if not (isinstance(controller, IController) and type(controller).initial_step is IController.initial_step):
-        raise TypeError(f"dense_adaptive_solve differentiates IController's first step size only, got {type(controller).__name__}; "
-                        "use adaptive_solve")
+    _check_solve(tableau, T, controller)
     single = weights[2].dim() == 2
     if single == seeded:
         raise ValueError("dense_adaptive_solve takes one model's weights unseeded or stacked weights seeded, "
@@ -668,10 +736,17 @@ def fused_adaptive_solve(vector_field, z0: torch.Tensor, setting: SolverSetting,
         conv = list(vector_field.weights)
     else:
         return None
-    weights = dense_conv_weights(*conv, z0.shape[-1])
     controller = IController(rtol=setting.tol, atol=setting.tol, order=spec.order)
     shape = z0.shape
-    sol = dense_adaptive_solve(weights, z0.reshape(*shape[:-2], shape[-2] * shape[-1]), spec.embedded, float(setting.T), controller,
+    z0_flat = z0.reshape(*shape[:-2], shape[-2] * shape[-1])
+    if torch.is_grad_enabled() and (z0.requires_grad or any(w.requires_grad for w in conv)):
+        # dense_adaptive_solve's work with the dense matrices built inside its autograd node.
+        _check_solve(spec.embedded, float(setting.T), controller)
+        run = _Run(_plan_of(spec.embedded), float(setting.T), controller, seeded, setting.max_adaptive_steps, attempt_loops())
+        run.length, run.conv_shape = shape[-1], (conv[0].shape[-2], conv[0].shape[-3])
+        z = _DenseAdaptiveSolve.apply(z0_flat, *conv, run)
+        return AdaptiveSolution(z.reshape(shape), run.nfe, run.accepted, run.attempts)
+    sol = dense_adaptive_solve(dense_conv_weights(*conv, shape[-1]), z0_flat, spec.embedded, float(setting.T), controller,
                                seeded=seeded, max_steps=setting.max_adaptive_steps)
     sol.z = sol.z.reshape(shape)
     return sol

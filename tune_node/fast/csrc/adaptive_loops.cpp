@@ -26,35 +26,155 @@ Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Ten
   return at::addmm(w[5], h2, w[4]);
 }
 
-// w: W1, c1 (S,1,H), W1t, W2t, W3t; acc: gW1, gW2, gW3t, gc1, gc2, gc3, then scratch
-// sum1, sum2, sum3, hidden, first, h1. Returns dL/dz of k = f(z) given dL/dk = g.
-Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h2, const std::vector<Tensor>& w,
+// w: W1, c1 (S,1,H), W1t, W2t, W3t; acc: gW1, gW2, gW3t, the biases' gradients per batch row
+// gc1, gc2, gc3 (S,B,.), summed over the rows once at the end (one addition per evaluation
+// instead of a sum and an addition), then scratch hidden, first. Returns dL/dz of k = f(z) given
+// dL/dk = g, with h1 and h2 the hidden layers (after ReLU) the forward pass kept.
+Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h1, const Tensor& h2, const std::vector<Tensor>& w,
                       const std::vector<Tensor>& acc) {
   Tensor gW1 = acc[0], gW2 = acc[1], gW3t = acc[2], gc1 = acc[3], gc2 = acc[4], gc3 = acc[5];
-  Tensor sum1 = acc[6], sum2 = acc[7], sum3 = acc[8], hidden = acc[9], first = acc[10], h1 = acc[11];
+  Tensor hidden = acc[6], first = acc[7];
   gW3t.baddbmm_(g.transpose(-1, -2), h2);
-  gc3.add_(at::sum_out(sum3, g, {-2}, true));
+  gc3.add_(g);
   Tensor gh = at::bmm_out(hidden, g, w[4]);
   at::threshold_backward_out(gh, gh, h2, 0);
-  at::baddbmm_out(h1, w[1], z, w[0]).relu_();
   gW2.baddbmm_(h1.transpose(-1, -2), gh);
-  gc2.add_(at::sum_out(sum2, gh, {-2}, true));
+  gc2.add_(gh);
   gh = at::bmm_out(first, gh, w[3]);
   at::threshold_backward_out(gh, gh, h1, 0);
   gW1.baddbmm_(z.transpose(-1, -2), gh);
-  gc1.add_(at::sum_out(sum1, gh, {-2}, true));
+  gc1.add_(gh);
   return at::bmm(gh, w[2]);
+}
+
+// The elementwise tails below run as plain loops rather than chains of ATen calls (a few us each
+// on these small tensors). They make the same IEEE operations in the same order as the ATen
+// calls they replace (each of those rounds its result to the dtype; a scalar factor is first
+// converted to it), so the same bits, provided no multiply-add is fused: hence no contraction.
+#if defined(__clang__)
+#define NO_FP_CONTRACT
+#define NO_FP_CONTRACT_BODY _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+#define NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define NO_FP_CONTRACT_BODY
+#else
+#define NO_FP_CONTRACT
+#define NO_FP_CONTRACT_BODY
+#endif
+
+// Reads of an (S, B, W) tensor, or one model's (B, W) as S = 1, through its strides.
+template <typename scalar_t>
+struct Strided {
+  const scalar_t* data;
+  int64_t seed_stride, row_stride, column_stride;
+  explicit Strided(const Tensor& t) : data(t.data_ptr<scalar_t>()) {
+    const bool single = t.dim() == 2;
+    seed_stride = single ? 0 : t.stride(0);
+    row_stride = t.stride(single ? 0 : 1);
+    column_stride = t.stride(single ? 1 : 2);
+  }
+  scalar_t operator()(int64_t s, int64_t b, int64_t w) const { return data[s * seed_stride + b * row_stride + w * column_stride]; }
+};
+
+bool plain_loops_take(const Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
+// (error / (max(|y|, |y1|) * rtol + atol)).abs().pow(2), as attempt_forward's ATen calls compute
+// it (at::maximum propagates NaN; pow(2) is x * x), into a new contiguous tensor shaped like error.
+template <typename scalar_t>
+NO_FP_CONTRACT void scaled_error_squares(const Tensor& error, const Tensor& y, const Tensor& y1, double rtol, double atol, Tensor& out) {
+  NO_FP_CONTRACT_BODY
+  const Strided<scalar_t> e(error), a(y), b(y1);
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t seeds = error.dim() == 2 ? 1 : error.size(0), rows = error.size(-2), columns = error.size(-1);
+  const scalar_t r = static_cast<scalar_t>(rtol), t = static_cast<scalar_t>(atol);
+  for (int64_t s = 0; s < seeds; ++s)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < columns; ++j) {
+        const scalar_t u = std::abs(a(s, i, j)), v = std::abs(b(s, i, j));
+        const scalar_t larger = u != u ? u : (v != v ? v : (u > v ? u : v));
+        const scalar_t q = std::abs(e(s, i, j) / (larger * r + t));
+        *o++ = q * q;
+      }
+}
+
+Tensor error_squares(const Tensor& error, const Tensor& y, const Tensor& y1, double rtol, double atol) {
+  if (!(plain_loops_take(error) && error.scalar_type() == y.scalar_type() && y.scalar_type() == y1.scalar_type() &&
+        error.sizes() == y.sizes() && y.sizes() == y1.sizes() && error.is_contiguous()))
+    return (error / at::add(at::mul(at::maximum(y.abs(), y1.abs()), rtol), atol)).abs().pow(2);
+  Tensor out = at::empty_like(error, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(error.scalar_type(), "error_squares", [&] { scaled_error_squares<scalar_t>(error, y, y1, rtol, atol, out); });
+  return out;
+}
+
+// The interpolant's polynomial of interpolate_at (its ATen calls' operations in their order) with
+// per-seed x and dt already in the states' dtype (one value for S = 1).
+template <typename scalar_t>
+NO_FP_CONTRACT void interpolant_loop(const Tensor& y0_t, const Tensor& y1_t, const Tensor& ym_t, const Tensor& f0_t, const Tensor& f1_t,
+                                     const std::vector<double>& x_seed, const std::vector<double>& dt_seed, Tensor& out) {
+  NO_FP_CONTRACT_BODY
+  const Strided<scalar_t> y0(y0_t), y1(y1_t), ym(ym_t), f0(f0_t), f1(f1_t);
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t seeds = y0_t.dim() == 2 ? 1 : y0_t.size(0), rows = y0_t.size(-2), columns = y0_t.size(-1);
+  const scalar_t two = 2, three = 3, four = 4, five = 5, eight = 8, eleven = 11, fourteen = 14, sixteen = 16, eighteen = 18,
+                 thirty_two = 32;
+  for (int64_t s = 0; s < seeds; ++s) {
+    const scalar_t x = static_cast<scalar_t>(x_seed[s]), dt = static_cast<scalar_t>(dt_seed[s]);
+    const scalar_t dt2 = dt * two, x2 = x * x, x3 = x2 * x, x4 = x3 * x;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < columns; ++j) {
+        const scalar_t v0 = y0(s, i, j), v1 = y1(s, i, j), vm = ym(s, i, j), k0 = f0(s, i, j), k1 = f1(s, i, j);
+        const scalar_t a = (dt2 * (k1 - k0) - (v1 + v0) * eight) + vm * sixteen;
+        const scalar_t b = ((dt * (k0 * five - k1 * three) + v0 * eighteen) + v1 * fourteen) - vm * thirty_two;
+        const scalar_t c = ((dt * (k1 - k0 * four) - v0 * eleven) - v1 * five) + vm * sixteen;
+        const scalar_t d = dt * k0;
+        *o++ = (((v0 + x * d) + x2 * c) + x3 * b) + x4 * a;
+      }
+  }
+}
+
+// |(top - minus) / scale|^2 (without minus: |top / scale|^2) with scale = |y0| * rtol + atol, as
+// first_step_forward's ATen calls compute it, into a new contiguous tensor shaped like y0.
+template <typename scalar_t>
+NO_FP_CONTRACT void scaled_squares(const Tensor& y0_t, const Tensor& top_t, const Tensor* minus_t, double rtol, double atol, Tensor& out) {
+  NO_FP_CONTRACT_BODY
+  const Strided<scalar_t> y0(y0_t), top(top_t), minus(minus_t ? *minus_t : top_t);
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t seeds = y0_t.dim() == 2 ? 1 : y0_t.size(0), rows = y0_t.size(-2), columns = y0_t.size(-1);
+  const scalar_t r = static_cast<scalar_t>(rtol), t = static_cast<scalar_t>(atol);
+  for (int64_t s = 0; s < seeds; ++s)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < columns; ++j) {
+        const scalar_t scale = std::abs(y0(s, i, j)) * r + t;
+        const scalar_t q = std::abs((minus_t ? top(s, i, j) - minus(s, i, j) : top(s, i, j)) / scale);
+        *o++ = q * q;
+      }
+}
+
+// y0 + h0 * f0 with h0 per seed (one value for S = 1), into a new contiguous tensor.
+template <typename scalar_t>
+NO_FP_CONTRACT void trial_state(const Tensor& y0_t, const Tensor& f0_t, const Tensor& h0_t, Tensor& out) {
+  NO_FP_CONTRACT_BODY
+  const Strided<scalar_t> y0(y0_t), f0(f0_t);
+  const Tensor h0_values = h0_t.contiguous();
+  const scalar_t* h0 = h0_values.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t seeds = y0_t.dim() == 2 ? 1 : y0_t.size(0), rows = y0_t.size(-2), columns = y0_t.size(-1);
+  for (int64_t s = 0; s < seeds; ++s)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < columns; ++j) *o++ = y0(s, i, j) + h0[s] * f0(s, i, j);
 }
 
 }  // namespace
 
 Tensor bool_tensor(const std::vector<bool>& values, const at::Device& device);
 
-// One attempt's stages: fills zs, h2s, ks (and y1_buffer for non-FSAL pairs); returns the
+// One attempt's stages: fills zs, h1s, h2s, ks (and y1_buffer for non-FSAL pairs); returns the
 // step's solution, with atol given IController's error ratio (else the error estimate), and the
 // step sizes times the coefficient rows.
 std::vector<Tensor> attempt_forward(const Tensor& y, const Tensor& f0, const Tensor& h_t, const Tensor& coefficients,
-                                    const std::vector<Tensor>& w, const Tensor& zs, Tensor h1, const Tensor& h2s,
+                                    const std::vector<Tensor>& w, const Tensor& zs, const Tensor& h1s, const Tensor& h2s,
                                     const Tensor& ks, const Tensor& y1_buffer, bool stacked, bool fsal, int64_t row_b,
                                     int64_t row_err, std::optional<double> atol, double rtol, bool seeded) {
   const int64_t n = ks.size(-1);
@@ -65,12 +185,13 @@ std::vector<Tensor> attempt_forward(const Tensor& y, const Tensor& f0, const Ten
   for (int64_t i = 1; i < n; ++i) {
     Tensor zi = zs.select(0, i - 1);
     at::add_out(zi, y, at::sum(ks.slice(-1, 0, i) * weights.select(-2, i - 1).slice(-1, 0, i), {-1}));
+    Tensor h1 = h1s.select(0, i - 1);
     ks.select(-1, i).copy_(field_eval(zi, w, h1, h2s.select(0, i - 1), stacked));
   }
   Tensor y1 = fsal ? zs.select(0, n - 2) : at::add_out(const_cast<Tensor&>(y1_buffer), y, at::sum(ks * weights.select(-2, row_b), {-1}));
   Tensor error = at::sum(ks * weights.select(-2, row_err), {-1});
   if (!atol) return {y1, error, weights};
-  Tensor x = (error / at::add(at::mul(at::maximum(y.abs(), y1.abs()), rtol), *atol)).abs().pow(2);
+  Tensor x = error_squares(error, y, y1, rtol, *atol);
   Tensor ratio = seeded ? x.flatten(1).mean(1).sqrt() : x.mean().sqrt();
   return {y1, ratio.abs(), weights};
 }
@@ -81,18 +202,23 @@ std::vector<Tensor> attempt_forward(const Tensor& y, const Tensor& f0, const Ten
 // the first attempt, dL/dh per seed (float64) through its stage weights h * a (its solution's
 // h * b for a non-FSAL pair, its midpoint's h * b_mid if it finished; rows64: the coefficient rows).
 std::vector<Tensor> attempt_backward(const Tensor& gy, const Tensor& gf, const std::vector<bool>& accepted,
-                                     const Tensor& weights, const Tensor& zs_in, const Tensor& h2s_in, const Tensor& ks_in,
+                                     const Tensor& weights, const Tensor& zs_in, const Tensor& h1s_in, const Tensor& h2s_in,
+                                     const Tensor& ks_in,
                                      const std::vector<Tensor>& w, const std::vector<Tensor>& acc, bool fsal, int64_t row_b,
                                      int64_t row_mid, const std::vector<Tensor>& interp, bool first, const Tensor& rows64) {
   const int64_t seeds = gy.size(0), rows = rows64.size(0), n = rows64.size(1);
   const bool single = zs_in.dim() == 3;  // one model's buffers: seeds as a leading 1
   const Tensor zs = single ? zs_in.unsqueeze(1) : zs_in, h2s = single ? h2s_in.unsqueeze(1) : h2s_in;
-  const Tensor ks = single ? ks_in.unsqueeze(0) : ks_in;
+  const Tensor h1s = single ? h1s_in.unsqueeze(1) : h1s_in, ks = single ? ks_in.unsqueeze(0) : ks_in;
   const Tensor wk = weights.reshape({seeds, rows, n}).permute({1, 2, 0}).reshape({rows, n, seeds, 1, 1});
-  const Tensor m = bool_tensor(accepted, gy.device()).to(gy.scalar_type()).view({-1, 1, 1});
+  // Every seed accepted (always so for one model): no masks, whose products by 1 and sums with 0
+  // leave the same values (and cost ~10 us an attempt).
+  bool all_accepted = true;
+  for (bool a : accepted) all_accepted = all_accepted && a;
+  const Tensor m = all_accepted ? Tensor() : bool_tensor(accepted, gy.device()).to(gy.scalar_type()).view({-1, 1, 1});
   Tensor g_k = at::zeros({n, gy.size(0), gy.size(1), gy.size(2)}, gy.options());
-  Tensor g_y1 = gy * m;
-  g_k.select(0, n - 1).copy_(gf * m);
+  Tensor g_y1 = all_accepted ? gy.clone() : gy * m;
+  g_k.select(0, n - 1).copy_(all_accepted ? gf : gf * m);
   Tensor g_y;
   if (!interp.empty()) {
     g_y = interp[0];
@@ -109,7 +235,7 @@ std::vector<Tensor> attempt_backward(const Tensor& gy, const Tensor& gf, const s
   std::vector<Tensor> combos;  // adjoints of the combinations h * row . k, for dL/dh
   std::vector<int64_t> combo_rows;
   for (int64_t i = n - 1; i > 0; --i) {
-    Tensor g_in = field_backward(g_k.select(0, i), zs.select(0, i - 1), h2s.select(0, i - 1), w, acc);
+    Tensor g_in = field_backward(g_k.select(0, i), zs.select(0, i - 1), h1s.select(0, i - 1), h2s.select(0, i - 1), w, acc);
     if (fsal && i == n - 1) g_in.add_(g_y1);
     if (first) {
       combos.push_back(g_in);
@@ -118,7 +244,6 @@ std::vector<Tensor> attempt_backward(const Tensor& gy, const Tensor& gf, const s
     g_y = g_y.defined() ? g_y.add_(g_in) : g_in.clone();
     g_k.slice(0, 0, i).addcmul_(g_in.unsqueeze(0), wk.select(0, i - 1).slice(0, 0, i));
   }
-  Tensor keep = at::rsub(m, 1);
   Tensor g_h;
   if (first) {
     if (!fsal) {
@@ -135,6 +260,8 @@ std::vector<Tensor> attempt_backward(const Tensor& gy, const Tensor& gf, const s
   } else {
     g_h = at::zeros({gy.size(0)}, gy.options().dtype(at::kDouble));
   }
+  if (all_accepted) return {g_y, g_k.select(0, 0), g_h};
+  const Tensor keep = at::rsub(m, 1);
   return {g_y.addcmul_(gy, keep), g_k.select(0, 0).addcmul_(gf, keep), g_h};
 }
 
@@ -163,13 +290,32 @@ Tensor bool_tensor(const std::vector<bool>& values, const at::Device& device) {
 std::vector<Tensor> first_step_forward(const Tensor& y0, const Tensor& f0, const std::vector<Tensor>& w, Tensor h1,
                                        const Tensor& h2_trial, bool stacked, double atol, double rtol, int64_t order,
                                        bool seeded) {
-  Tensor scale = at::add(at::mul(y0.abs(), rtol), atol);
-  Tensor d0 = rms(y0 / scale, seeded), d1 = rms(f0 / scale, seeded);
+  // The elementwise parts as plain loops where they give the same bits: a contiguous y0 (the
+  // ATen results' layout, which the norms' sums and the trial product depend on, is then contiguous).
+  const bool loops = plain_loops_take(y0) && y0.is_contiguous() && f0.scalar_type() == y0.scalar_type() && f0.sizes() == y0.sizes() &&
+                     (y0.dim() == 3) == seeded;
+  auto mean_root = [seeded](const Tensor& squares) { return seeded ? squares.flatten(1).mean(1).sqrt() : squares.mean().sqrt(); };
+  auto norm_of_scaled = [&](const Tensor& top, const Tensor* minus) {
+    if (!loops) {
+      const Tensor scale = at::add(at::mul(y0.abs(), rtol), atol);
+      return rms((minus ? top - *minus : top) / scale, seeded);
+    }
+    Tensor squares = at::empty_like(y0, at::MemoryFormat::Contiguous);
+    AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "scaled_squares", [&] { scaled_squares<scalar_t>(y0, top, minus, rtol, atol, squares); });
+    return mean_root(squares);
+  };
+  Tensor d0 = norm_of_scaled(y0, nullptr), d1 = norm_of_scaled(f0, nullptr);
   Tensor tiny = at::bitwise_or(at::lt(d0, 1e-5), at::lt(d1, 1e-5));
   Tensor h0 = at::where(tiny, at::full_like(d0, 1e-6), at::mul(d0, 0.01) / at::where(tiny, at::ones_like(d1), d1)).abs();
-  Tensor y1 = y0 + per_seed(h0, y0) * f0;
+  Tensor y1;
+  if (loops) {
+    y1 = at::empty_like(y0, at::MemoryFormat::Contiguous);
+    AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "trial_state", [&] { trial_state<scalar_t>(y0, f0, h0, y1); });
+  } else {
+    y1 = y0 + per_seed(h0, y0) * f0;
+  }
   Tensor f1 = field_eval(y1, w, h1, h2_trial, stacked);
-  Tensor d2 = (rms((f1 - f0) / scale, seeded) / h0).abs();
+  Tensor d2 = (norm_of_scaled(f1, &f0) / h0).abs();
   Tensor flat = at::bitwise_and(at::le(d1, 1e-15), at::le(d2, 1e-15));
   Tensor largest = at::where(flat, at::ones_like(d1), at::maximum(d1, d2));
   // Python's 0.01 / t is t.reciprocal() * 0.01.
@@ -186,6 +332,23 @@ std::vector<Tensor> interpolate_at(double T, const Tensor& y0, const Tensor& y1,
                                    const std::vector<bool>& finishing, bool seeded) {
   const Tensor y_mid = at::add(y0, at::sum(ks * weights.select(-2, row_mid), {-1}));
   const Tensor f0 = ks.select(-1, 0), f1 = ks.select(-1, ks.size(-1) - 1);
+  if (plain_loops_take(y0) && h_t.scalar_type() == at::kDouble && h_t.device().is_cpu() && y1.scalar_type() == y0.scalar_type() &&
+      ks.scalar_type() == y0.scalar_type() && y1.sizes() == y0.sizes() && (y0.dim() == 3) == seeded) {
+    // The calls below with the per-seed scalars in double precision (the same operations on the same values).
+    const Tensor h_values = h_t.contiguous();
+    const double* h = h_values.data_ptr<double>();
+    const int64_t seeds = static_cast<int64_t>(starts.size());
+    std::vector<double> x(seeds), dt(seeds);
+    for (int64_t s = 0; s < seeds; ++s) {
+      const double step = finishing[s] ? h[s] : 1.0;
+      x[s] = (T - starts[s]) / ((starts[s] + step) - starts[s]);
+      dt[s] = h[s];
+    }
+    Tensor total = at::empty_like(y_mid, at::MemoryFormat::Contiguous);
+    AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "interpolate_at",
+                               [&] { interpolant_loop<scalar_t>(y0, y1, y_mid, f0, f1, x, dt, total); });
+    return {total, y_mid};
+  }
   Tensor start = at::tensor(starts, at::TensorOptions().dtype(at::kDouble)).to(y0.device());
   bool all_finishing = true;
   for (bool f : finishing) all_finishing = all_finishing && f;
@@ -288,8 +451,9 @@ std::vector<Tensor> interpolant_backward(double T, const Tensor& grad_out, const
 // tensors. The rule's scalar chain (norms to step size) is differentiated per seed in
 // double precision; only its ends touch the states.
 Tensor first_step_backward(const Tensor& g_h, const Tensor& g_z0_steps, const Tensor& g_f0_steps, const Tensor& z0,
-                           const Tensor& f0, const Tensor& trial_z, const Tensor& trial_h2, const Tensor& f1,
-                           const Tensor& h2_first, const std::vector<Tensor>& w, const std::vector<Tensor>& acc,
+                           const Tensor& f0, const Tensor& trial_z, const Tensor& trial_h1, const Tensor& trial_h2,
+                           const Tensor& f1, const Tensor& h1_first, const Tensor& h2_first, const std::vector<Tensor>& w,
+                           const std::vector<Tensor>& acc,
                            double atol, double rtol, int64_t order) {
   const int64_t seeds = z0.size(0);
   const double count = static_cast<double>(z0.size(1) * z0.size(2));
@@ -323,7 +487,7 @@ Tensor first_step_backward(const Tensor& g_h, const Tensor& g_z0_steps, const Te
     factors[3 * seeds + s] = h0[s];
   }
   Tensor g_f1 = u.select(0, 2) * per_seed_factors(factors, 4, z0).select(0, 2) * inv;
-  Tensor g_trial = field_backward(g_f1, trial_z, trial_h2, w, acc);  // the trial input z0 + h0 f0
+  Tensor g_trial = field_backward(g_f1, trial_z, trial_h1, trial_h2, w, acc);  // the trial input z0 + h0 f0
   const std::vector<double> dots = to_doubles(at::sum(g_trial * f0, {1, 2}));
   for (int64_t s = 0; s < seeds; ++s) {
     const double d0 = norms[s], d1 = norms[seeds + s];
@@ -338,7 +502,7 @@ Tensor first_step_backward(const Tensor& g_h, const Tensor& g_z0_steps, const Te
   Tensor g_scale = -at::sum(g_u * u, {0}) * inv;
   Tensor g_z0 = g_z0_steps + g_trial + g_u.select(0, 0) * inv + at::mul(g_scale * at::sign(z0), rtol);
   Tensor g_f0 = g_f0_steps - g_f1 + g_trial * f.select(0, 3) + g_u.select(0, 1) * inv;
-  return g_z0 + field_backward(g_f0, z0, h2_first, w, acc);
+  return g_z0 + field_backward(g_f0, z0, h1_first, h2_first, w, acc);
 }
 
 namespace {
@@ -374,7 +538,7 @@ struct Control {
 // What the backward pass needs of one kept attempt (tune_node.fast.adaptive_solve._Attempt).
 struct Kept {
   Tensor y, weights, h_t, y1, y_mid;
-  std::vector<Tensor> slot;  // zs, h2s, ks, y1 buffer, for the attempt's seeds
+  std::vector<Tensor> slot;  // zs, h2s, ks, y1 buffer, h1s, for the attempt's seeds
   std::vector<int64_t> seeds;  // the attempt's seeds (all of them, or the running ones of a compacted group)
   std::vector<bool> accepted, finishing, offset;
   std::vector<double> starts;
@@ -401,7 +565,7 @@ Tensor index_tensor(const std::vector<int64_t>& values, const at::Device& device
 // compacted stretch's adjoints and weight-gradient accumulators and scatters them back, so each
 // seed's gradient terms are added in the order of its own solve.
 struct Solve {
-  Tensor out, z0, f0, h2_first, trial_z, trial_h2, trial_k;
+  Tensor out, z0, f0, h1_first, h2_first, trial_z, trial_h1, trial_h2, trial_k;
   std::vector<Kept> kept;
   std::vector<std::vector<Tensor>> slots;  // every buffer set it held, for the pool
   std::vector<int64_t> nfe, attempts;
@@ -413,6 +577,9 @@ struct Solve {
   Tensor backward(const Tensor& grad_out_in, const std::vector<Tensor>& w, const std::vector<Tensor>& acc,
                   const Tensor& rows64, double T, bool fsal, int64_t row_b, int64_t row_mid, double atol, double rtol,
                   int64_t order);
+  std::vector<Tensor> gradients(const Tensor& grad_out, const std::vector<Tensor>& dense, const Tensor& rows64, double T, bool fsal,
+                                int64_t row_b, int64_t row_mid, double atol, double rtol, int64_t order,
+                                const std::optional<Tensor>& index, const std::vector<std::vector<int64_t>>& conv_shapes);
 };
 
 std::shared_ptr<Solve> solve_forward(const Tensor& z0, const std::vector<Tensor>& w_all, const Tensor& coefficients, bool stacked,
@@ -439,7 +606,7 @@ std::shared_ptr<Solve> solve_forward(const Tensor& z0, const std::vector<Tensor>
   auto narrowed = [seeds](const std::vector<Tensor>& full, int64_t count) {
     if (count == seeds) return full;
     return std::vector<Tensor>{full[0].narrow(1, 0, count), full[1].narrow(1, 0, count), full[2].narrow(0, 0, count),
-                               full[3].narrow(0, 0, count)};
+                               full[3].narrow(0, 0, count), full[4].narrow(1, 0, count)};
   };
   auto take_slot = [&]() {
     std::vector<Tensor> slot;
@@ -448,20 +615,20 @@ std::shared_ptr<Solve> solve_forward(const Tensor& z0, const std::vector<Tensor>
       free_slots.pop_back();
     } else {
       slot = {shaped(n - 1, width, std::nullopt), shaped(n - 1, hidden, std::nullopt), shaped(std::nullopt, width, n),
-              shaped(std::nullopt, width, std::nullopt)};
+              shaped(std::nullopt, width, std::nullopt), shaped(n - 1, hidden, std::nullopt)};
     }
     run->slots.push_back(slot);
     return slot;
   };
 
-  const Tensor h1_all = shaped(std::nullopt, hidden, std::nullopt);
-  Tensor h1 = h1_all;
   run->z0 = z0;
+  run->h1_first = shaped(std::nullopt, hidden, std::nullopt);
   run->h2_first = shaped(std::nullopt, hidden, std::nullopt);
+  run->trial_h1 = shaped(std::nullopt, hidden, std::nullopt);
   run->trial_h2 = shaped(std::nullopt, hidden, std::nullopt);
-  Tensor f0 = field_eval(z0, w_all, h1, run->h2_first, stacked);
+  Tensor f0 = field_eval(z0, w_all, run->h1_first, run->h2_first, stacked);
   run->f0 = f0;
-  const std::vector<Tensor> trial = first_step_forward(z0, f0, w_all, h1, run->trial_h2, stacked, atol, rtol, order, seeded);
+  const std::vector<Tensor> trial = first_step_forward(z0, f0, w_all, run->trial_h1, run->trial_h2, stacked, atol, rtol, order, seeded);
   const Tensor h_first = trial[0];
   run->trial_z = trial[1];
   run->trial_k = trial[2];
@@ -499,7 +666,7 @@ std::shared_ptr<Solve> solve_forward(const Tensor& z0, const std::vector<Tensor>
       h_t = at::tensor(h, at::TensorOptions().dtype(at::kDouble)).to(device);
     }
     if (slot.empty()) slot = narrowed(take_slot(), count);
-    const std::vector<Tensor> step = attempt_forward(y, f0, h_t, coefficients, w, slot[0], h1, slot[1], slot[2], slot[3], stacked,
+    const std::vector<Tensor> step = attempt_forward(y, f0, h_t, coefficients, w, slot[0], slot[4], slot[1], slot[2], slot[3], stacked,
                                                      fsal, row_b, row_err, atol, rtol, seeded);
     const Tensor& y1 = step[0];
     const Tensor& weights = step[2];
@@ -576,7 +743,6 @@ std::shared_ptr<Solve> solve_forward(const Tensor& z0, const std::vector<Tensor>
       std::vector<int64_t> next;
       for (int64_t j : still) next.push_back(running[j]);
       running = next;
-      h1 = h1_all.narrow(0, 0, static_cast<int64_t>(running.size()));
       // A kept attempt keeps its buffers; an unkept one's serve the next attempt, now narrower.
       slot = kept ? std::vector<Tensor>() : narrowed(run->slots.back(), static_cast<int64_t>(running.size()));
     } else if (kept) {
@@ -652,8 +818,9 @@ Tensor Solve::backward(const Tensor& grad_out_in, const std::vector<Tensor>& w_a
       }
       interp.pop_back();
     }
-    const std::vector<Tensor> back = attempt_backward(gy, gf, attempt.accepted, attempt.weights, attempt.slot[0], attempt.slot[1],
-                                                      attempt.slot[2], w, acc, fsal, row_b, row_mid, interp, attempt.first, rows64);
+    const std::vector<Tensor> back = attempt_backward(gy, gf, attempt.accepted, attempt.weights, attempt.slot[0], attempt.slot[4],
+                                                      attempt.slot[1], attempt.slot[2], w, acc, fsal, row_b, row_mid, interp, attempt.first,
+                                                      rows64);
     gy = back[0];
     gf = back[1];
     if (attempt.first) g_h.add_(back[2]);  // the first attempt runs every seed
@@ -661,15 +828,85 @@ Tensor Solve::backward(const Tensor& grad_out_in, const std::vector<Tensor>& w_a
   scatter_back();
   const bool single = z0.dim() == 2;
   auto as_seeds = [single](const Tensor& t) { return single ? t.unsqueeze(0) : t; };
-  Tensor g_z0 = first_step_backward(g_h, gy_all, gf_all, as_seeds(z0), as_seeds(f0), as_seeds(trial_z), as_seeds(trial_h2),
-                                    as_seeds(trial_k), as_seeds(h2_first), w_all, acc_all, atol, rtol, order);
+  Tensor g_z0 = first_step_backward(g_h, gy_all, gf_all, as_seeds(z0), as_seeds(f0), as_seeds(trial_z), as_seeds(trial_h1),
+                                    as_seeds(trial_h2), as_seeds(trial_k), as_seeds(h1_first), as_seeds(h2_first), w_all, acc_all,
+                                    atol, rtol, order);
   kept.clear();
   return g_z0;
 }
 
-Tensor eval_backward(const Tensor& g, const Tensor& z, const Tensor& h2, const std::vector<Tensor>& w,
+// The solve's gradients given dL/dz(T): dL/dz0 and the weights' (tune_node.fast.adaptive_solve's
+// _DenseAdaptiveSolve.backward with _backward, the same calls): of the dense matrices W1, c1, W2, c2,
+// W3, c3 (dense: W1, c1, W2, W3 as the solve had them, one model's or stacked), or, with an index
+// (dense_conv_weights' gather), of the conv weights (shaped conv_shapes after the seeds).
+// Here rather than in Python: that glue cost ~0.1 ms per solve.
+std::vector<Tensor> Solve::gradients(const Tensor& grad_out_in, const std::vector<Tensor>& dense, const Tensor& rows64, double T,
+                                     bool fsal, int64_t row_b, int64_t row_mid, double atol, double rtol, int64_t order,
+                                     const std::optional<Tensor>& index, const std::vector<std::vector<int64_t>>& conv_shapes) {
+  const bool single = dense[2].dim() == 2;
+  auto as_seeds = [single](const Tensor& t) { return single ? t.unsqueeze(0) : t; };
+  const Tensor W1 = as_seeds(dense[0]), c1 = as_seeds(dense[1]), W2 = as_seeds(dense[2]), W3 = as_seeds(dense[3]);
+  const Tensor grad_out = as_seeds(grad_out_in).contiguous();
+  const int64_t seeds = grad_out.size(0), batch = grad_out.size(1), width = grad_out.size(2), hidden = W2.size(-1);
+  // W3's gradient accumulates transposed: MKL's fast orientation for a narrow factor.
+  std::vector<Tensor> acc = {at::zeros_like(W1), at::zeros_like(W2), at::zeros({seeds, width, hidden}, grad_out.options())};
+  for (int64_t k : {hidden, hidden, width}) acc.push_back(at::zeros({seeds, batch, k}, grad_out.options()));
+  for (int j = 0; j < 2; ++j) acc.push_back(at::empty({seeds, batch, hidden}, grad_out.options()));
+  const std::vector<Tensor> w = {W1, c1.unsqueeze(-2), W1.transpose(-1, -2), W2.transpose(-1, -2), W3.transpose(-1, -2)};
+  const Tensor g_z0 = backward(grad_out, w, acc, rows64, T, fsal, row_b, row_mid, atol, rtol, order);
+  const std::vector<Tensor> g_dense = {acc[0], at::sum(acc[3], {-2}, true), acc[1], at::sum(acc[4], {-2}, true),
+                                       acc[2].transpose(-1, -2), at::sum(acc[5], {-2}, true)};
+  std::vector<Tensor> grads = {single ? g_z0.squeeze(0) : g_z0};
+  if (index) {
+    // dense_conv_weights' gather backward: autograd's scatter-add, the same sums in the same order.
+    std::vector<Tensor> flat;
+    for (const Tensor& g : g_dense) flat.push_back(g.reshape({seeds, -1}));
+    const Tensor joined = at::cat(flat, -1);
+    int64_t total = 1;  // the gather's constant zero
+    for (const auto& shape : conv_shapes) total += c10::multiply_integers(shape);
+    const Tensor scattered = at::zeros({seeds, total}, joined.options()).index_add_(-1, *index, joined);
+    int64_t start = 0;
+    for (const auto& shape : conv_shapes) {
+      const int64_t size = c10::multiply_integers(shape);
+      std::vector<int64_t> full(shape);
+      if (!single) full.insert(full.begin(), seeds);
+      grads.push_back(scattered.narrow(-1, start, size).view(full));
+      start += size;
+    }
+    return grads;
+  }
+  for (size_t j = 0; j < g_dense.size(); ++j) {
+    Tensor g = j == 1 || j == 3 || j == 5 ? g_dense[j].squeeze(-2) : (j == 4 ? g_dense[j].contiguous() : g_dense[j]);
+    grads.push_back(single ? g.squeeze(0) : g);
+  }
+  return grads;
+}
+
+// dense_conv_weights' matrices from the conv weights (the same concatenation and gather, so the same
+// values), shaped dense_shapes after the seeds (stacked: leading seeds dimension on every weight).
+std::vector<Tensor> dense_from_conv(const std::vector<Tensor>& conv, bool stacked, const Tensor& index,
+                                    const std::vector<std::vector<int64_t>>& dense_shapes) {
+  std::vector<int64_t> flat_shape = stacked ? std::vector<int64_t>{conv[0].size(0), -1} : std::vector<int64_t>{-1};
+  std::vector<Tensor> parts;
+  for (const Tensor& w : conv) parts.push_back(w.reshape(flat_shape));
+  flat_shape.back() = 1;
+  parts.push_back(at::zeros(flat_shape, conv[0].options()));
+  const Tensor dense = at::cat(parts, -1).index_select(-1, index);
+  std::vector<Tensor> pieces;
+  int64_t start = 0;
+  for (const auto& shape : dense_shapes) {
+    const int64_t size = c10::multiply_integers(shape);
+    std::vector<int64_t> full(shape);
+    if (stacked) full.insert(full.begin(), conv[0].size(0));
+    pieces.push_back(dense.narrow(-1, start, size).view(full));
+    start += size;
+  }
+  return pieces;
+}
+
+Tensor eval_backward(const Tensor& g, const Tensor& z, const Tensor& h1, const Tensor& h2, const std::vector<Tensor>& w,
                      const std::vector<Tensor>& acc) {
-  return field_backward(g, z, h2, w, acc);
+  return field_backward(g, z, h1, h2, w, acc);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -691,5 +928,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("failed_seed", &Solve::failed_seed)
       .def_readonly("failed_t", &Solve::failed_t)
       .def_readonly("failed_h", &Solve::failed_h)
-      .def("backward", &Solve::backward, "the solve's backward pass");
+      .def("backward", &Solve::backward, "the solve's backward pass")
+      .def("gradients", &Solve::gradients, "the solve's gradients, of the dense or the conv weights");
+  m.def("dense_from_conv", &dense_from_conv, "dense_conv_weights' gather");
 }
