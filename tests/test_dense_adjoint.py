@@ -171,6 +171,16 @@ def test_the_backward_solve_is_capped_and_names_the_seed():
         capped.z.sum().backward()
     assert caught.value.phase == "backward" and caught.value.seed == 1 and caught.value.nfe == 2 + 2 * cap
 
+    # Seed 0 diverged, so the solve runs seeds 1 and 2 of a 3-seed stack: the error names position 2
+    # (under this loss their backward solves take 85 and 143 attempts).
+    net = StackedSphereClassifier([_model(5), *models])
+    with torch.no_grad():
+        net.field.weights[0][0].fill_(float("nan"))
+    logits, _ = net(torch.cat([x[:1], x]), SolverSetting("fehlberg2", tol=1e-5, gradient="adjoint", max_steps=110))
+    with pytest.raises(SolverStepLimitError) as caught:
+        logits[1:].sum().backward()
+    assert caught.value.seed == 2 and "seed 2:" in str(caught.value.__cause__)
+
 
 def test_a_seed_group_trains_with_the_adjoint_as_its_seeds_alone():
     configs = [TrainConfig(dataset="sphere2", solver=SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint"), seed=s,
@@ -186,15 +196,48 @@ def test_a_seed_group_trains_with_the_adjoint_as_its_seeds_alone():
 
 
 def test_torchdiffeq_stays_one_variable_away(monkeypatch):
-    model = _model(0)
-    x = torch.randn(32, 1, 2, generator=torch.Generator().manual_seed(1))
-    setting = SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint")
-    ours = integrate(model.field, x, setting)
-    assert ours.backward_record is not None
-    monkeypatch.setenv("TUNE_NODE_ADAPTIVE_SOLVER", "torchdiffeq")
-    reference = integrate(model.field, x, setting)
-    assert reference.backward_record is None and reference.nfe_forward == ours.nfe_forward
-    torch.testing.assert_close(reference.z, ours.z, rtol=1e-5, atol=1e-5)
+    model = _model(0, torch.float64)
+    x = torch.randn(32, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    setting = SolverSetting.adaptive("dopri5", 1e-4, gradient="adjoint")
+    runs = {}
+    for solver in ("tune_node", "torchdiffeq"):
+        monkeypatch.setenv("TUNE_NODE_ADAPTIVE_SOLVER", solver)
+        model.zero_grad()
+        sol = integrate(model.field, x, setting)
+        sol.z.square().sum().backward()
+        runs[solver] = (sol, [p.grad.clone() for p in model.field.parameters()])
+    (ours, ours_grads), (reference, reference_grads) = runs["tune_node"], runs["torchdiffeq"]
+    assert ours.backward_record is not None and reference.backward_record is None
+    assert (ours.nfe_forward, ours.nfe_backward) == (reference.nfe_forward, reference.nfe_backward)
+    torch.testing.assert_close(ours.z, reference.z, rtol=1e-12, atol=1e-12)
+    for g, h in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-14)
+
+
+def test_weights_without_gradients_leave_the_norm_as_in_torchdiffeq():
+    """torchdiffeq drops parameters that need no gradient from the adjoint's state and norm: so does this."""
+    model = _model(0, torch.float64)
+    conv = _conv(model.field)
+    for w in conv[:4]:
+        w.requires_grad_(False)
+    x = torch.randn(128, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z_ref, nfe_forward, nfe_backward = _torchdiffeq_adjoint(model.field, [w for w in conv if w.requires_grad], x, "dopri5", 1e-5)
+    grads_ref = torch.autograd.grad(z_ref.square().sum(), conv[4:])
+    sol, record = fused_adjoint_solve(model.field, x, SolverSetting.adaptive("dopri5", 1e-5, gradient="adjoint"))
+    grads = torch.autograd.grad(sol.z.square().sum(), conv[4:])
+    assert sol.nfe == [nfe_forward] and record.nfe == [nfe_backward()]
+    for g, h in zip(grads, grads_ref):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-14)
+
+
+def test_a_seed_the_loss_does_not_touch_is_not_solved_backward():
+    net = StackedSphereClassifier([_model(s) for s in range(3)])
+    x = torch.randn(3, 32, 1, 2, generator=torch.Generator().manual_seed(1))
+    sol = integrate_seeds(net.field, x, SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint"))
+    sol.z[0].square().sum().backward()
+    counts = sol.seed_counts(3)
+    assert counts[0][1] > 0 and counts[1][1] == counts[2][1] == 0
+    assert all(not bool(w.grad[1:].any()) for w in net.field.weights)
 
 
 def test_a_diverged_seed_is_left_out_and_the_others_keep_their_counts():

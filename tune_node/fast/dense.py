@@ -170,6 +170,8 @@ class _StackedField(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor]):
         super().__init__()
+        #: Where its seeds sit in a larger stack (None: this is the stack), for errors that name a seed.
+        self.seed_positions: list[int] | None = None
         if all(isinstance(w, nn.Parameter) for w in weights):
             self.weights = nn.ParameterList(weights)
         else:  # some seeds of a stack (rows of its parameters): gradients flow back to the stack's parameters
@@ -255,6 +257,7 @@ class StackedSphereClassifier(nn.Module):
         if len(rows) == 0:
             return Solution(z, setting, NFECounter(), seed_nfe=seed_nfe)
         some = _StackedField([w.index_select(0, rows) for w in self.field.weights])
+        some.seed_positions = rows.tolist()  # errors of the adjoint's backward solve name positions in this stack
         try:
             sol = integrate_seeds(some, x.index_select(0, rows), setting)
         except (SolverStepLimitError, StepSizeUnderflowError) as err:

@@ -6,25 +6,31 @@ tolerances equal to the forward ones, its default adjoint norm), for the dense f
 field (:mod:`tune_node.fast.dense`):
 
 - forward: :func:`~tune_node.fast.adaptive_solve.dense_adaptive_solve` without autograd, the solve
-  torchdiffeq's adjoint makes under ``no_grad``: the same accepted steps, NFE and ``z(T)``, bit for bit;
+  torchdiffeq's adjoint makes under ``no_grad``: on the dense field, the same accepted steps, NFE and
+  ``z(T)`` as torchdiffeq's, bit for bit (``integrate``'s torchdiffeq call evaluates the Conv1d field,
+  which the dense form equals up to rounding);
 - backward: the augmented state ``(t-adjoint, z, a, weight adjoint)`` integrated from ``T`` back to 0
   by :func:`~tune_node.ode.adaptive.adaptive_solve` with the same embedded pair and
   :class:`~tune_node.ode.adaptive.IController`, as torchdiffeq integrates it: in reversed time
-  (from ``-T`` to 0, the augmented field negated), the first step from the same rule, and the error
-  norm ``max(|t-adjoint|, rms(z), rms(a), max over the weights of rms(weight adjoint))``;
+  (from ``-T`` to 0, the augmented field negated; times in errors are reversed ones), the first step
+  from the same rule, and the error norm ``max(|t-adjoint|, rms(z), rms(a), max over the weights
+  that need a gradient of rms(weight adjoint))``;
 - one evaluation of the augmented field is ``f(z)`` and the vector-Jacobian products ``a df/dz`` and
   ``a df/dtheta`` written out for the three dense layers; the weight adjoint is kept for the conv
   weights themselves (the dense matrices' products added back onto the kernel entries they repeat),
   since torchdiffeq's norm measures the conv weights' adjoints;
 - stacked seeds (``seeded``) each keep their own step control, backward as forward, with the norm
-  taken per seed, so a group makes its seeds' own solves (the backward solves one seed after another).
+  taken per seed, so a group makes its seeds' own solves (the backward solves one seed after
+  another, on the CPU bound by arithmetic; a seed the loss does not touch is not solved backward).
 
-Guarantees: forward results as torchdiffeq's adjoint, bit for bit. Backward: torchdiffeq's algorithm
-(same tableau, controller, norm, reversed times), its arithmetic in another order (torchdiffeq
-differentiates Conv1d with autograd): gradients equal up to rounding, and so are its accepted steps,
-except where an error ratio lies within rounding of 1, where an attempt may be accepted here and
-rejected there (tests: float64, the same backward NFE and gradients to 1e-8 relative on the paper's
-field; an affine field against its closed-form solution).
+Guarantees: forward as above. Backward: torchdiffeq's algorithm (same tableau, controller, norm,
+reversed times), its arithmetic in another order (torchdiffeq differentiates Conv1d with autograd):
+gradients equal up to rounding, and so are its accepted steps, except where an error estimate is
+mostly rounding and an attempt may be accepted here and rejected there (tests: float64, the same
+backward NFE and gradients to 1e-12 relative on the paper's field; an affine field against its
+closed-form solution). One backward pass per solve (``retain_graph`` passes overwrite the record;
+no double backward). On CUDA ``index_add_`` adds in no fixed order, so a group equals separate
+solves up to rounding only there.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ class _Run:
     length: int
     record: AdjointRecord
     on_error: Callable[[Exception], Exception] | None
+    positions: list[int] | None = None
     forward: AdaptiveSolution | None = None
 
 
@@ -108,12 +115,13 @@ def _augmented_field(weights: tuple[torch.Tensor, ...], index: torch.Tensor, con
     return g
 
 
-def _adjoint_norm(sizes: list[int]):
-    """torchdiffeq's default adjoint norm per seed: the largest RMS over the pieces of the flat state."""
+def _adjoint_norm(sizes: list[int], measured: list[bool]):
+    """torchdiffeq's default adjoint norm per seed: the largest RMS over the ``measured`` pieces of the
+    flat state (torchdiffeq leaves weights that need no gradient out of its state, and so of its norm)."""
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         squares = x.abs().pow(2)
-        return torch.stack([piece.mean(1) for piece in squares.split(sizes, 1)], 1).sqrt().amax(1)
+        return torch.stack([piece.mean(1) for piece, kept in zip(squares.split(sizes, 1), measured) if kept], 1).sqrt().amax(1)
 
     return norm
 
@@ -140,21 +148,28 @@ class _DenseAdjointSolve(torch.autograd.Function):
         conv_total = sum(conv_sizes)
         hidden, channels = (ctx.conv_shapes[0][1:] if run.seeded else ctx.conv_shapes[0])[:2]
         index, _ = _gather_plan(channels, hidden, run.length, zT.device)
-        dtype = torch.promote_types(zT.dtype, grad_out.dtype)
+        dtype = zT.dtype
         y0 = torch.cat([zT.new_zeros(seeds, 1, dtype=dtype), zT.flatten(1).to(dtype), grad_out.flatten(1).to(dtype),
                         zT.new_zeros(seeds, conv_total, dtype=dtype)], 1)
         weights = [w.to(dtype) for w in weights]
-        norm = _adjoint_norm([1, batch * width, batch * width, *conv_sizes])
-        # Seed by seed: the solve is bound by its products' arithmetic, so a stacked solve saves
-        # nothing per evaluation, and its seeds would ride along until the slowest one ends.
+        norm = _adjoint_norm([1, batch * width, batch * width, *conv_sizes], [True, True, True, *ctx.needs_input_grad[2:]])
+        # Seed by seed: on the CPU the solve is bound by its products' arithmetic, so a stacked solve
+        # saves nothing per evaluation, and its seeds would ride along until the slowest one ends.
         ends, accepted = [], []
         for s in range(seeds):
+            if run.seeded and not bool(grad_out[s].any()):
+                # A seed the loss does not touch: nothing to solve (alone, its backward pass would not run).
+                ends.append(torch.zeros_like(y0[s:s + 1]))
+                run.record.nfe[s] = 0
+                accepted.append([])
+                continue
             g = _augmented_field(tuple(w[s:s + 1] for w in weights), index, conv_total, batch, width)
             try:
                 sol = adaptive_solve(g, y0[s:s + 1], run.tableau, run.T, run.controller, seeded=True, max_steps=run.max_steps,
                                      norm=norm, t_start=-run.T)
             except (AdaptiveStepLimitError, AdaptiveUnderflowError) as err:
-                err.seed, err.args = s, (str(err).replace("seed 0:", f"seed {s}:", 1),)  # its place in the stack
+                position = s if run.positions is None else run.positions[s]  # its place in the stack
+                err.seed, err.args = position, (str(err).replace("seed 0:", f"seed {position}:", 1),)
                 if run.on_error is None:
                     raise
                 raise run.on_error(err) from err
@@ -175,7 +190,8 @@ class _DenseAdjointSolve(torch.autograd.Function):
 
 def dense_adjoint_solve(conv: list[torch.Tensor], z0: torch.Tensor, length: int, tableau: ButcherTableau, T: float,
                         controller: IController, *, seeded: bool = False, max_steps: int | None = None,
-                        on_error: Callable[[Exception], Exception] | None = None) -> tuple[AdaptiveSolution, AdjointRecord]:
+                        on_error: Callable[[Exception], Exception] | None = None,
+                        positions: list[int] | None = None) -> tuple[AdaptiveSolution, AdjointRecord]:
     """``z(T)`` of the dense sphere field with adaptive steps, differentiated by the adjoint method.
 
     Arguments:
@@ -188,7 +204,8 @@ def dense_adjoint_solve(conv: list[torch.Tensor], z0: torch.Tensor, length: int,
             backward solve uses the same tableau, controller and cap.
         seeded: stacked seeds, each with its own step control forward and backward.
         on_error: maps an error of the backward solve (:class:`~tune_node.ode.adaptive.AdaptiveStepLimitError`,
-            :class:`~tune_node.ode.adaptive.AdaptiveUnderflowError`) to the one ``backward()`` raises.
+            :class:`~tune_node.ode.adaptive.AdaptiveUnderflowError`, its ``seed`` set) to the one ``backward()`` raises.
+        positions: the seeds' places in a larger stack, for the ``seed`` of those errors (default: their index here).
 
     Returns the forward solve's :class:`~tune_node.ode.adaptive.AdaptiveSolution` (its ``z``
     differentiable in ``z0`` and ``conv`` when gradients are recorded) and an :class:`AdjointRecord`
@@ -200,7 +217,7 @@ def dense_adjoint_solve(conv: list[torch.Tensor], z0: torch.Tensor, length: int,
                          f"got {'one model' if single else 'stacked'} weights with seeded={seeded}")
     seeds = 1 if single else conv[0].shape[0]
     record = AdjointRecord(nfe=[0] * seeds)
-    run = _Run(tableau, float(T), controller, seeded, max_steps, length, record, on_error)
+    run = _Run(tableau, float(T), controller, seeded, max_steps, length, record, on_error, positions)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z0, *conv)):
         z = _DenseAdjointSolve.apply(z0, run, *conv)
         forward = run.forward
@@ -250,6 +267,6 @@ def fused_adjoint_solve(vector_field, z0: torch.Tensor, setting: SolverSetting, 
     shape = z0.shape
     sol, record = dense_adjoint_solve(conv, z0.reshape(*shape[:-2], shape[-2] * shape[-1]), shape[-1], spec.embedded,
                                       float(setting.T), controller, seeded=seeded, max_steps=setting.max_adaptive_steps,
-                                      on_error=on_error)
+                                      on_error=on_error, positions=getattr(vector_field, "seed_positions", None))
     sol.z = sol.z.reshape(shape)
     return sol, record

@@ -277,8 +277,9 @@ class Solution:
     #: A stacked seeds' adaptive solve (:func:`integrate_seeds`): each seed's forward evaluations
     #: (``counter.forward`` is then their largest); None where every seed took the same.
     seed_nfe: list[int] | None = None
-    #: An adjoint solve by tune-node's solver: what its backward pass records (per-seed ``nfe``, ``ran``;
-    #: :class:`tune_node.fast.dense_adjoint.AdjointRecord`); None for torchdiffeq's, which counts into ``counter``.
+    #: An adjoint solve by tune-node's solver: what its backward pass records (at least per-seed ``nfe``
+    #: and ``ran``, as :class:`tune_node.fast.dense_adjoint.AdjointRecord`); None for torchdiffeq's,
+    #: which counts into ``counter``.
     backward_record: object | None = None
 
     @property
@@ -369,7 +370,7 @@ def integrate_seeds(stacked_field: nn.Module, z0: torch.Tensor, setting: SolverS
     embedded pair, ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``, a field without a fast form, the adjoint of
     another field than the stacked sphere field): one shared step control would couple the seeds.
     A seed's failed solve raises :class:`SolverStepLimitError` or :class:`StepSizeUnderflowError`
-    naming the seed (from ``backward()`` where the adjoint's backward solve fails).
+    whose ``seed`` attribute names it (from ``backward()`` where the adjoint's backward solve fails).
     """
     if not setting.is_adaptive:
         return integrate(stacked_field, z0, setting)

@@ -126,7 +126,8 @@ def train_seed_group(
     Returns one :class:`~tune_node.training.TrainResult` per config, in order. Where
     :func:`stack_for` allows, the seeds train as one :class:`SphereStack` or :class:`FuncStack`
     through the one training loop, :func:`~tune_node.training.train_seeds`; other settings
-    (fixed-step adjoint, images, long spheres, a user's model that does not stack) train seed
+    (fixed-step adjoint, adaptive ones of a user's model, of a method without an embedded pair or
+    with ``TUNE_NODE_ADAPTIVE_SOLVER=torchdiffeq``, images, long spheres, a user's model that does not stack) train seed
     after seed with ``train``. Grouped, each seed's weights equal those of its own ``train``
     run up to floating-point rounding (bit for bit on CPU in the tests); ``wall_time`` and
     ``elapsed`` are the group's. A seed whose loss stops being finite is marked as diverged

@@ -767,6 +767,11 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
                 diverged[i] = Divergence(iteration, f"loss is {value}")
         return all(diverged)
 
+    def name_failed_seed(err: Exception, iteration: int) -> None:
+        position = getattr(err, "seed", None)
+        if n > 1 and position is not None:  # a stack's solve names the position: say which seed
+            err.args = (f"seed {configs[position].seed} of the group, iteration {iteration}: {err}",)
+
     def count_nfe(sol) -> None:
         for t, d, (forward, backward) in zip(totals, diverged, sol.seed_counts(n)):
             if d is None:  # a diverged seed's cost ends where its training did
@@ -792,16 +797,18 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
         except (SolverStepLimitError, StepSizeUnderflowError) as err:
             diverged[0] = solver_failure_divergence(seeds.model(0), iteration, err) if n == 1 else None
             if diverged[0] is None:
-                position = getattr(err, "seed", None)
-                if n > 1 and position is not None:  # a stack's solve names the position: say which seed
-                    err.args = (f"seed {configs[position].seed} of the group, iteration {iteration}: {err}",)
+                name_failed_seed(err, iteration)
                 raise
             break
         if every_seed_diverged(losses, iteration):
             break
         optimizer.zero_grad(set_to_none=True)
         # Seeds share no weights: the loss's gradient is each seed's own loss gradient.
-        loss.backward()
+        try:
+            loss.backward()
+        except (SolverStepLimitError, StepSizeUnderflowError) as err:  # the adjoint's backward solve
+            name_failed_seed(err, iteration)
+            raise
         count_nfe(sol)
         if controller is not None:
             setting, spent = controller.update(iteration, seeds.model(0), x, y, logits.detach(), used)
