@@ -255,3 +255,30 @@ def test_a_diverged_seed_is_left_out_and_the_others_keep_their_counts():
         alone = integrate(models[i].field, x[i], setting)
         models[i].classifier(alone.z.flatten(1)).square().sum().backward()
         assert counts[i] == (alone.nfe_forward, alone.nfe_backward) and counts[i][1] > 0
+
+
+def test_a_seed_whose_loss_is_not_finite_gets_nan_gradients_and_the_others_train_on():
+    net = StackedSphereClassifier([_model(s) for s in range(3)])
+    x = torch.randn(3, 32, 1, 2, generator=torch.Generator().manual_seed(1))
+    sol = integrate_seeds(net.field, x, SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint"))
+    scale = torch.tensor([1.0, math.nan, 1.0]).view(3, 1, 1, 1)
+    (sol.z * scale).square().sum().backward()
+    counts = sol.seed_counts(3)
+    assert counts[1][1] == 0 and counts[0][1] > 0 and counts[2][1] > 0
+    for w in net.field.weights:
+        assert bool(w.grad[[0, 2]].isfinite().all()) and not bool(w.grad[1].isfinite().any())
+
+
+def test_solver_errors_copy_and_pickle_with_their_message_and_attributes():
+    import copy
+    import pickle
+
+    from tune_node.ode.integrate import StepSizeUnderflowError
+
+    setting = SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint")
+    for error in (SolverStepLimitError(setting, 12, "backward"), StepSizeUnderflowError(setting, 7, "backward", "detail")):
+        error.seed = 3
+        error.args = (f"seed 3 of the group: {error}",)
+        for twin in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+            assert type(twin) is type(error) and str(twin) == str(error)
+            assert (twin.setting, twin.nfe, twin.phase, twin.seed) == (setting, error.nfe, "backward", 3)

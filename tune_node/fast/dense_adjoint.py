@@ -163,6 +163,13 @@ class _DenseAdjointSolve(torch.autograd.Function):
                 run.record.nfe[s] = 0
                 accepted.append([])
                 continue
+            if run.seeded and not bool(grad_out[s].isfinite().all()):
+                # A seed whose loss stopped being finite (training marks it diverged and trains the others
+                # on): its gradients are not finite, as backprop's would be; its solve would only fail.
+                ends.append(torch.full_like(y0[s:s + 1], math.nan))
+                run.record.nfe[s] = 0
+                accepted.append([])
+                continue
             g = _augmented_field(tuple(w[s:s + 1] for w in weights), index, conv_total, batch, width)
             try:
                 sol = adaptive_solve(g, y0[s:s + 1], run.tableau, run.T, run.controller, seeded=True, max_steps=run.max_steps,

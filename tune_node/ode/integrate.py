@@ -65,7 +65,22 @@ _TORCHDIFFEQ_STEP_LIMIT = "max_num_steps exceeded"
 _TORCHDIFFEQ_UNDERFLOW = "underflow in dt"
 
 
-class SolverStepLimitError(RuntimeError):
+def _rebuilt(cls, args: tuple, state: dict) -> RuntimeError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class _SolverError(RuntimeError):
+    """Copies and pickles as it is (message, possibly amended, and attributes): Ray copies a
+    trial's exception, which the constructors' own arguments could not rebuild."""
+
+    def __reduce__(self):
+        return _rebuilt, (type(self), self.args, dict(self.__dict__))
+
+
+class SolverStepLimitError(_SolverError):
     """An adaptive solve reached its cap on step attempts (``max_steps``) before ``T``.
 
     The message names the method, tolerance, cap, the function evaluations spent and
@@ -84,7 +99,7 @@ class SolverStepLimitError(RuntimeError):
         )
 
 
-class StepSizeUnderflowError(RuntimeError):
+class StepSizeUnderflowError(_SolverError):
     """An adaptive solve's step size fell below what the time's float precision resolves.
 
     The message names the method, tolerance, the function evaluations spent and the
