@@ -282,3 +282,28 @@ def test_solver_errors_copy_and_pickle_with_their_message_and_attributes():
         for twin in (copy.copy(error), pickle.loads(pickle.dumps(error))):
             assert type(twin) is type(error) and str(twin) == str(error)
             assert (twin.setting, twin.nfe, twin.phase, twin.seed) == (setting, error.nfe, "backward", 3)
+
+
+def test_a_seed_whose_backward_solve_fails_stops_and_the_others_train_on(monkeypatch):
+    import tune_node.fast.dense_adjoint as module
+    from tune_node.ode.adaptive import AdaptiveUnderflowError
+
+    real, calls = module.adaptive_solve, [0]
+
+    def failing_once(f, y0, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:  # iteration 3 (two backward solves per iteration), seed 1's
+            raise AdaptiveUnderflowError(0, -1.0, math.nan, 2)
+        return real(f, y0, *args, **kwargs)
+
+    configs = [TrainConfig(dataset="sphere2", solver=SolverSetting.adaptive("dopri5", 1e-3, gradient="adjoint"), seed=s,
+                           iterations=5, report_every=1, test_every=0, lr=3e-3) for s in (0, 1)]
+    monkeypatch.setattr(module, "adaptive_solve", failing_once)
+    group = train_seed_group(configs)
+    monkeypatch.setattr(module, "adaptive_solve", real)
+    assert group[1].diverged.iteration == 3 and "the adjoint's backward solve failed" in group[1].diverged.reason
+    assert group[1].iterations == 2 and group[0].diverged is None
+    alone = train(configs[0])
+    assert (group[0].total_nfe_forward, group[0].total_nfe_backward) == (alone.total_nfe_forward, alone.total_nfe_backward)
+    for key, value in alone.model.state_dict().items():
+        assert torch.equal(group[0].model.state_dict()[key], value), key

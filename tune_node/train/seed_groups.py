@@ -133,6 +133,9 @@ def train_seed_group(
     ``elapsed`` are the group's. A seed whose loss stops being finite is marked as diverged
     at that iteration (as ``train`` does) while the others train on: seeds share no weights,
     so its non-finite values stay in its own slice; once every seed has diverged, training stops.
+    A seed whose adjoint backward solve fails (step cap, underflow) is marked diverged the same
+    way, the error as its reason, and the others redo that iteration without it (alone, its run
+    would stop with that error).
     """
     _check_group(configs)
     if resume_from is not None and len(resume_from) != len(configs):

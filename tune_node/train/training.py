@@ -804,11 +804,27 @@ def _train_seeds(configs, stack, on_report, controller, resume_from, data, stati
             break
         optimizer.zero_grad(set_to_none=True)
         # Seeds share no weights: the loss's gradient is each seed's own loss gradient.
-        try:
-            loss.backward()
-        except (SolverStepLimitError, StepSizeUnderflowError) as err:  # the adjoint's backward solve
-            name_failed_seed(err, iteration)
-            raise
+        while True:
+            try:
+                loss.backward()
+                break
+            except (SolverStepLimitError, StepSizeUnderflowError) as err:  # the adjoint's backward solve
+                position = getattr(err, "seed", None)
+                if n == 1 or position is None or diverged[position] is not None:
+                    name_failed_seed(err, iteration)
+                    raise
+                # One seed's backward solve failed: its training ends here (its own run would stop with this
+                # error) and the others redo the iteration without it: its weights become NaN, so solves leave it out.
+                diverged[position] = Divergence(iteration, f"the adjoint's backward solve failed: {err}")
+                with torch.no_grad():
+                    for p in seeds.parameters():
+                        p[position] = math.nan
+                optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    logits, sol = seeds.forward(x, used)
+                    losses, loss = seeds.losses(logits, y)
+        if all(diverged):
+            break
         count_nfe(sol)
         if controller is not None:
             setting, spent = controller.update(iteration, seeds.model(0), x, y, logits.detach(), used)
