@@ -31,7 +31,6 @@ NFE checked here too).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -44,11 +43,11 @@ from tune_node.fast.dense import dense_conv_weights
 from tune_node.integrate import integrate
 from tune_node.models import build_model
 from tune_node.ode.adaptive import IController, integrate_adaptive
+from tune_node.ode.integrate import use_adaptive_solver
 from tune_node.solvers import METHODS, SolverSetting
 
 SEEDS = 5
 BATCH = 128
-_SOLVER_VARIABLE = "TUNE_NODE_ADAPTIVE_SOLVER"
 
 
 def _loss(z: torch.Tensor) -> torch.Tensor:
@@ -101,19 +100,12 @@ def _variants(method: str, tol: float, fixed_steps: int):
         def run():
             nfe = 0
             # integrate's adaptive backprop solves of the dense field go to tune_node's solver
-            # unless this variable asks for torchdiffeq (read at every solve).
-            previous = os.environ.get(_SOLVER_VARIABLE)
-            os.environ[_SOLVER_VARIABLE] = "torchdiffeq"
-            try:
+            # unless TUNE_NODE_ADAPTIVE_SOLVER asks for torchdiffeq (read at every solve).
+            with use_adaptive_solver("torchdiffeq"):
                 for model, x in zip(models[:seeds], xs):
                     sol = integrate(model.field, x, adaptive)
                     _loss(sol.z).backward()
                     nfe += sol.nfe_forward
-            finally:
-                if previous is None:
-                    del os.environ[_SOLVER_VARIABLE]
-                else:
-                    os.environ[_SOLVER_VARIABLE] = previous
             return nfe
         return run
 

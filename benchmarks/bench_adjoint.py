@@ -34,11 +34,11 @@ from tune_node.datasets import load_dataset
 from tune_node.dense import StackedSphereClassifier
 from tune_node.integrate import integrate, integrate_seeds
 from tune_node.models import build_model
+from tune_node.ode.integrate import use_adaptive_solver
 from tune_node.solvers import SolverSetting
 
 SEEDS = 5
 BATCH = 128
-_SOLVER_VARIABLE = "TUNE_NODE_ADAPTIVE_SOLVER"
 
 
 def _models(method: str, tol: float, trained: str | None):
@@ -55,15 +55,8 @@ def _models(method: str, tol: float, trained: str | None):
 
 def _with_solver(name: str, run):
     def wrapped():
-        previous = os.environ.get(_SOLVER_VARIABLE)
-        os.environ[_SOLVER_VARIABLE] = name  # read at every solve
-        try:
+        with use_adaptive_solver(name):
             return run()
-        finally:
-            if previous is None:
-                del os.environ[_SOLVER_VARIABLE]
-            else:
-                os.environ[_SOLVER_VARIABLE] = previous
     return wrapped
 
 

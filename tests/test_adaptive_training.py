@@ -151,3 +151,19 @@ def test_a_bad_solver_choice_is_refused_before_any_work(monkeypatch, capsys, tmp
     assert grid.main(["--space", "tiny", "--storage", str(tmp_path / "runs"), "--dry-run"]) == 2
     assert "error: TUNE_NODE_ADAPTIVE_SOLVER='scipy'; allowed: tune_node, torchdiffeq" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_use_adaptive_solver_sets_and_restores_the_choice(monkeypatch):
+    from tune_node.ode.integrate import use_adaptive_solver
+
+    monkeypatch.delenv("TUNE_NODE_ADAPTIVE_SOLVER", raising=False)
+    with use_adaptive_solver("torchdiffeq"):
+        assert adaptive_solver() == "torchdiffeq"
+    assert adaptive_solver() == "tune_node"
+    monkeypatch.setenv("TUNE_NODE_ADAPTIVE_SOLVER", "torchdiffeq")
+    with use_adaptive_solver("tune_node"):
+        assert adaptive_solver() == "tune_node"
+    assert adaptive_solver() == "torchdiffeq"
+    with pytest.raises(ValueError, match=r"adaptive solver 'scipy'; allowed: tune_node, torchdiffeq"):
+        with use_adaptive_solver("scipy"):
+            pass

@@ -26,6 +26,7 @@ tolerance and evaluations spent, in place of torchdiffeq's bare AssertionErrors.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,7 +40,7 @@ from .solvers import DEFAULT_MAX_ADAPTIVE_STEPS, ButcherTableau, SolverSetting
 __all__ = ["NFECounter", "PreparedField", "Solution", "SolverStepLimitError", "StepSizeUnderflowError", "integrate", "rk_solve",
            "takes_time", "FieldSignatureError", "register_fast_form", "fast_form", "adaptive_solver", "ADAPTIVE_SOLVERS",
            "integrate_seeds", "steps_taken",
-           "ADAPTIVE_SOLVER_ENV"]
+           "ADAPTIVE_SOLVER_ENV", "use_adaptive_solver"]
 
 #: The solvers of adaptive solves of a field with a fast form (backprop; the adjoint of the sphere field);
 #: :func:`adaptive_solver` picks one.
@@ -58,6 +59,26 @@ def adaptive_solver() -> str:
     if chosen not in ADAPTIVE_SOLVERS:
         raise ValueError(f"{ADAPTIVE_SOLVER_ENV}={chosen!r}; allowed: {', '.join(ADAPTIVE_SOLVERS)}")
     return chosen
+
+@contextlib.contextmanager
+def use_adaptive_solver(name: str):
+    """Within the ``with`` block, this process solves as :func:`adaptive_solver` would with
+    ``TUNE_NODE_ADAPTIVE_SOLVER=name`` (the variable is set, then restored); e.g. to compare
+    tune-node's solves with torchdiffeq's side by side. ValueError for a name not in :data:`ADAPTIVE_SOLVERS`."""
+    import os
+
+    if name not in ADAPTIVE_SOLVERS:
+        raise ValueError(f"adaptive solver {name!r}; allowed: {', '.join(ADAPTIVE_SOLVERS)}")
+    previous = os.environ.get(ADAPTIVE_SOLVER_ENV)
+    os.environ[ADAPTIVE_SOLVER_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ADAPTIVE_SOLVER_ENV]
+        else:
+            os.environ[ADAPTIVE_SOLVER_ENV] = previous
+
 
 # The messages of torchdiffeq's adaptive Runge-Kutta loop (rk_common.py) that this
 # module turns into its own errors; any other AssertionError passes through unchanged.
