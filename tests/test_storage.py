@@ -157,7 +157,10 @@ def _killed_once_then_resumed(start: list[str], resume: list[str], storage, name
     proc = subprocess.Popen(start, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
-        done = [p for p in _files(storage, name) if p.endswith(finals)]
+        # Finished: the final numbers with the model beside them (Ray uploads a checkpoint file by file;
+        # a final.json without its checkpoint.pt is not finished, and its trial trains its last stretch again).
+        files = set(_files(storage, name))
+        done = [p for p in files if p.endswith(finals) and p[:-len(finals)] + "checkpoint.pt" in files]
         if done:
             break
         time.sleep(0.2)
