@@ -712,6 +712,25 @@ def dense_adaptive_solve(weights, z0: torch.Tensor, tableau: ButcherTableau, T: 
     return AdaptiveSolution(z, run.nfe, run.accepted, run.attempts)
 
 
+def sphere_conv_weights(vector_field, z0: torch.Tensor, *, seeded: bool) -> list[torch.Tensor] | None:
+    """The conv weights ``(w1, b1, w2, b2, w3, b3)`` of a field the fused solves take from ``z0``: a
+    :class:`~tune_node.train.models.ConvODEField` whose dense form ``integrate`` would use (unseeded;
+    the conditions of :func:`~tune_node.fast.dense.prepare_conv_field`, checked without building the
+    dense form), or a stacked sphere field's (``seeded``); None for any other field or seeding."""
+    if takes_time(vector_field):
+        return None
+    if isinstance(vector_field, ConvODEField) and not seeded:
+        if fast_form(type(vector_field)) is not prepare_conv_field or not isinstance(vector_field.conv1, nn.Conv1d) or z0.dim() != 3:
+            return None
+        if vector_field.dense is False or (vector_field.dense is None and z0.shape[-1] > DENSE_MAX_DIM):
+            return None
+        return [vector_field.conv1.weight, vector_field.conv1.bias, vector_field.conv2.weight, vector_field.conv2.bias,
+                vector_field.conv3.weight, vector_field.conv3.bias]
+    if isinstance(vector_field, _StackedField) and seeded and z0.dim() == 4:
+        return list(vector_field.weights)
+    return None
+
+
 def fused_adaptive_solve(vector_field, z0: torch.Tensor, setting: SolverSetting, *, seeded: bool = False) -> AdaptiveSolution | None:
     """:func:`dense_adaptive_solve` of an adaptive backprop ``setting`` (as
     :func:`~tune_node.ode.adaptive.solve_setting` runs it) on a field whose dense form
@@ -720,21 +739,12 @@ def fused_adaptive_solve(vector_field, z0: torch.Tensor, setting: SolverSetting,
     other field, setting or seeding, and under autocast (the caller falls back to the eager solve).
     """
     spec = setting.spec
-    if not setting.is_adaptive or spec.embedded is None or setting.gradient != "backprop" or takes_time(vector_field):
+    if not setting.is_adaptive or spec.embedded is None or setting.gradient != "backprop":
         return None
     if torch.is_autocast_enabled(z0.device.type):
         return None  # the fused solve's buffers and products are in z0's dtype; autocast's eager ones are not
-    if isinstance(vector_field, ConvODEField) and not seeded:
-        # The conditions of prepare_conv_field, checked without building the dense form twice.
-        if fast_form(type(vector_field)) is not prepare_conv_field or not isinstance(vector_field.conv1, nn.Conv1d) or z0.dim() != 3:
-            return None
-        if vector_field.dense is False or (vector_field.dense is None and z0.shape[-1] > DENSE_MAX_DIM):
-            return None
-        conv = [vector_field.conv1.weight, vector_field.conv1.bias, vector_field.conv2.weight, vector_field.conv2.bias,
-                vector_field.conv3.weight, vector_field.conv3.bias]
-    elif isinstance(vector_field, _StackedField) and seeded and z0.dim() == 4:
-        conv = list(vector_field.weights)
-    else:
+    conv = sphere_conv_weights(vector_field, z0, seeded=seeded)
+    if conv is None:
         return None
     controller = IController(rtol=setting.tol, atol=setting.tol, order=spec.order)
     shape = z0.shape

@@ -40,14 +40,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ..ode.adaptive import AdaptiveSolution, AdaptiveStepLimitError, AdaptiveUnderflowError, IController, adaptive_solve
-from ..ode.integrate import fast_form, takes_time
 from ..ode.solvers import ButcherTableau, SolverSetting
-from ..train.models import ConvODEField
-from .adaptive_solve import dense_adaptive_solve
-from .dense import DENSE_MAX_DIM, _gather_plan, _StackedField, dense_conv_weights, prepare_conv_field
+from .adaptive_solve import dense_adaptive_solve, sphere_conv_weights
+from .dense import _gather_plan, _StackedField, dense_conv_weights
 
 __all__ = ["AdjointRecord", "dense_adjoint_solve", "fused_adjoint_solve", "solves_adjoint", "stacked_adjoint"]
 
@@ -244,14 +241,8 @@ def stacked_adjoint(vector_field) -> bool:
 def solves_adjoint(vector_field, z0: torch.Tensor, *, seeded: bool) -> bool:
     """Whether :func:`fused_adjoint_solve` solves ``vector_field`` from ``z0``: a sphere
     :class:`~tune_node.train.models.ConvODEField` whose dense form ``integrate`` would use
-    (unseeded), or a stacked sphere field (``seeded``)."""
-    if takes_time(vector_field):
-        return False
-    if isinstance(vector_field, ConvODEField) and not seeded:
-        if fast_form(type(vector_field)) is not prepare_conv_field or not isinstance(vector_field.conv1, nn.Conv1d) or z0.dim() != 3:
-            return False
-        return not (vector_field.dense is False or (vector_field.dense is None and z0.shape[-1] > DENSE_MAX_DIM))
-    return isinstance(vector_field, _StackedField) and seeded and z0.dim() == 4
+    (unseeded), or a stacked sphere field (``seeded``); as the fused adaptive solve takes them."""
+    return sphere_conv_weights(vector_field, z0, seeded=seeded) is not None
 
 
 def fused_adjoint_solve(vector_field, z0: torch.Tensor, setting: SolverSetting, *, seeded: bool = False,
@@ -263,13 +254,11 @@ def fused_adjoint_solve(vector_field, z0: torch.Tensor, setting: SolverSetting, 
     spec = setting.spec
     if not setting.is_adaptive or spec.embedded is None or setting.gradient != "adjoint":
         return None
-    if torch.is_autocast_enabled(z0.device.type) or not solves_adjoint(vector_field, z0, seeded=seeded):
+    if torch.is_autocast_enabled(z0.device.type):
         return None
-    if isinstance(vector_field, ConvODEField):
-        conv = [vector_field.conv1.weight, vector_field.conv1.bias, vector_field.conv2.weight, vector_field.conv2.bias,
-                vector_field.conv3.weight, vector_field.conv3.bias]
-    else:
-        conv = list(vector_field.weights)
+    conv = sphere_conv_weights(vector_field, z0, seeded=seeded)
+    if conv is None:
+        return None
     controller = IController(rtol=setting.tol, atol=setting.tol, order=spec.order)
     shape = z0.shape
     sol, record = dense_adjoint_solve(conv, z0.reshape(*shape[:-2], shape[-2] * shape[-1]), shape[-1], spec.embedded,
