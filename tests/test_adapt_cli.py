@@ -129,12 +129,13 @@ def test_table1_from_a_tiny_grid_and_adaptation(tiny_runs, tmp_path):
 
     assert table1_main([str(grid_dir), str(adapt_dir), "--out", str(tmp_path)]) == 0
     markdown = (tmp_path / "table1.md").read_text()
-    header, _, line = markdown.splitlines()
+    header, _, line, _, footnote = markdown.splitlines()
     for column in ("Data set", "Grid NFE", "Grid accuracy", "Adaptation NFE", "Adaptation accuracy", "Grid total NFE",
                    "Adaptation total NFE", "Grid wall-clock", "Adaptation wall-clock"):
         assert f"| {column} |" in header
     assert line.startswith("| Concentric spheres 2d | Euler / Midpoint |")
     assert f"| {row.adapt_nfe_per_iteration:.1f} |" in line and f"| {int(row.grid_total_nfe)} |" in line
+    assert footnote == "Adaptation NFE: per iteration, training forward passes and checks."
     assert pd.read_csv(tmp_path / "table1.csv").shape[0] == 1
 
 

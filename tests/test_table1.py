@@ -37,7 +37,7 @@ def adaptation_table() -> pd.DataFrame:
         rows.append({
             "experiment": "adapt", "trial_id": f"a{i}", "dataset": dataset, "mode": "step", "train_method": "euler",
             "test_method": test_method, "seed": i, "iterations": 10, "test_accuracy": acc, "nfe_per_iteration": nfe,
-            "train_nfe_forward": 900, "train_nfe_backward": 900, "check_nfe": 100 + i, "total_nfe": 1900 + i,
+            "train_nfe_forward": 900 + 10 * i, "train_nfe_backward": 900, "check_nfe": 100 + i, "total_nfe": 1900 + i,
             "wall_time": wall, "final_steps": 100, "final_tol": None,
         })
     return pd.DataFrame(rows)
@@ -95,6 +95,30 @@ def test_table1_numbers_from_hand_made_tables():
     assert ("| Concentric spheres 2d | Euler / Midpoint | 65-129 | 98.7 ± 1.0 % | 100.5 | 99.0 ± 1.0 % | 7680 | 5703 | 1.3x "
             "| 10.0 min | 93 s | 5 / 0, 3 |") in md
     assert "| CIFAR10 | Euler / Midpoint | 17-33 | 54.7 ± 0.3 % | 21.9 | 55.0 % | 640 | 1904 | 0.3x | 33.4 min | 8.3 min | 4 / 1, 1 |" in md
+
+
+def test_adaptation_nfe_training_counts_the_training_passes_only():
+    table = build_table1(grid_table(), adaptation_table(), critical, adaptation_nfe="training")
+    sphere = table[(table.dataset == "sphere2") & (table.test_method == "midpoint")].iloc[0]
+    # Training forward evaluations 900, 910 and 920 over 10 iterations each: the checks are left out.
+    assert sphere.adapt_nfe_per_iteration == pytest.approx(91.0)
+    assert sphere.adapt_total_nfe == 1900 + 1901 + 1902  # the cost columns count everything either way
+    with pytest.raises(ValueError, match="adaptation_nfe must be one of \\['all', 'training'\\], got 'forward'"):
+        build_table1(grid_table(), adaptation_table(), critical, adaptation_nfe="forward")
+    with pytest.raises(ValueError, match="lacks columns train_nfe_forward"):
+        build_table1(grid_table(), adaptation_table().drop(columns=["train_nfe_forward"]), critical, adaptation_nfe="training")
+
+
+def test_cli_says_what_the_adaptation_nfe_counts(tmp_path, monkeypatch, capsys):
+    grid_dir, adapt_dir = write_inputs(tmp_path)
+    monkeypatch.setitem(sys.modules, "hand_critical", types.SimpleNamespace(critical=critical))
+    args = [str(grid_dir), str(adapt_dir), "--out", str(tmp_path / "out"), "--critical-fn", "hand_critical:critical"]
+    assert main(args) == 0
+    assert "Adaptation NFE: per iteration, training forward passes and checks." in (tmp_path / "out" / "table1.md").read_text()
+    assert main(args + ["--adaptation-nfe", "training"]) == 0
+    assert "Adaptation NFE: per iteration, training forward passes only." in (tmp_path / "out" / "table1.md").read_text()
+    assert pd.read_csv(tmp_path / "out" / "table1.csv").query("dataset == 'sphere2' and test_method == 'midpoint'") \
+        .adapt_nfe_per_iteration.item() == pytest.approx(91.0)
 
 
 def test_critical_table_missing_columns_is_a_clear_error():
