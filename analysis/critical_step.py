@@ -40,12 +40,13 @@ __all__ = [
 
 def main(argv: list[str] | None = None) -> int:
     from tune_node.cli import format_table
-    from tune_node.results import read_results
+    from tune_node.results import read_result_parts
 
     # The rule's docstring: its title, then (after the paragraph on where to call it) the rule.
     parser = argparse.ArgumentParser(prog="python -m analysis.critical_step", description=_rule.__doc__.split("\n\n")[0],
                                      epilog=_rule.__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="results.csv/.parquet or an experiment directory")
+    parser.add_argument("results", nargs="+",
+                        help="results.csv/.parquet or an experiment directory; several for a study run in parts (their rows together)")
     parser.add_argument("--threshold", type=float, default=0.1,
                         help="largest accuracy difference of a solver-independent setting (default 0.1)")
     parser.add_argument("--margin", type=float, default=0.1, help="a seed trained when train accuracy >= chance + margin (default 0.1)")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", default=None, help="write the summary to this CSV file")
     args = parser.parse_args(argv)
     try:
-        results = read_results(args.results)
+        results = read_result_parts(args.results)
         summary = critical_steps(results, args.threshold, args.margin)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,7 +8,7 @@ Tables only (pandas); nothing here draws or loads a model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -43,9 +43,17 @@ def require_columns(df: pd.DataFrame, needed, what: str) -> None:
         raise ValueError(f"{what} lacks columns {missing}; it has {list(df.columns)}")
 
 
-def load_results(results_dir: str | Path) -> pd.DataFrame:
+def load_results(results_dir: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """The grid's results table under ``results_dir`` (``results.csv``, else
-    ``results.parquet``) or the file itself, validated."""
+    ``results.parquet``) or the file itself, validated; for a list of them (a study run in
+    parts) their rows together, each training in one part only
+    (:func:`tune_node.results.combine_parts`)."""
+    if not isinstance(results_dir, (str, Path)):
+        from tune_node.results import combine_parts
+
+        if not results_dir:
+            raise ValueError("no results given: name at least one results folder")
+        return combine_parts([(str(part), load_results(part)) for part in results_dir])
     path = Path(results_dir)
     if path.is_dir():
         candidates = [path / "results.csv", path / "results.parquet"]
@@ -58,10 +66,11 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     return df
 
 
-def load_adaptation_history(where: str | Path) -> pd.DataFrame | None:
-    """Every ``adaptation_history.csv`` at or below ``where``, concatenated; None if there is none."""
-    where = Path(where)
-    files = [where] if where.is_file() else sorted(where.rglob("adaptation_history.csv"))
+def load_adaptation_history(where: str | Path | Sequence[str | Path]) -> pd.DataFrame | None:
+    """Every ``adaptation_history.csv`` at or below ``where`` (or each of several places), concatenated;
+    None if there is none."""
+    places = [Path(where)] if isinstance(where, (str, Path)) else [Path(w) for w in where]
+    files = [f for place in places for f in ([place] if place.is_file() else sorted(place.rglob("adaptation_history.csv")))]
     if not files:
         return None
     df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)

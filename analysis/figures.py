@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .figure_data import (
     HISTORY_COLUMNS,
@@ -104,12 +104,14 @@ def trajectory_figure(checkpoint: str | Path, finer=None, max_paths: int = 300, 
     return model_trajectories_figure(model_trajectories(checkpoint, finer, max_paths, max_pairs, seed))
 
 
-def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None = None, adaptation_dir: str | Path | None = None,
+def write_all(results_dir: str | Path | Sequence[str | Path], out: str | Path, critical: Mapping | None = None,
+              adaptation_dir: str | Path | None = None,
               svg: bool = True, examples_too: bool = True, log=print, dpi: int = 130) -> list[Path]:
     """Write every figure the results allow to ``out``; ``log`` one note per skipped figure.
 
     Arguments:
-        results_dir: folder holding the grid's ``results.csv``.
+        results_dir: folder holding the grid's ``results.csv``, or several (a study run in parts: their
+            rows together, each training in one part only).
         out: folder for the images.
         critical: critical settings for :func:`accuracy_figure`; by default from
             ``analysis.critical_step`` when that module is available.
@@ -131,7 +133,8 @@ def write_all(results_dir: str | Path, out: str | Path, critical: Mapping | None
             written += save_figure(fig, out, name, svg, dpi)
     history = load_adaptation_history(adaptation_dir or results_dir)
     if history is None:
-        log(f"skipped adaptation: no adaptation_history.csv under {adaptation_dir or results_dir}")
+        where = adaptation_dir or (results_dir if isinstance(results_dir, (str, Path)) else ", ".join(map(str, results_dir)))
+        log(f"skipped adaptation: no adaptation_history.csv under {where}")
     else:
         written += save_figure(adaptation_figure(history), out, "adaptation", svg, dpi)
     trials = trajectory_trials(results)
@@ -167,24 +170,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.figures",
                                      description="Write the paper's figures from grid (and adaptation) results, "
                                                  "or the trajectory figure of one checkpoint.")
-    parser.add_argument("results_dir", nargs="?", help="folder holding the grid's results.csv")
+    parser.add_argument("results_dir", nargs="*",
+                        help="folder holding the grid's results.csv; several for a study run in parts (their rows together)")
     parser.add_argument("--checkpoint", default=None,
                         help="instead of results: draw the trajectory figure of this 2-D model's checkpoint.pt")
-    parser.add_argument("--out", default=None, help="folder for the figures (default: RESULTS_DIR/figures, or . with --checkpoint)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the figures (default: the first RESULTS_DIR/figures, or . with --checkpoint)")
     parser.add_argument("--adaptation", default=None, help="folder with adaptation_history.csv (default: search RESULTS_DIR)")
     parser.add_argument("--no-svg", action="store_true", help="write PNG only")
     parser.add_argument("--dpi", type=int, default=130, help="PNG resolution (default 130)")
     parser.add_argument("--no-examples", action="store_true", help="skip the XOR and Appendix A examples")
     args = parser.parse_args(argv)
-    if (args.results_dir is None) == (args.checkpoint is None):
+    if (not args.results_dir) == (args.checkpoint is None):
         parser.error("give either RESULTS_DIR or --checkpoint PATH")
     try:
         if args.checkpoint:
             name = f"trajectories_{Path(args.checkpoint).stem}"
             written = save_figure(trajectory_figure(args.checkpoint), Path(args.out or "."), name, svg=not args.no_svg, dpi=args.dpi)
         else:
-            out = Path(args.out) if args.out else Path(args.results_dir) / "figures"
-            written = write_all(args.results_dir, out, adaptation_dir=args.adaptation, svg=not args.no_svg,
+            out = Path(args.out) if args.out else Path(args.results_dir[0]) / "figures"
+            parts = args.results_dir[0] if len(args.results_dir) == 1 else args.results_dir
+            written = write_all(parts, out, adaptation_dir=args.adaptation, svg=not args.no_svg,
                                 examples_too=not args.no_examples, dpi=args.dpi)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")

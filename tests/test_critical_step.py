@@ -141,3 +141,27 @@ def test_cli_reads_csv(tmp_path, capsys):
     assert "8 steps" in out and "4-8" in out and "95.0 +- 0.0 %" in out  # critical, NFE pair, accuracy
     assert "independent" in out  # the per-setting table
     assert main([str(tmp_path / "missing.csv")]) == 2
+
+
+def test_cli_reads_a_study_run_in_parts(tmp_path, capsys):
+    # One tolerance ladder split into a coarse and a fine experiment: the rule needs both.
+    acc = lambda r: GOOD if r.is_train_solver or not r.qualifies or r.train_tol <= 1e-3 else BAD
+    coarse = make_results([SolverSetting.adaptive("fehlberg2", t) for t in (1e-1, 1e-2)], acc=acc)
+    fine = make_results([SolverSetting.adaptive("fehlberg2", t) for t in (1e-3, 1e-4)], acc=acc)
+    (tmp_path / "coarse").mkdir()
+    (tmp_path / "fine").mkdir()
+    coarse.to_csv(tmp_path / "coarse" / "results.csv", index=False)
+    fine.to_csv(tmp_path / "fine" / "results.csv", index=False)
+    summary = tmp_path / "summary.csv"
+    assert main([str(tmp_path / "coarse"), str(tmp_path / "fine"), "--csv", str(summary)]) == 0
+    both = pd.read_csv(summary).iloc[0]
+    assert both.critical_tol == pytest.approx(1e-3) and both.status == "found"
+    assert main([str(tmp_path / "fine"), "--csv", str(summary)]) == 0
+    assert pd.read_csv(summary).iloc[0].status == "coarsest"  # the fine part alone cannot see where models fail
+
+    # A training in two parts would be counted twice: refused, naming it and both parts.
+    fine.to_csv(tmp_path / "coarse" / "results.csv", index=False)
+    assert main([str(tmp_path / "coarse"), str(tmp_path / "fine")]) == 2
+    err = capsys.readouterr().err
+    assert "the results overlap: the training dataset=sphere2, train_method=fehlberg2" in err
+    assert str(tmp_path / "coarse") in err and str(tmp_path / "fine") in err

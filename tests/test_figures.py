@@ -209,6 +209,23 @@ def test_critical_from_summary_reads_steps_and_tolerances():
     assert figures.critical_from_summary(summary) == {("sphere2", "euler", "backprop"): 8.0, ("sphere2", "dopri5", "adjoint"): 1e-4}
 
 
+def test_results_in_parts_read_as_one_table(results, tmp_path):
+    table = figures.load_results(results)
+    first_trials = table.trial_id.drop_duplicates().iloc[:2]
+    parts = []
+    for name, rows in (("a", table[table.trial_id.isin(first_trials)]), ("b", table[~table.trial_id.isin(first_trials)])):
+        (tmp_path / name).mkdir()
+        rows.to_csv(tmp_path / name / "results.csv", index=False)
+        parts.append(tmp_path / name)
+    combined = figures.load_results(parts)
+    pd.testing.assert_frame_equal(combined.sort_values(list(combined.columns)).reset_index(drop=True),
+                                  table.sort_values(list(table.columns)).reset_index(drop=True))
+    with pytest.raises(ValueError, match="the results overlap"):
+        figures.load_results([parts[0], parts[0]])
+    assert figures.main([str(p) for p in parts] + ["--out", str(tmp_path / "out"), "--no-svg", "--no-examples", "--dpi", "40"]) == 0
+    assert (tmp_path / "out" / "accuracy_vs_steps.png").is_file()
+
+
 def test_bad_inputs_give_clear_errors(results, tmp_path):
     with pytest.raises(FileNotFoundError, match="results.csv"):
         figures.load_results(tmp_path)

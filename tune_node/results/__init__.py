@@ -19,15 +19,19 @@ from .table import (
     COLUMNS,
     RESULTS_CSV,
     RESULTS_PARQUET,
+    TRAINING_SETTING,
     NotAnExperimentError,
     _final_files,  # noqa: F401  (tune_node.results.adaptation reads the same final.json layout)
     collect,
+    combine_parts,
+    read_result_parts,
     read_results,
     write_results,
 )
 
 __all__ = [
-    "COLUMNS", "collect", "write_results", "read_results", "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError",
+    "COLUMNS", "collect", "write_results", "read_results", "read_result_parts", "combine_parts", "TRAINING_SETTING",
+    "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError",
     "CHANCE", "SUMMARY_COLUMNS", "chance_accuracy", "trial_table", "qualifying_tests", "solver_independence",
     "critical_steps", "display_rows", "main",
 ]

@@ -25,6 +25,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -32,7 +33,8 @@ from ..experiments.experiment_folder import CHECKPOINT_FILE, FINAL_FILE, GRID_FI
 from ..experiments.storage import is_uri, local_experiment
 from .critical_step import CHANCE
 
-__all__ = ["COLUMNS", "collect", "write_results", "read_results", "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError"]
+__all__ = ["COLUMNS", "collect", "write_results", "read_results", "read_result_parts", "combine_parts", "TRAINING_SETTING",
+           "RESULTS_CSV", "RESULTS_PARQUET", "NotAnExperimentError"]
 
 # New columns go at the end: tables read by position keep their meaning.
 COLUMNS = [
@@ -43,6 +45,8 @@ COLUMNS = [
     "status", "diverged_iteration", "diverged_reason", "chance_accuracy",
 ]
 RESULTS_CSV = "results.csv"
+# The columns that name one training (a seed at a training setting); combine_parts keeps each in one part.
+TRAINING_SETTING = ["dataset", "train_method", "train_steps", "train_tol", "gradient", "seed"]
 RESULTS_PARQUET = "results.parquet"
 
 
@@ -184,3 +188,33 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"no results table or experiment directory at {str(path)!r}")
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def combine_parts(parts: Sequence[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """The results tables of a study run in parts (e.g. one experiment per tolerance range) as one table.
+
+    Arguments:
+        parts: ``(name, table)`` pairs; the names only label errors.
+
+    Raises ValueError where one training (:data:`TRAINING_SETTING`: a seed at a training setting)
+    has rows in two parts, since the critical-step rule would then count it twice.
+    """
+    if len(parts) == 1:
+        return parts[0][1]
+    key = [c for c in TRAINING_SETTING if all(c in table.columns for _, table in parts)]
+    first_part: dict[tuple, str] = {}
+    for name, table in parts:
+        for setting in table[key].astype(str).drop_duplicates().itertuples(index=False, name=None):
+            if setting in first_part:
+                described = ", ".join(f"{c}={v}" for c, v in zip(key, setting) if v != "nan")
+                raise ValueError(f"the results overlap: the training {described} has rows in both {first_part[setting]!r} and "
+                                 f"{name!r}; give each training setting in one part only")
+            first_part[setting] = name
+    return pd.concat([table for _, table in parts], ignore_index=True)
+
+
+def read_result_parts(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """:func:`read_results` of each path, as one table (:func:`combine_parts`)."""
+    if not paths:
+        raise ValueError("no results given: name at least one results table or experiment directory")
+    return combine_parts([(str(path), read_results(path)) for path in paths])
