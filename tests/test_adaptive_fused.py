@@ -171,6 +171,43 @@ def test_cpp_and_python_loops_agree_bit_for_bit(method, seeds):
     assert all(torch.equal(a, b) for a, b in zip(cpp_grads, py_grads))
 
 
+def random_dense_weights(width, hidden, dtype, seeds):
+    """A dense field of ``seeds`` stacked models on states of ``width`` columns (Sphere2's have 2)."""
+    gen = torch.Generator().manual_seed(11)
+
+    def draw(*shape, scale):
+        return scale * torch.randn(seeds, *shape, generator=gen, dtype=dtype)
+
+    return [
+        draw(width, hidden, scale=0.7),
+        draw(hidden, scale=0.3),
+        draw(hidden, hidden, scale=0.25),
+        draw(hidden, scale=0.3),
+        draw(hidden, width, scale=0.25),
+        draw(width, scale=0.1),
+    ]
+
+
+@needs_native
+@pytest.mark.parametrize("width", [3, 6], ids=["narrow", "wide"])
+def test_other_state_widths_cpp_and_python_loops_agree_and_a_group_equals_separate_solves(width):
+    # The output layer's backward product: elementwise up to 4 columns (Sphere2's 2 have their own
+    # loop, 3 takes the general one), batched beyond; the C++ and Python loops choose alike.
+    weights = random_dense_weights(width, 64, torch.float64, 3)
+    z0 = torch.randn(3, 32, width, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    group, grads = solve(weights, z0, "fehlberg2", 1e-6, fused=True, seeded=True, loops=NATIVE)
+    py, py_grads = solve(weights, z0, "fehlberg2", 1e-6, fused=True, seeded=True, loops=PythonAttemptLoops)
+    assert len(set(group.attempts)) > 1
+    assert py.nfe == group.nfe and torch.equal(py.z, group.z) and all(torch.equal(a, b) for a, b in zip(grads, py_grads))
+    for s in range(3):
+        sol, grads_s = solve([w[s] for w in weights], z0[s], "fehlberg2", 1e-6, fused=True, loops=NATIVE)
+        assert sol.nfe[0] == group.nfe[s] and torch.equal(sol.z, group.z[s])
+        assert all(torch.equal(g[s], g_s) for g, g_s in zip(grads, grads_s))
+    eager, grads_ref = solve(weights, z0, "fehlberg2", 1e-6, fused=False, seeded=True)
+    assert eager.nfe == group.nfe and torch.equal(eager.z, group.z)
+    assert_grads_close(grads, grads_ref, 1e-10)
+
+
 class SteppedInPython(IController):
     """IController's decisions, overridden: the fused solve then steps from Python around the
     per-attempt loops instead of running the C++ loops' whole solve."""

@@ -25,8 +25,11 @@
   backward pass), and a group drops its finished seeds from the batch (each seed's bits are
   those of its own solve either way); an overridden ``decide`` steps from Python here. The
   C++ loops run some elementwise chains (the error ratio's scaled squares, the first step
-  size's norms and trial state, the interpolant) as plain loops making the same IEEE
-  operations in the same order as the ATen calls they replace, so the same bits.
+  size's norms and trial state, the interpolant; in the backward pass the output layer's
+  product for a narrow state with its ReLU mask and bias sums, the first hidden layer's mask
+  and bias sum, each stage's adjoint updates, the first step size's rule's elementwise chains)
+  as plain loops making the same IEEE operations in the same order as the ATen calls they
+  replace, so the same bits.
 
 A solve whose backward pass never runs leaves its buffers to the garbage collector; the
 next solve allocates afresh.
@@ -67,6 +70,9 @@ from .dense import DENSE_MAX_DIM, _gather_plan, _StackedField, dense_conv_weight
 __all__ = ["dense_adaptive_solve", "fused_adaptive_solve", "PythonAttemptLoops", "attempt_loops"]
 
 _threshold_backward_into = torch.ops.aten.threshold_backward.grad_input
+# A state this narrow (columns) or narrower takes the output layer's backward product g W3^T as
+# elementwise products and additions (the C++ loops' kNarrowWidth: the same choice, the same bits).
+_NARROW_WIDTH = 4
 
 # Attempt buffers between solves, keyed by shape, dtype and device: a solve takes what it
 # needs in its forward pass and gives all back at the end of its backward pass (fresh
@@ -149,6 +155,12 @@ class PythonAttemptLoops:
     ``W1, c1 (S, 1, H), W1^T, W2^T, W3^T``, and ``acc`` the gradient accumulators ``gW1, gW2,
     gW3^T``, the biases' per batch row ``gc1, gc2, gc3`` (summed over the rows at the end: one
     addition per evaluation) and the scratch ``hidden, first`` (all ``(S, ., .)``).
+
+    Backward-only arithmetic chosen for the C++ plain loops (gradients agree with the eager
+    solve's to rounding either way): a state of at most ``_NARROW_WIDTH`` columns takes the
+    output layer's product ``g W3^T`` as elementwise products and additions in column order, the
+    stages' adjoints take a product then a sum where ``addcmul_`` (whose kernel may fuse the two)
+    ran before, and the first step size's rule sums its three scaled parts left to right.
     """
 
     @staticmethod
@@ -188,7 +200,14 @@ class PythonAttemptLoops:
         gW1, gW2, gW3t, gc1, gc2, gc3, hidden, first = acc
         gW3t.baddbmm_(g.transpose(-1, -2), h2)
         gc3.add_(g)
-        gh = torch.bmm(g, w[4], out=hidden)
+        width = g.shape[-1]
+        if width <= _NARROW_WIDTH:
+            # g W3^T as elementwise products and additions in column order (the C++ loops' arithmetic).
+            gh = torch.mul(g[..., 0:1], w[4][..., 0:1, :], out=hidden)
+            for k in range(1, width):
+                gh.add_(g[..., k : k + 1] * w[4][..., k : k + 1, :])
+        else:
+            gh = torch.bmm(g, w[4], out=hidden)
         _threshold_backward_into(gh, h2, 0, grad_input=gh)
         gW2.baddbmm_(h1.transpose(-1, -2), gh)
         gc2.add_(gh)
@@ -240,7 +259,8 @@ class PythonAttemptLoops:
                 combos.append(g_in)
                 rows.append(i - 1)
             g_y = g_in.clone() if g_y is None else g_y.add_(g_in)
-            g_k[:i].addcmul_(g_in.unsqueeze(0), wk[i - 1, :i])
+            # A product, then a sum (not addcmul_, whose kernel may fuse them): the C++ loop's operations.
+            g_k[:i].add_(g_in.unsqueeze(0) * wk[i - 1, :i])
         if first:
             if not fsal:
                 combos.append(g_y1)
@@ -383,7 +403,7 @@ class PythonAttemptLoops:
             factors[seeds + s] = g_d1_total / (count * d1)
         f = _per_seed_factors(factors, 4, z0)
         g_u = u * f[:3]  # dL/du per part
-        g_scale = -torch.sum(g_u * u, (0,)) * inv
+        g_scale = -(g_u[0] * u[0] + g_u[1] * u[1] + g_u[2] * u[2]) * inv  # the parts' sum left to right (the C++ loop's)
         g_z0 = g_z0 + g_trial + g_u[0] * inv + torch.mul(g_scale * torch.sign(z0), rtol)
         g_f0 = g_f0 - g_f1 + g_trial * f[3] + g_u[1] * inv
         return g_z0 + eval_backward(g_f0, z0, h1_first, h2_first, w, acc)

@@ -26,27 +26,6 @@ Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Ten
   return at::addmm(w[5], h2, w[4]);
 }
 
-// w: W1, c1 (S,1,H), W1t, W2t, W3t; acc: gW1, gW2, gW3t, the biases' gradients per batch row
-// gc1, gc2, gc3 (S,B,.), summed over the rows once at the end (one addition per evaluation
-// instead of a sum and an addition), then scratch hidden, first. Returns dL/dz of k = f(z) given
-// dL/dk = g, with h1 and h2 the hidden layers (after ReLU) the forward pass kept.
-Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h1, const Tensor& h2, const std::vector<Tensor>& w,
-                      const std::vector<Tensor>& acc) {
-  Tensor gW1 = acc[0], gW2 = acc[1], gW3t = acc[2], gc1 = acc[3], gc2 = acc[4], gc3 = acc[5];
-  Tensor hidden = acc[6], first = acc[7];
-  gW3t.baddbmm_(g.transpose(-1, -2), h2);
-  gc3.add_(g);
-  Tensor gh = at::bmm_out(hidden, g, w[4]);
-  at::threshold_backward_out(gh, gh, h2, 0);
-  gW2.baddbmm_(h1.transpose(-1, -2), gh);
-  gc2.add_(gh);
-  gh = at::bmm_out(first, gh, w[3]);
-  at::threshold_backward_out(gh, gh, h1, 0);
-  gW1.baddbmm_(z.transpose(-1, -2), gh);
-  gc1.add_(gh);
-  return at::bmm(gh, w[2]);
-}
-
 // The elementwise tails below run as plain loops rather than chains of ATen calls (a few us each
 // on these small tensors). They make the same IEEE operations in the same order as the ATen
 // calls they replace (each of those rounds its result to the dtype; a scalar factor is first
@@ -60,6 +39,13 @@ Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h1, const 
 #else
 #define NO_FP_CONTRACT
 #define NO_FP_CONTRACT_BODY
+#endif
+// The backward pass's loops over (S, B, H) are long enough for SIMD to matter: GCC vectorizes them
+// with this (its -O2 here does not; vectorized, each element still gets the same IEEE operations).
+#if defined(__GNUC__) && !defined(__clang__)
+#define VECTORIZED __attribute__((optimize("fp-contract=off", "tree-vectorize")))
+#else
+#define VECTORIZED NO_FP_CONTRACT
 #endif
 
 // Reads of an (S, B, W) tensor, or one model's (B, W) as S = 1, through its strides.
@@ -78,6 +64,127 @@ struct Strided {
 
 bool plain_loops_take(const Tensor& t) {
   return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
+// A state this narrow (columns, C*D) or narrower takes the output layer's backward product g W3^T as
+// elementwise products and additions in column order (g[:, 0] W3^T[0] + g[:, 1] W3^T[1] + ...): for
+// Sphere2's 2 columns a batched product costs ~3 us, its arithmetic a fraction of that. Both loops
+// (these and tune_node.fast.adaptive_solve.PythonAttemptLoops, its _NARROW_WIDTH) take the same choice.
+constexpr int64_t kNarrowWidth = 4;
+
+// The output layer's backward pass for a narrow state in one loop over (S, B, H): gh2 =
+// threshold_backward(g W3^T, h2, 0) (the product as above), gc3 += g and gc2 += gh2 (the biases'
+// gradients per batch row): the IEEE operations of the ATen calls field_backward otherwise makes,
+// in the same order (threshold_backward: 0 where h2 <= 0, else the gradient). All contiguous but
+// W3^T; WIDTH: the state's columns where known at compile time (0: width).
+template <typename scalar_t, int WIDTH>
+VECTORIZED void output_layer_backward(const Tensor& g_t, const Tensor& w3t_t, const Tensor& h2_t, Tensor& gh2_t, Tensor& gc3_t,
+                                      Tensor& gc2_t) {
+  NO_FP_CONTRACT_BODY
+  const int64_t seeds = g_t.size(0), rows = g_t.size(1), width = WIDTH > 0 ? WIDTH : g_t.size(2), hidden = h2_t.size(2);
+  const scalar_t* g = g_t.data_ptr<scalar_t>();
+  const scalar_t* h2 = h2_t.data_ptr<scalar_t>();
+  scalar_t* gh2 = gh2_t.data_ptr<scalar_t>();
+  scalar_t* gc3 = gc3_t.data_ptr<scalar_t>();
+  scalar_t* gc2 = gc2_t.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < seeds * rows * width; ++i) gc3[i] = gc3[i] + g[i];
+  std::vector<scalar_t> w3(width * hidden);  // the seed's W3^T, contiguous
+  for (int64_t s = 0; s < seeds; ++s) {
+    const scalar_t* w3s = w3t_t.data_ptr<scalar_t>() + s * w3t_t.stride(0);
+    const int64_t k_stride = w3t_t.stride(1), j_stride = w3t_t.stride(2);
+    for (int64_t k = 0; k < width; ++k)
+      for (int64_t j = 0; j < hidden; ++j) w3[k * hidden + j] = w3s[k * k_stride + j * j_stride];
+    const scalar_t* __restrict__ w = w3.data();
+    for (int64_t b = 0; b < rows; ++b) {
+      const int64_t row = s * rows + b;
+      const scalar_t* __restrict__ g_row = g + row * width;
+      const scalar_t* __restrict__ h_row = h2 + row * hidden;
+      scalar_t* __restrict__ out = gh2 + row * hidden;
+      scalar_t* __restrict__ sum = gc2 + row * hidden;
+      if (WIDTH == 2) {
+        const scalar_t g0 = g_row[0], g1 = g_row[1];
+        const scalar_t* __restrict__ w0 = w;
+        const scalar_t* __restrict__ w1 = w + hidden;
+        for (int64_t j = 0; j < hidden; ++j) out[j] = g0 * w0[j] + g1 * w1[j];
+      } else {
+        for (int64_t j = 0; j < hidden; ++j) out[j] = g_row[0] * w[j];
+        for (int64_t k = 1; k < width; ++k)
+          for (int64_t j = 0; j < hidden; ++j) out[j] = out[j] + g_row[k] * w[k * hidden + j];
+      }
+      // threshold_backward, then the bias gradient (a separate pass: a select after arithmetic in
+      // one loop is not vectorized by GCC).
+      for (int64_t j = 0; j < hidden; ++j) {
+        const scalar_t v = h_row[j] <= 0 ? scalar_t(0) : out[j];
+        out[j] = v;
+        sum[j] = sum[j] + v;
+      }
+    }
+  }
+}
+
+// gh1 = threshold_backward(gh1, h1, 0) in place and gc1 += gh1 in one loop (all contiguous).
+template <typename scalar_t>
+VECTORIZED void hidden_layer_backward(Tensor& gh1_t, const Tensor& h1_t, Tensor& gc1_t) {
+  NO_FP_CONTRACT_BODY
+  scalar_t* __restrict__ gh1 = gh1_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ h1 = h1_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ gc1 = gc1_t.data_ptr<scalar_t>();
+  const int64_t numel = gh1_t.numel();
+  for (int64_t i = 0; i < numel; ++i) {
+    const scalar_t v = h1[i] <= 0 ? scalar_t(0) : gh1[i];
+    gh1[i] = v;
+    gc1[i] = gc1[i] + v;
+  }
+}
+
+// w: W1, c1 (S,1,H), W1t, W2t, W3t; acc: gW1, gW2, gW3t, the biases' gradients per batch row
+// gc1, gc2, gc3 (S,B,.), summed over the rows once at the end (one addition per evaluation
+// instead of a sum and an addition), then scratch hidden, first. Returns dL/dz of k = f(z) given
+// dL/dk = g, with h1 and h2 the hidden layers (after ReLU) the forward pass kept. A narrow state's
+// output layer product is elementwise (kNarrowWidth), and on CPU in float32 and float64 the
+// elementwise steps run as the two loops above (the same operations as the ATen calls).
+Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h1, const Tensor& h2, const std::vector<Tensor>& w,
+                      const std::vector<Tensor>& acc) {
+  Tensor gW1 = acc[0], gW2 = acc[1], gW3t = acc[2], gc1 = acc[3], gc2 = acc[4], gc3 = acc[5];
+  Tensor hidden = acc[6], first = acc[7];
+  gW3t.baddbmm_(g.transpose(-1, -2), h2);
+  const int64_t width = g.size(-1);
+  const bool narrow = width <= kNarrowWidth;
+  bool loops = narrow && plain_loops_take(g) && g.dim() == 3;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&z, &h1, &h2, &w[4], &hidden, &first, &gc1, &gc2, &gc3})
+    loops = loops && t->dim() == 3 && t->device() == g.device() && t->scalar_type() == g.scalar_type();
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&g, &h1, &h2, &hidden, &first, &gc1, &gc2, &gc3})
+    loops = loops && t->is_contiguous();
+  Tensor gh = hidden;
+  if (loops) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "output_layer_backward", [&] {
+      if (width == 2) {
+        output_layer_backward<scalar_t, 2>(g, w[4], h2, hidden, gc3, gc2);
+      } else {
+        output_layer_backward<scalar_t, 0>(g, w[4], h2, hidden, gc3, gc2);
+      }
+    });
+  } else {
+    gc3.add_(g);
+    if (narrow) {
+      at::mul_out(gh, g.narrow(-1, 0, 1), w[4].narrow(-2, 0, 1));
+      for (int64_t k = 1; k < width; ++k) gh.add_(g.narrow(-1, k, 1) * w[4].narrow(-2, k, 1));
+    } else {
+      at::bmm_out(gh, g, w[4]);
+    }
+    at::threshold_backward_out(gh, gh, h2, 0);
+    gc2.add_(gh);
+  }
+  gW2.baddbmm_(h1.transpose(-1, -2), gh);
+  gh = at::bmm_out(first, gh, w[3]);
+  if (loops) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "hidden_layer_backward", [&] { hidden_layer_backward<scalar_t>(gh, h1, gc1); });
+  } else {
+    at::threshold_backward_out(gh, gh, h1, 0);
+    gc1.add_(gh);
+  }
+  gW1.baddbmm_(z.transpose(-1, -2), gh);
+  return at::bmm(gh, w[2]);
 }
 
 // (error / (max(|y|, |y1|) * rtol + atol)).abs().pow(2), as attempt_forward's ATen calls compute
@@ -196,11 +303,56 @@ std::vector<Tensor> attempt_forward(const Tensor& y, const Tensor& f0, const Ten
   return {y1, ratio.abs(), weights};
 }
 
+namespace {
+
+// Whether stage_adjoints takes these (else the ATen calls it replaces run).
+bool stage_loop_takes(const Tensor& g_in, const Tensor& g_k, const Tensor& g_y, const Tensor* g_y1, const Tensor& wk) {
+  bool take = plain_loops_take(g_in) && g_in.dim() == 3;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&g_in, &g_k, &g_y, &wk})
+    take = take && t->is_contiguous() && t->scalar_type() == g_in.scalar_type() && t->device() == g_in.device();
+  if (g_y1) take = take && g_y1->is_contiguous() && g_y1->scalar_type() == g_in.scalar_type() && g_y1->device() == g_in.device();
+  return take && g_y.sizes() == g_in.sizes() && g_k.size(1) == g_in.size(0) && g_k.numel() == g_k.size(0) * g_in.numel();
+}
+
+// One stage's adjoint updates after its evaluation's backward pass, as a loop: g_in += g_y1 (the
+// FSAL stage), g_y += g_in (or g_y = g_in where fresh), and g_k[j] += g_in * wk[i-1, j] for the
+// stages j < i (per seed factors): the IEEE operations of the ATen calls attempt_backward otherwise
+// makes (add_, copy_, a product then add_), in the same order. g_k: (n, S, B, W); wk: (rows, n, S, 1, 1).
+template <typename scalar_t>
+VECTORIZED void stage_adjoints(Tensor& g_in_t, const Tensor* g_y1_t, Tensor& g_y_t, bool fresh, Tensor& g_k_t, const Tensor& wk_t,
+                               int64_t i) {
+  NO_FP_CONTRACT_BODY
+  const int64_t seeds = g_in_t.size(0), per_seed = g_in_t.size(1) * g_in_t.size(2), numel = seeds * per_seed, n = wk_t.size(1);
+  scalar_t* __restrict__ g_in = g_in_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ g_y = g_y_t.data_ptr<scalar_t>();
+  scalar_t* g_k = g_k_t.data_ptr<scalar_t>();
+  const scalar_t* wk = wk_t.data_ptr<scalar_t>() + (i - 1) * n * seeds;
+  if (g_y1_t) {
+    const scalar_t* __restrict__ g_y1 = g_y1_t->data_ptr<scalar_t>();
+    for (int64_t e = 0; e < numel; ++e) g_in[e] = g_in[e] + g_y1[e];
+  }
+  if (fresh) {
+    for (int64_t e = 0; e < numel; ++e) g_y[e] = g_in[e];
+  } else {
+    for (int64_t e = 0; e < numel; ++e) g_y[e] = g_y[e] + g_in[e];
+  }
+  for (int64_t j = 0; j < i; ++j)
+    for (int64_t s = 0; s < seeds; ++s) {
+      const scalar_t factor = wk[j * seeds + s];
+      const scalar_t* __restrict__ source = g_in + s * per_seed;
+      scalar_t* __restrict__ target = g_k + j * numel + s * per_seed;
+      for (int64_t e = 0; e < per_seed; ++e) target[e] = target[e] + source[e] * factor;
+    }
+}
+
+}  // namespace
+
 // One kept attempt's backward pass (all (S, ., .); wk: the attempt's h * coefficient rows as
 // (rows, stages, S, 1, 1)). interp: dL/d of the interpolant's start state, solution, midpoint,
 // first and last stage outputs, or empty. Returns dL/dy and dL/df0 before the attempt and, on
 // the first attempt, dL/dh per seed (float64) through its stage weights h * a (its solution's
 // h * b for a non-FSAL pair, its midpoint's h * b_mid if it finished; rows64: the coefficient rows).
+// Each stage's adjoint updates run as stage_adjoints' loop where it takes them.
 std::vector<Tensor> attempt_backward(const Tensor& gy, const Tensor& gf, const std::vector<bool>& accepted,
                                      const Tensor& weights, const Tensor& zs_in, const Tensor& h1s_in, const Tensor& h2s_in,
                                      const Tensor& ks_in,
@@ -234,15 +386,29 @@ std::vector<Tensor> attempt_backward(const Tensor& gy, const Tensor& gf, const s
   }
   std::vector<Tensor> combos;  // adjoints of the combinations h * row . k, for dL/dh
   std::vector<int64_t> combo_rows;
+  bool fresh_y = !g_y.defined();  // g_y is the first stage's g_in (a copy)
   for (int64_t i = n - 1; i > 0; --i) {
     Tensor g_in = field_backward(g_k.select(0, i), zs.select(0, i - 1), h1s.select(0, i - 1), h2s.select(0, i - 1), w, acc);
-    if (fsal && i == n - 1) g_in.add_(g_y1);
+    const bool add_y1 = fsal && i == n - 1;
+    if (!g_y.defined()) g_y = at::empty_like(g_in, at::MemoryFormat::Contiguous);  // g_in's copy below
+    if (stage_loop_takes(g_in, g_k, g_y, add_y1 ? &g_y1 : nullptr, wk)) {
+      AT_DISPATCH_FLOATING_TYPES(g_in.scalar_type(), "stage_adjoints", [&] {
+        stage_adjoints<scalar_t>(g_in, add_y1 ? &g_y1 : nullptr, g_y, fresh_y, g_k, wk, i);
+      });
+    } else {
+      if (add_y1) g_in.add_(g_y1);
+      if (fresh_y) {
+        g_y.copy_(g_in);
+      } else {
+        g_y.add_(g_in);
+      }
+      g_k.slice(0, 0, i).add_(g_in.unsqueeze(0) * wk.select(0, i - 1).slice(0, 0, i));
+    }
+    fresh_y = false;
     if (first) {
       combos.push_back(g_in);
       combo_rows.push_back(i - 1);
     }
-    g_y = g_y.defined() ? g_y.add_(g_in) : g_in.clone();
-    g_k.slice(0, 0, i).addcmul_(g_in.unsqueeze(0), wk.select(0, i - 1).slice(0, 0, i));
   }
   Tensor g_h;
   if (first) {
@@ -446,6 +612,83 @@ std::vector<Tensor> interpolant_backward(double T, const Tensor& grad_out, const
   return {grads[0], grads[1], grads[2], grads[3], grads[4], g_h_t};
 }
 
+namespace {
+
+// first_step_backward's elementwise chains as loops over (S, B, W), all contiguous: the IEEE
+// operations of its ATen calls (scalars converted to the dtype first, no fused multiply-add), in
+// the same order. The scale's inverse inv = 1 / (|z0| rtol + atol) and u = (z0, f0, f1 - f0) inv.
+template <typename scalar_t>
+VECTORIZED void first_step_scaled(const Tensor& z0_t, const Tensor& f0_t, const Tensor& f1_t, double rtol, double atol, Tensor& inv_t,
+                                  Tensor& u_t) {
+  NO_FP_CONTRACT_BODY
+  const int64_t numel = z0_t.numel();
+  const scalar_t* __restrict__ z0 = z0_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ f0 = f0_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ f1 = f1_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ inv = inv_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ u0 = u_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ u1 = u0 + numel;
+  scalar_t* __restrict__ u2 = u1 + numel;
+  const scalar_t r = static_cast<scalar_t>(rtol), t = static_cast<scalar_t>(atol), one = 1;
+  for (int64_t e = 0; e < numel; ++e) {
+    const scalar_t i = one / (std::abs(z0[e]) * r + t);
+    inv[e] = i;
+    u0[e] = z0[e] * i;
+    u1[e] = f0[e] * i;
+    u2[e] = (f1[e] - f0[e]) * i;
+  }
+}
+
+// g_f1 = u2 * factor2 (per seed) * inv.
+template <typename scalar_t>
+VECTORIZED void first_step_trial_gradient(const Tensor& u_t, const Tensor& inv_t, const std::vector<double>& factors, Tensor& g_t) {
+  NO_FP_CONTRACT_BODY
+  const int64_t seeds = inv_t.size(0), per_seed = inv_t.numel() / seeds;
+  const scalar_t* __restrict__ u2 = u_t.data_ptr<scalar_t>() + 2 * inv_t.numel();
+  const scalar_t* __restrict__ inv = inv_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ g = g_t.data_ptr<scalar_t>();
+  for (int64_t s = 0; s < seeds; ++s) {
+    const scalar_t factor = static_cast<scalar_t>(factors[2 * seeds + s]);
+    for (int64_t e = s * per_seed; e < (s + 1) * per_seed; ++e) g[e] = u2[e] * factor * inv[e];
+  }
+}
+
+// g_u = u f (per part and seed), g_scale = -(g_u0 u0 + g_u1 u1 + g_u2 u2) inv, then
+// g_z0 = g_z0_steps + g_trial + g_u0 inv + (g_scale sign(z0)) rtol and
+// g_f0 = g_f0_steps - g_f1 + g_trial f3 + g_u1 inv (left to right), into g_z0 and g_f0.
+template <typename scalar_t>
+VECTORIZED void first_step_tail(const Tensor& z0_t, const Tensor& u_t, const Tensor& inv_t, const std::vector<double>& factors,
+                                const Tensor& g_z0_steps_t, const Tensor& g_f0_steps_t, const Tensor& g_trial_t, const Tensor& g_f1_t,
+                                double rtol, Tensor& g_z0_t, Tensor& g_f0_t) {
+  NO_FP_CONTRACT_BODY
+  const int64_t seeds = inv_t.size(0), numel = inv_t.numel(), per_seed = numel / seeds;
+  const scalar_t* __restrict__ z0 = z0_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ u0 = u_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ u1 = u0 + numel;
+  const scalar_t* __restrict__ u2 = u1 + numel;
+  const scalar_t* __restrict__ inv = inv_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gz_steps = g_z0_steps_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gf_steps = g_f0_steps_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ g_trial = g_trial_t.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ g_f1 = g_f1_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ g_z0 = g_z0_t.data_ptr<scalar_t>();
+  scalar_t* __restrict__ g_f0 = g_f0_t.data_ptr<scalar_t>();
+  const scalar_t r = static_cast<scalar_t>(rtol), zero = 0;
+  for (int64_t s = 0; s < seeds; ++s) {
+    const scalar_t f0 = static_cast<scalar_t>(factors[s]), f1 = static_cast<scalar_t>(factors[seeds + s]);
+    const scalar_t f2 = static_cast<scalar_t>(factors[2 * seeds + s]), f3 = static_cast<scalar_t>(factors[3 * seeds + s]);
+    for (int64_t e = s * per_seed; e < (s + 1) * per_seed; ++e) {
+      const scalar_t gu0 = u0[e] * f0, gu1 = u1[e] * f1, gu2 = u2[e] * f2;
+      const scalar_t g_scale = -((gu0 * u0[e] + gu1 * u1[e]) + gu2 * u2[e]) * inv[e];
+      const scalar_t sign_z0 = static_cast<scalar_t>((zero < z0[e]) - (z0[e] < zero));
+      g_z0[e] = ((gz_steps[e] + g_trial[e]) + gu0 * inv[e]) + (g_scale * sign_z0) * r;
+      g_f0[e] = ((gf_steps[e] - g_f1[e]) + g_trial[e] * f3) + gu1 * inv[e];
+    }
+  }
+}
+
+}  // namespace
+
 // The first step size's rule (IController.initial_step) and the first evaluation f0 = f(z0)
 // added to dL/dz0, given dL/dh (float64, per seed) and dL/df0 from the steps; (S, B, W)
 // tensors. The rule's scalar chain (norms to step size) is differentiated per seed in
@@ -458,8 +701,18 @@ Tensor first_step_backward(const Tensor& g_h, const Tensor& g_z0_steps, const Te
   const int64_t seeds = z0.size(0);
   const double count = static_cast<double>(z0.size(1) * z0.size(2));
   const double p = 1.0 / static_cast<double>(order);
-  Tensor inv = at::add(at::mul(z0.abs(), rtol), atol).reciprocal();
-  Tensor u = at::stack({z0, f0, f1 - f0}) * inv;  // scaled state, field, field difference
+  bool loops = plain_loops_take(z0) && z0.dim() == 3;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&z0, &f0, &f1, &g_z0_steps, &g_f0_steps})
+    loops = loops && t->is_contiguous() && t->scalar_type() == z0.scalar_type() && t->device() == z0.device() && t->sizes() == z0.sizes();
+  Tensor inv, u;  // the scale's inverse; the scaled state, field, field difference
+  if (loops) {
+    inv = at::empty_like(z0);
+    u = at::empty({3, z0.size(0), z0.size(1), z0.size(2)}, z0.options());
+    AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "first_step_scaled", [&] { first_step_scaled<scalar_t>(z0, f0, f1, rtol, atol, inv, u); });
+  } else {
+    inv = at::add(at::mul(z0.abs(), rtol), atol).reciprocal();
+    u = at::stack({z0, f0, f1 - f0}) * inv;
+  }
   const std::vector<double> norms = to_doubles(u.square().mean({2, 3}).sqrt());
   const std::vector<double> gh = to_doubles(g_h);
   std::vector<double> h0(seeds), h0_sign(seeds), g_h0(seeds), g_d1(seeds), factors(4 * seeds, 0.0);
@@ -486,7 +739,14 @@ Tensor first_step_backward(const Tensor& g_h, const Tensor& g_z0_steps, const Te
     factors[2 * seeds + s] = g_d2_raw / h0[s] / (count * n2);  // dL/du2 = factor * u2
     factors[3 * seeds + s] = h0[s];
   }
-  Tensor g_f1 = u.select(0, 2) * per_seed_factors(factors, 4, z0).select(0, 2) * inv;
+  Tensor g_f1;
+  if (loops) {
+    g_f1 = at::empty_like(z0);
+    AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "first_step_trial_gradient",
+                               [&] { first_step_trial_gradient<scalar_t>(u, inv, factors, g_f1); });
+  } else {
+    g_f1 = u.select(0, 2) * per_seed_factors(factors, 4, z0).select(0, 2) * inv;
+  }
   Tensor g_trial = field_backward(g_f1, trial_z, trial_h1, trial_h2, w, acc);  // the trial input z0 + h0 f0
   const std::vector<double> dots = to_doubles(at::sum(g_trial * f0, {1, 2}));
   for (int64_t s = 0; s < seeds; ++s) {
@@ -497,11 +757,20 @@ Tensor first_step_backward(const Tensor& g_h, const Tensor& g_z0_steps, const Te
     factors[s] = g_d0 / (count * d0);
     factors[seeds + s] = g_d1_total / (count * d1);
   }
-  Tensor f = per_seed_factors(factors, 4, z0);
-  Tensor g_u = u * f.slice(0, 0, 3);  // dL/du per part
-  Tensor g_scale = -at::sum(g_u * u, {0}) * inv;
-  Tensor g_z0 = g_z0_steps + g_trial + g_u.select(0, 0) * inv + at::mul(g_scale * at::sign(z0), rtol);
-  Tensor g_f0 = g_f0_steps - g_f1 + g_trial * f.select(0, 3) + g_u.select(0, 1) * inv;
+  Tensor g_z0, g_f0;
+  if (loops && g_trial.is_contiguous() && g_trial.sizes() == z0.sizes()) {
+    g_z0 = at::empty_like(z0);
+    g_f0 = at::empty_like(z0);
+    AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "first_step_tail", [&] {
+      first_step_tail<scalar_t>(z0, u, inv, factors, g_z0_steps, g_f0_steps, g_trial, g_f1, rtol, g_z0, g_f0);
+    });
+  } else {
+    Tensor f = per_seed_factors(factors, 4, z0);
+    Tensor g_u = u * f.slice(0, 0, 3);  // dL/du per part
+    Tensor g_scale = -(g_u.select(0, 0) * u.select(0, 0) + g_u.select(0, 1) * u.select(0, 1) + g_u.select(0, 2) * u.select(0, 2)) * inv;
+    g_z0 = g_z0_steps + g_trial + g_u.select(0, 0) * inv + at::mul(g_scale * at::sign(z0), rtol);
+    g_f0 = g_f0_steps - g_f1 + g_trial * f.select(0, 3) + g_u.select(0, 1) * inv;
+  }
   return g_z0 + field_backward(g_f0, z0, h1_first, h2_first, w, acc);
 }
 
