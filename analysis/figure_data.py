@@ -51,8 +51,6 @@ def load_results(results_dir: str | Path | Sequence[str | Path]) -> pd.DataFrame
     if not isinstance(results_dir, (str, Path)):
         from tune_node.results import combine_parts
 
-        if not results_dir:
-            raise ValueError("no results given: name at least one results folder")
         return combine_parts([(str(part), load_results(part)) for part in results_dir])
     path = Path(results_dir)
     if path.is_dir():

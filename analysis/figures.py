@@ -189,8 +189,7 @@ def main(argv=None) -> int:
             written = save_figure(trajectory_figure(args.checkpoint), Path(args.out or "."), name, svg=not args.no_svg, dpi=args.dpi)
         else:
             out = Path(args.out) if args.out else Path(args.results_dir[0]) / "figures"
-            parts = args.results_dir[0] if len(args.results_dir) == 1 else args.results_dir
-            written = write_all(parts, out, adaptation_dir=args.adaptation, svg=not args.no_svg,
+            written = write_all(args.results_dir, out, adaptation_dir=args.adaptation, svg=not args.no_svg,
                                 examples_too=not args.no_examples, dpi=args.dpi)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")

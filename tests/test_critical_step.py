@@ -165,3 +165,19 @@ def test_cli_reads_a_study_run_in_parts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the results overlap: the training dataset=sphere2, train_method=fehlberg2" in err
     assert str(tmp_path / "coarse") in err and str(tmp_path / "fine") in err
+
+
+def test_parts_overlap_found_whatever_type_the_columns_were_read_as(tmp_path):
+    from tune_node.results import combine_parts
+
+    fixed_only = make_results(fixed("euler", [8]), acc=by_independence({8}))
+    mixed = pd.concat([fixed_only, make_results([SolverSetting.adaptive("fehlberg2", 1e-3)], acc=lambda r: GOOD)], ignore_index=True)
+    fixed_only.to_csv(tmp_path / "fixed.csv", index=False)
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    fixed_only, mixed = pd.read_csv(tmp_path / "fixed.csv"), pd.read_csv(tmp_path / "mixed.csv")
+    # Read back, train_steps is 8 in the fixed-step-only table and 8.0 beside the adaptive trials' NaN.
+    assert fixed_only["train_steps"].dtype == int and mixed["train_steps"].dtype == float
+    with pytest.raises(ValueError, match="train_steps=8.0, .* has rows in both 'fixed' and 'mixed'"):
+        combine_parts([("fixed", fixed_only), ("mixed", mixed)])
+    with pytest.raises(ValueError, match="no results given"):
+        combine_parts([])

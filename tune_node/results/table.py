@@ -196,15 +196,21 @@ def combine_parts(parts: Sequence[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
     Arguments:
         parts: ``(name, table)`` pairs; the names only label errors.
 
-    Raises ValueError where one training (:data:`TRAINING_SETTING`: a seed at a training setting)
-    has rows in two parts, since the critical-step rule would then count it twice.
+    Raises ValueError where there is no part, or where one training (:data:`TRAINING_SETTING`: a
+    seed at a training setting) has rows in two parts, since the critical-step rule would then
+    count it twice.
     """
+    if not parts:
+        raise ValueError("no results given: name at least one results table or experiment directory")
     if len(parts) == 1:
         return parts[0][1]
     key = [c for c in TRAINING_SETTING if all(c in table.columns for _, table in parts)]
     first_part: dict[tuple, str] = {}
     for name, table in parts:
-        for setting in table[key].astype(str).drop_duplicates().itertuples(index=False, name=None):
+        # Numbers as floats before they become text: a part with only fixed-step trials reads
+        # train_steps as integers (8), one that also has adaptive trials as floats (8.0).
+        settings = table[key].apply(lambda column: column.astype(float) if pd.api.types.is_numeric_dtype(column) else column)
+        for setting in settings.astype(str).drop_duplicates().itertuples(index=False, name=None):
             if setting in first_part:
                 described = ", ".join(f"{c}={v}" for c, v in zip(key, setting) if v != "nan")
                 raise ValueError(f"the results overlap: the training {described} has rows in both {first_part[setting]!r} and "
@@ -215,6 +221,4 @@ def combine_parts(parts: Sequence[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
 
 def read_result_parts(paths: Sequence[str | Path]) -> pd.DataFrame:
     """:func:`read_results` of each path, as one table (:func:`combine_parts`)."""
-    if not paths:
-        raise ValueError("no results given: name at least one results table or experiment directory")
     return combine_parts([(str(path), read_results(path)) for path in paths])
