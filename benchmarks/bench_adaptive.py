@@ -1,7 +1,8 @@
 """The project's adaptive solve against torchdiffeq's on the dense Sphere2 field, side by side.
 
 Run: ``python benchmarks/bench_adaptive.py`` (under a minute on a 2-core machine, much
-of it start-up; ``--quick``: 5 repeats; ``--tol``: the tolerance). One thread throughout.
+of it start-up; ``--quick``: 5 repeats; ``--tol``: the tolerance; ``--methods``: fehlberg2,
+dopri5 or both). One thread throughout.
 
 One solve of ``[0, 1]`` plus its backward pass (backprop), batch 128, float32, the
 Sphere2 models of seeds 0..4 on their own training data, the dense matrices rebuilt per
