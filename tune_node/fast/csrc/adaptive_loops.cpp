@@ -531,21 +531,17 @@ namespace {
 // maximum/minimum/clamp propagating NaN as theirs do. The roots (in the norms), the reciprocal and the power
 // stay ATen calls: ATen's float sqrt and pow are not the correctly rounded ones.
 template <typename scalar_t>
-struct FirstStepScalars {
-  std::vector<scalar_t> h0;
-
-  void start(const Tensor& d0_t, const Tensor& d1_t) {
-    const scalar_t* d0 = d0_t.data_ptr<scalar_t>();
-    const scalar_t* d1 = d1_t.data_ptr<scalar_t>();
-    const int64_t seeds = d0_t.numel();
-    const scalar_t small = static_cast<scalar_t>(1e-5), tiny_step = static_cast<scalar_t>(1e-6), share = static_cast<scalar_t>(0.01);
-    h0.resize(seeds);
-    for (int64_t s = 0; s < seeds; ++s) {
-      const bool tiny = d0[s] < small || d1[s] < small;
-      h0[s] = std::abs(tiny ? tiny_step : (d0[s] * share) / d1[s]);
-    }
+std::vector<scalar_t> first_step_h0(const Tensor& d0_t, const Tensor& d1_t) {
+  const scalar_t* d0 = d0_t.data_ptr<scalar_t>();
+  const scalar_t* d1 = d1_t.data_ptr<scalar_t>();
+  const scalar_t small = static_cast<scalar_t>(1e-5), tiny_step = static_cast<scalar_t>(1e-6), share = static_cast<scalar_t>(0.01);
+  std::vector<scalar_t> h0(d0_t.numel());
+  for (size_t s = 0; s < h0.size(); ++s) {
+    const bool tiny = d0[s] < small || d1[s] < small;
+    h0[s] = std::abs(tiny ? tiny_step : (d0[s] * share) / d1[s]);
   }
-};
+  return h0;
+}
 
 template <typename scalar_t>
 scalar_t nan_max(scalar_t a, scalar_t b) { return a != a ? a : (b != b ? b : (a > b ? a : b)); }
@@ -581,10 +577,9 @@ std::vector<Tensor> first_step_forward(const Tensor& y0, const Tensor& f0, const
   Tensor d0 = norm_of_scaled(y0, nullptr), d1 = norm_of_scaled(f0, nullptr);
   if (loops && d0.is_contiguous() && d1.is_contiguous() && d0.scalar_type() == y0.scalar_type() && d1.scalar_type() == y0.scalar_type())
     return AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "first_step_scalars", [&] {
-      FirstStepScalars<scalar_t> chain;
-      chain.start(d0, d1);
+      const std::vector<scalar_t> h0_steps = first_step_h0<scalar_t>(d0, d1);
       const int64_t seeds = d0.numel();
-      std::vector<double> h0_values(chain.h0.begin(), chain.h0.end());  // exact: the dtype's values
+      std::vector<double> h0_values(h0_steps.begin(), h0_steps.end());  // exact: the dtype's values
       const Tensor h0 = values_like(h0_values, d0);
       Tensor y1 = at::empty_like(y0, at::MemoryFormat::Contiguous);
       trial_state<scalar_t>(y0, f0, h0, y1);
@@ -596,7 +591,7 @@ std::vector<Tensor> first_step_forward(const Tensor& y0, const Tensor& f0, const
       std::vector<bool> flat(seeds);
       std::vector<double> largest(seeds);
       for (int64_t s = 0; s < seeds; ++s) {
-        const scalar_t d2 = std::abs(n2[s] / chain.h0[s]);
+        const scalar_t d2 = std::abs(n2[s] / h0_steps[s]);
         flat[s] = d1_values[s] <= limit && d2 <= limit;
         largest[s] = static_cast<double>(flat[s] ? one : nan_max(d1_values[s], d2));
       }
@@ -606,9 +601,8 @@ std::vector<Tensor> first_step_forward(const Tensor& y0, const Tensor& f0, const
       const scalar_t shrink = static_cast<scalar_t>(1e-3), floor = static_cast<scalar_t>(1e-6), grow = static_cast<scalar_t>(100);
       std::vector<double> h(seeds);
       for (int64_t s = 0; s < seeds; ++s) {
-        const scalar_t low = chain.h0[s] * shrink;
-        const scalar_t h1_step = std::abs(flat[s] ? (low != low ? low : (low < floor ? floor : low)) : power[s]);
-        h[s] = static_cast<double>(nan_min(chain.h0[s] * grow, h1_step));
+        const scalar_t h1_step = std::abs(flat[s] ? nan_max(h0_steps[s] * shrink, floor) : power[s]);  // clamp(min=floor)
+        h[s] = static_cast<double>(nan_min(h0_steps[s] * grow, h1_step));
       }
       return std::vector<Tensor>{at::tensor(h, at::TensorOptions().dtype(at::kDouble)).to(y0.device()), y1, f1};
     });
