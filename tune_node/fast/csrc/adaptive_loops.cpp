@@ -2,29 +2,31 @@
 // same order as its Python loops (so the same results bit for bit), without the Python
 // interpreter's cost per call, which is most of a small field's adaptive step. Built on
 // first use by tune_node.fast.adaptive_native.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define NARROW_AVX512 1
+#endif
 
 using at::Tensor;
 
 namespace {
-
-// k = f(z) as dense_field computes it: addmm for one model, baddbmm for stacked seeds.
-Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Tensor h2, bool stacked) {
-  if (stacked) {
-    at::baddbmm_out(h1, w[1], z, w[0]).relu_();
-    at::baddbmm_out(h2, w[3], h1, w[2]).relu_();
-    return at::baddbmm(w[5], h2, w[4]);
-  }
-  at::addmm_out(h1, w[1], z, w[0]).relu_();
-  at::addmm_out(h2, w[3], h1, w[2]).relu_();
-  return at::addmm(w[5], h2, w[4]);
-}
 
 // The elementwise tails below run as plain loops rather than chains of ATen calls (a few us each
 // on these small tensors). They make the same IEEE operations in the same order as the ATen
@@ -76,6 +78,227 @@ bool plain_loops_take(const Tensor& t) {
 // Sphere2's 2 columns a batched product costs ~3 us, its arithmetic a fraction of that. Both loops
 // (these and tune_node.fast.adaptive_solve.PythonAttemptLoops, its _NARROW_WIDTH) take the same choice.
 constexpr int64_t kNarrowWidth = 4;
+
+// The field's products with a narrow side: the output layer h2 W3 (+ c3) and the input gradient gh W1^T, (B, H)
+// times (H, N) with N the state's few columns, and the first and last weights' gradients, (N, B) times (B, H)
+// added to an accumulator. ATen hands them to the BLAS, which takes ~10 us for the first two and ~3 for the others
+// although their arithmetic is a fraction of that: about a third of an adaptive evaluation pair here. On the
+// machines measured (MKL 2024.2, AVX-512) the BLAS computes each output as a plain sequence: the start (the bias,
+// the accumulator, or zero), then each product rounded and added in the order of the shared dimension, no fused
+// multiply-add. The loops below do the same. That order is the library's choice, not a documented guarantee, so
+// a loop runs only for a kind and shape whose check passed: on its first use in a process the loop and ATen's call
+// are run on pseudo-random data of that shape and every output bit compared. Elsewhere ATen's call runs.
+enum class NarrowKind : int { kAddmm, kBaddbmm, kBmm, kAccumulate };
+
+std::atomic<bool> narrow_products_enabled{std::getenv("TUNE_NODE_NARROW_PRODUCTS") == nullptr ||
+                                          std::string(std::getenv("TUNE_NODE_NARROW_PRODUCTS")) != "0"};
+
+// out[r, j] = start[j] + sum_k a[r, k] b[k, j] over k in order (start zero where null), for one (rows, inner) a and
+// (inner, width) b, all contiguous; rows in blocks so the sums' chains interleave.
+template <typename scalar_t>
+NO_FP_CONTRACT void narrow_rows(const scalar_t* a, const scalar_t* b, const scalar_t* start, scalar_t* out, int64_t rows, int64_t inner,
+                                int64_t width) {
+  NO_FP_CONTRACT_BODY
+  constexpr int64_t block = 8;
+  scalar_t acc[block][kNarrowWidth];
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t count = std::min(block, rows - r0);
+    for (int64_t t = 0; t < count; ++t)
+      for (int64_t j = 0; j < width; ++j) acc[t][j] = start ? start[j] : scalar_t(0);
+    for (int64_t k = 0; k < inner; ++k)
+      for (int64_t t = 0; t < count; ++t) {
+        const scalar_t v = a[(r0 + t) * inner + k];
+        for (int64_t j = 0; j < width; ++j) acc[t][j] += v * b[k * width + j];
+      }
+    for (int64_t t = 0; t < count; ++t)
+      for (int64_t j = 0; j < width; ++j) out[(r0 + t) * width + j] = acc[t][j];
+  }
+}
+
+#ifdef NARROW_AVX512
+// narrow_rows for float with 16 rows at a time in AVX-512 lanes (a column of a read by a gather): the same
+// operations per output, each lane's products and sums rounded as the scalar ones are.
+template <int WIDTH>
+__attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows_avx512(const float* a, const float* b, const float* start,
+                                                                                        float* out, int64_t rows, int64_t inner) {
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(inner)));
+  int64_t r0 = 0;
+  for (; r0 + 16 <= rows; r0 += 16) {
+    __m512 acc[WIDTH];
+    for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_set1_ps(start ? start[j] : 0.0f);
+    const float* column = a + r0 * inner;
+    for (int64_t k = 0; k < inner; ++k) {
+      const __m512 v = _mm512_i32gather_ps(offsets, column + k, 4);
+      for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(v, _mm512_set1_ps(b[k * WIDTH + j])));
+    }
+    alignas(64) float lanes[WIDTH][16];
+    for (int j = 0; j < WIDTH; ++j) _mm512_store_ps(lanes[j], acc[j]);
+    for (int t = 0; t < 16; ++t)
+      for (int j = 0; j < WIDTH; ++j) out[(r0 + t) * WIDTH + j] = lanes[j][t];
+  }
+  if (r0 < rows) narrow_rows<float>(a + r0 * inner, b, start, out + r0 * WIDTH, rows - r0, inner, WIDTH);
+}
+
+bool has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#endif
+
+template <typename scalar_t>
+void narrow_rows_fast(const scalar_t* a, const scalar_t* b, const scalar_t* start, scalar_t* out, int64_t rows, int64_t inner, int64_t width) {
+#ifdef NARROW_AVX512
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (has_avx512()) {
+      switch (width) {
+        case 1: return narrow_rows_avx512<1>(a, b, start, out, rows, inner);
+        case 2: return narrow_rows_avx512<2>(a, b, start, out, rows, inner);
+        case 3: return narrow_rows_avx512<3>(a, b, start, out, rows, inner);
+        case 4: return narrow_rows_avx512<4>(a, b, start, out, rows, inner);
+        default: break;
+      }
+    }
+  }
+#endif
+  narrow_rows<scalar_t>(a, b, start, out, rows, inner, width);
+}
+
+// acc[j, k] += sum_r a[r, j] b[r, k] over r in order, for (rows, width) a and (rows, inner) b and (width, inner) acc,
+// all contiguous: the weight gradients' products, vectorized along k.
+template <typename scalar_t>
+VECTORIZED void narrow_accumulate(const scalar_t* a, const scalar_t* b, scalar_t* acc, int64_t rows, int64_t width, int64_t inner) {
+  for (int64_t j = 0; j < width; ++j) {
+    scalar_t* row = acc + j * inner;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t v = a[r * width + j];
+      const scalar_t* br = b + r * inner;
+      for (int64_t k = 0; k < inner; ++k) row[k] += v * br[k];
+    }
+  }
+}
+
+// The loop for a kind over its seeds: kAddmm: out = start + a b, one (rows, inner) a; kBaddbmm: per seed, start
+// (S, 1, N); kBmm: per seed, no start; kAccumulate: acc (S, N, inner) += a^T b with a (S, rows, N), b (S, rows, inner).
+template <typename scalar_t>
+void narrow_run(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, Tensor& out) {
+  const bool batched = kind != NarrowKind::kAddmm;
+  const int64_t seeds = batched ? a.size(0) : 1, rows = a.size(-2);
+  const scalar_t* pa = a.data_ptr<scalar_t>();
+  const scalar_t* pb = b.data_ptr<scalar_t>();
+  scalar_t* po = out.data_ptr<scalar_t>();
+  if (kind == NarrowKind::kAccumulate) {
+    const int64_t width = a.size(-1), inner = b.size(-1);
+    for (int64_t s = 0; s < seeds; ++s)
+      narrow_accumulate<scalar_t>(pa + s * rows * width, pb + s * rows * inner, po + s * width * inner, rows, width, inner);
+    return;
+  }
+  const int64_t inner = a.size(-1), width = b.size(-1);
+  const scalar_t* ps = start.defined() ? start.data_ptr<scalar_t>() : nullptr;
+  for (int64_t s = 0; s < seeds; ++s)
+    narrow_rows_fast<scalar_t>(pa + s * rows * inner, pb + s * inner * width, ps ? ps + (batched ? s * width : 0) : nullptr,
+                               po + s * rows * width, rows, inner, width);
+}
+
+// ATen's call that the loop for this kind replaces.
+Tensor narrow_aten(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, const Tensor& acc) {
+  switch (kind) {
+    case NarrowKind::kAddmm: return at::addmm(start, a, b);
+    case NarrowKind::kBaddbmm: return at::baddbmm(start, a, b);
+    case NarrowKind::kBmm: return at::bmm(a, b);
+    default: return acc.clone().baddbmm_(a.transpose(-1, -2), b);
+  }
+}
+
+// Whether the loop for this kind, dtype and shape gives ATen's bits (checked once per process; see above).
+bool narrow_checked(NarrowKind kind, at::ScalarType dtype, int64_t seeds, int64_t rows, int64_t inner, int64_t width) {
+  static std::mutex lock;
+  static std::map<std::tuple<int, int, int64_t, int64_t, int64_t, int64_t>, bool> known;
+  const auto key = std::make_tuple(static_cast<int>(kind), static_cast<int>(dtype), seeds, rows, inner, width);
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype);
+  const at::Generator generator = at::detail::createCPUGenerator(12345);
+  const bool batched = kind != NarrowKind::kAddmm;
+  auto shaped = [&](int64_t x, int64_t y) {
+    return batched ? at::randn({seeds, x, y}, generator, options) : at::randn({x, y}, generator, options);
+  };
+  bool same = true;
+  // Twice over, the second time with a's columns half zero as after a ReLU.
+  for (int round = 0; round < 2 && same; ++round) {
+    Tensor a, b, start, acc, out;
+    if (kind == NarrowKind::kAccumulate) {
+      a = shaped(rows, width);
+      b = shaped(rows, inner);
+      acc = shaped(width, inner);
+    } else {
+      a = shaped(rows, inner);
+      b = shaped(inner, width);
+      if (kind == NarrowKind::kAddmm) start = at::randn({width}, generator, options);
+      if (kind == NarrowKind::kBaddbmm) start = at::randn({seeds, 1, width}, generator, options);
+    }
+    if (round == 1) (kind == NarrowKind::kAccumulate ? b : a).clamp_min_(0);
+    const Tensor expected = narrow_aten(kind, start, a, b, acc);
+    out = kind == NarrowKind::kAccumulate ? acc.clone() : at::empty_like(expected);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "narrow_check", [&] { narrow_run<scalar_t>(kind, start, a, b, out); });
+    same = at::equal(out, expected);
+  }
+  known.emplace(key, same);
+  return same;
+}
+
+// The loop for one of the narrow products where its check passed (else false, out untouched): kAddmm, kBaddbmm,
+// kBmm into a new out; kAccumulate into out, the accumulator. Takes float32 and float64 on CPU, all contiguous.
+bool narrow_product(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, Tensor& out) {
+  if (!narrow_products_enabled.load(std::memory_order_relaxed)) return false;
+  const at::ScalarType dtype = a.scalar_type();
+  const bool batched = kind != NarrowKind::kAddmm;
+  if (!(plain_loops_take(a) && b.scalar_type() == dtype && b.device().is_cpu() && a.is_contiguous() && b.is_contiguous() &&
+        a.dim() == (batched ? 3 : 2) && b.dim() == a.dim() && (!batched || a.size(0) == b.size(0)) &&
+        (kind != NarrowKind::kAccumulate || a.size(-2) == b.size(-2))))
+    return false;
+  const int64_t seeds = batched ? a.size(0) : 1, rows = a.size(-2);
+  int64_t inner, width;
+  if (kind == NarrowKind::kAccumulate) {
+    width = a.size(-1);
+    inner = b.size(-1);
+    if (!(out.scalar_type() == dtype && out.device().is_cpu() && out.is_contiguous() && out.dim() == 3 && out.size(0) == seeds &&
+          out.size(1) == width && out.size(2) == inner))
+      return false;
+  } else {
+    if (a.size(-1) != b.size(-2)) return false;
+    inner = a.size(-1);
+    width = b.size(-1);
+    if (kind == NarrowKind::kAddmm && !(start.defined() && start.dim() == 1 && start.size(0) == width)) return false;
+    if (kind == NarrowKind::kBaddbmm && !(start.defined() && start.dim() == 3 && start.size(0) == seeds && start.size(1) == 1 && start.size(2) == width))
+      return false;
+    if (start.defined() && !(start.scalar_type() == dtype && start.device().is_cpu() && start.is_contiguous())) return false;
+  }
+  if (width > kNarrowWidth || !narrow_checked(kind, dtype, seeds, rows, inner, width)) return false;
+  if (kind != NarrowKind::kAccumulate)
+    out = at::empty(batched ? std::vector<int64_t>{seeds, rows, width} : std::vector<int64_t>{rows, width}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "narrow_product", [&] { narrow_run<scalar_t>(kind, start, a, b, out); });
+  return true;
+}
+
+// k = f(z) as dense_field computes it: addmm for one model, baddbmm for stacked seeds (the output layer
+// as narrow_product where its check passed).
+Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Tensor h2, bool stacked) {
+  if (stacked) {
+    at::baddbmm_out(h1, w[1], z, w[0]).relu_();
+    at::baddbmm_out(h2, w[3], h1, w[2]).relu_();
+    Tensor out;
+    if (narrow_product(NarrowKind::kBaddbmm, w[5], h2, w[4], out)) return out;
+    return at::baddbmm(w[5], h2, w[4]);
+  }
+  at::addmm_out(h1, w[1], z, w[0]).relu_();
+  at::addmm_out(h2, w[3], h1, w[2]).relu_();
+  Tensor out;
+  if (narrow_product(NarrowKind::kAddmm, w[5], h2, w[4], out)) return out;
+  return at::addmm(w[5], h2, w[4]);
+}
+
 
 // The output layer's backward pass for a narrow state in one loop over (S, B, H): gh2 =
 // threshold_backward(g W3^T, h2, 0) (the product as above), gc3 += g and gc2 += gh2 (the biases'
@@ -152,7 +375,7 @@ Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h1, const 
                       const std::vector<Tensor>& acc) {
   Tensor gW1 = acc[0], gW2 = acc[1], gW3t = acc[2], gc1 = acc[3], gc2 = acc[4], gc3 = acc[5];
   Tensor hidden = acc[6], first = acc[7];
-  gW3t.baddbmm_(g.transpose(-1, -2), h2);
+  if (!narrow_product(NarrowKind::kAccumulate, Tensor(), g, h2, gW3t)) gW3t.baddbmm_(g.transpose(-1, -2), h2);
   const int64_t width = g.size(-1);
   const bool narrow = width <= kNarrowWidth;
   bool loops = narrow && plain_loops_take(g) && g.dim() == 3;
@@ -188,7 +411,9 @@ Tensor field_backward(const Tensor& g, const Tensor& z, const Tensor& h1, const 
     at::threshold_backward_out(gh, gh, h1, 0);
     gc1.add_(gh);
   }
-  gW1.baddbmm_(z.transpose(-1, -2), gh);
+  if (!narrow_product(NarrowKind::kAccumulate, Tensor(), z, gh, gW1)) gW1.baddbmm_(z.transpose(-1, -2), gh);
+  Tensor gz;
+  if (narrow_product(NarrowKind::kBmm, Tensor(), gh, w[2], gz)) return gz;
   return at::bmm(gh, w[2]);
 }
 
@@ -315,6 +540,61 @@ Tensor step_weights(const Tensor& h_t, const Tensor& coefficients, const Tensor&
   return (stacked ? h.view({-1, 1, 1, 1, 1}) : h.view(std::vector<int64_t>{})) * coefficients;
 }
 
+// y + (ks[..., :terms] * weights[..., row, :terms]).sum(-1) (without y: the sum alone) as a loop. ATen sums a
+// contiguous last dimension shorter than its SIMD width (the width this file is compiled for is at most the one
+// its kernel runs at) with four accumulators starting at zero, term j into accumulator j % 4 while whole groups
+// of four last and the rest into the first, then the four added in order (SumKernel.cpp's row_sum; its
+// hierarchical levels start at 64 terms): the same operations here, each product rounded first. The
+// accumulators start at +0 as ATen's do, which is why a sum of negative zeros is +0 either way.
+template <typename scalar_t>
+NO_FP_CONTRACT void weighted_sum_loop(const Tensor* y_t, const Tensor& ks_t, const Tensor& weights_t, int64_t row, int64_t terms,
+                                      Tensor& out_t) {
+  NO_FP_CONTRACT_BODY
+  const bool single = out_t.dim() == 2;
+  const int64_t seeds = single ? 1 : out_t.size(0), rows = out_t.size(-2), columns = out_t.size(-1);
+  const scalar_t* k = ks_t.data_ptr<scalar_t>();
+  const int64_t k_seed = single ? 0 : ks_t.stride(0), k_row = ks_t.stride(-3), k_column = ks_t.stride(-2);
+  const int64_t w_seed = single ? 0 : weights_t.size(-2) * weights_t.size(-1);
+  const scalar_t* w = weights_t.data_ptr<scalar_t>() + row * weights_t.size(-1);
+  scalar_t* o = out_t.data_ptr<scalar_t>();
+  const int64_t o_seed = single ? 0 : out_t.stride(0), o_row = out_t.stride(-2), o_column = out_t.stride(-1);
+  const std::optional<Strided<scalar_t>> y = y_t ? std::optional<Strided<scalar_t>>(Strided<scalar_t>(*y_t)) : std::nullopt;
+  const int64_t grouped = terms / 4 * 4;
+  for (int64_t s = 0; s < seeds; ++s) {
+    const scalar_t* c = w + s * w_seed;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < columns; ++j) {
+        const scalar_t* kij = k + s * k_seed + i * k_row + j * k_column;
+        scalar_t acc[4] = {0, 0, 0, 0};
+        for (int64_t t = 0; t < grouped; t += 4)
+          for (int64_t a = 0; a < 4; ++a) acc[a] += kij[t + a] * c[t + a];
+        for (int64_t t = grouped; t < terms; ++t) acc[0] += kij[t] * c[t];
+        const scalar_t sum = ((acc[0] + acc[1]) + acc[2]) + acc[3];
+        o[s * o_seed + i * o_row + j * o_column] = y ? (*y)(s, i, j) + sum : sum;
+      }
+  }
+}
+
+// weighted_sum_loop into out where it takes these (same dtype on CPU, ks's stages contiguous, weights laid out
+// per seed as step_weights makes them, fewer terms than the SIMD width); false where the ATen calls are to run.
+bool weighted_sum(const Tensor* y, const Tensor& ks, const Tensor& weights, int64_t row, int64_t terms, bool stacked, Tensor& out) {
+  const at::ScalarType dtype = ks.scalar_type();
+  if (!(plain_loops_take(ks) && weights.scalar_type() == dtype && out.scalar_type() == dtype && (!y || y->scalar_type() == dtype) &&
+        weights.device().is_cpu() && out.device().is_cpu() && (!y || y->device().is_cpu()) && ks.stride(-1) == 1 &&
+        weights.is_contiguous() && ks.dim() == (stacked ? 4 : 3) && weights.dim() == (stacked ? 5 : 2) && out.dim() == ks.dim() - 1 &&
+        (!y || y->sizes() == out.sizes()) && ks.sizes().slice(0, ks.dim() - 1) == out.sizes() &&
+        (!stacked || weights.size(0) == ks.size(0))))
+    return false;
+  bool taken = false;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "weighted_sum", [&] {
+    if (terms < static_cast<int64_t>(at::vec::Vectorized<scalar_t>::size())) {
+      weighted_sum_loop<scalar_t>(y, ks, weights, row, terms, out);
+      taken = true;
+    }
+  });
+  return taken;
+}
+
 // One attempt's stages: fills zs, h1s, h2s, ks (and y1_buffer for non-FSAL pairs); returns the
 // step's solution, with atol the mean of IController's scaled squared errors per seed (its error
 // ratio is their root; else the error estimate), and the step sizes times the coefficient rows.
@@ -327,12 +607,16 @@ std::vector<Tensor> attempt_stages(const Tensor& y, const Tensor& f0, const Tens
   ks.select(-1, 0).copy_(f0);
   for (int64_t i = 1; i < n; ++i) {
     Tensor zi = zs.select(0, i - 1);
-    at::add_out(zi, y, at::sum(ks.slice(-1, 0, i) * weights.select(-2, i - 1).slice(-1, 0, i), {-1}));
+    if (!weighted_sum(&y, ks, weights, i - 1, i, stacked, zi))
+      at::add_out(zi, y, at::sum(ks.slice(-1, 0, i) * weights.select(-2, i - 1).slice(-1, 0, i), {-1}));
     Tensor h1 = h1s.select(0, i - 1);
     ks.select(-1, i).copy_(field_eval(zi, w, h1, h2s.select(0, i - 1), stacked));
   }
-  Tensor y1 = fsal ? zs.select(0, n - 2) : at::add_out(const_cast<Tensor&>(y1_buffer), y, at::sum(ks * weights.select(-2, row_b), {-1}));
-  Tensor error = at::sum(ks * weights.select(-2, row_err), {-1});
+  Tensor y1 = fsal ? zs.select(0, n - 2) : y1_buffer;
+  if (!fsal && !weighted_sum(&y, ks, weights, row_b, n, stacked, y1))
+    at::add_out(y1, y, at::sum(ks * weights.select(-2, row_b), {-1}));
+  Tensor error = at::empty(y.sizes(), y.options());
+  if (!weighted_sum(nullptr, ks, weights, row_err, n, stacked, error)) error = at::sum(ks * weights.select(-2, row_err), {-1});
   if (!atol) return {y1, error, weights};
   Tensor x = error_squares(error, y, y1, rtol, *atol);
   return {y1, seeded ? x.flatten(1).mean(1) : x.mean(), weights};
@@ -631,7 +915,9 @@ std::vector<Tensor> first_step_forward(const Tensor& y0, const Tensor& f0, const
 std::vector<Tensor> interpolate_at(double T, const Tensor& y0, const Tensor& y1, const Tensor& ks, const Tensor& weights,
                                    int64_t row_mid, const Tensor& h_t, const std::vector<double>& starts,
                                    const std::vector<bool>& finishing, bool seeded) {
-  const Tensor y_mid = at::add(y0, at::sum(ks * weights.select(-2, row_mid), {-1}));
+  Tensor y_mid = at::empty(y0.sizes(), y0.options());
+  if (!weighted_sum(&y0, ks, weights, row_mid, ks.size(-1), y0.dim() == 3, y_mid))
+    y_mid = at::add(y0, at::sum(ks * weights.select(-2, row_mid), {-1}));
   const Tensor f0 = ks.select(-1, 0), f1 = ks.select(-1, ks.size(-1) - 1);
   if (plain_loops_take(y0) && h_t.scalar_type() == at::kDouble && h_t.device().is_cpu() && y1.scalar_type() == y0.scalar_type() &&
       ks.scalar_type() == y0.scalar_type() && y1.sizes() == y0.sizes() && (y0.dim() == 3) == seeded) {
@@ -1341,4 +1627,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("backward", &Solve::backward, "the solve's backward pass")
       .def("gradients", &Solve::gradients, "the solve's gradients, of the dense or the conv weights");
   m.def("dense_from_conv", &dense_from_conv, "dense_conv_weights' gather");
+  m.def(
+      "set_narrow_products", [](bool on) { narrow_products_enabled.store(on); },
+      "whether the narrow products run as loops where checked (TUNE_NODE_NARROW_PRODUCTS=0: not)");
+  m.def(
+      "narrow_products_checked",
+      [](int64_t kind, at::ScalarType dtype, int64_t seeds, int64_t rows, int64_t inner, int64_t width) {
+        return narrow_checked(static_cast<NarrowKind>(kind), dtype, seeds, rows, inner, width);
+      },
+      "whether a narrow product's loop gives ATen's bits (kind 0 addmm, 1 baddbmm, 2 bmm, 3 accumulate)");
 }
