@@ -171,6 +171,26 @@ def test_cpp_and_python_loops_agree_bit_for_bit(method, seeds):
     assert all(torch.equal(a, b) for a, b in zip(cpp_grads, py_grads))
 
 
+@needs_native
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("seeds", [None, range(5)], ids=["one", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_narrow_products_as_loops_leave_every_bit_of_the_solve(method, seeds, dtype):
+    # The loops stand in for ATen's products only where a check on first use found them equal; on and
+    # off, the same steps, NFE, solution and gradients (batch 128: the BLAS's own kernels, not ATen's
+    # small-product loop).
+    weights = sphere_weights(dtype, seeds)
+    z0 = torch.randn(*([] if seeds is None else [5]), 128, 2, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    try:
+        NATIVE.set_narrow_products(False)
+        off, off_grads = solve(weights, z0, method, 1e-5, fused=True, seeded=seeds is not None)
+    finally:
+        NATIVE.set_narrow_products(True)
+    on, on_grads = solve(weights, z0, method, 1e-5, fused=True, seeded=seeds is not None)
+    assert on.accepted == off.accepted and on.nfe == off.nfe and torch.equal(on.z, off.z)
+    assert all(torch.equal(a, b) for a, b in zip(on_grads, off_grads))
+
+
 def random_dense_weights(width, hidden, dtype, seeds):
     """A dense field of ``seeds`` stacked models on states of ``width`` columns (Sphere2's have 2)."""
     gen = torch.Generator().manual_seed(11)
