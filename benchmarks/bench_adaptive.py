@@ -206,7 +206,8 @@ def main(argv=None) -> None:
     if loops is not None:
         # The fused solve's narrow products run as loops only where they matched ATen's bits here.
         kinds = ("addmm", "baddbmm", "bmm", "accumulate")
-        checked = {k: all(loops.narrow_products_checked(i, torch.float32, s, BATCH, 64, 2) for s in (1, SEEDS)) for i, k in enumerate(kinds)}
+        checked = {kind: all(loops.narrow_products_checked(i, torch.float32, seeds, BATCH, 64, 2) for seeds in (1, SEEDS))
+                   for i, kind in enumerate(kinds)}
         print("narrow products as loops (checked against ATen's bits): "
               + ", ".join(f"{k} {'yes' if ok else 'no: ATen'}" for k, ok in checked.items()))
 
