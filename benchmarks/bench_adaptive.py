@@ -205,8 +205,9 @@ def main(argv=None) -> None:
     loops = adaptive_loops()
     if loops is not None:
         # The fused solve's narrow products run as loops only where they matched ATen's bits here.
-        kinds = ("addmm", "baddbmm", "bmm", "accumulate")
-        checked = {kind: all(loops.narrow_products_checked(i, torch.float32, seeds, BATCH, 64, 2) for seeds in (1, SEEDS))
+        kinds = ("addmm", "baddbmm", "bmm", "accumulate", "input addmm", "input baddbmm")
+        shape = {kind: (2, 64) if kind.startswith("input") else (64, 2) for kind in kinds}  # (inner, width)
+        checked = {kind: all(loops.narrow_products_checked(i, torch.float32, seeds, BATCH, *shape[kind]) for seeds in (1, SEEDS))
                    for i, kind in enumerate(kinds)}
         print("narrow products as loops (checked against ATen's bits): "
               + ", ".join(f"{k} {'yes' if ok else 'no: ATen'}" for k, ok in checked.items()))

@@ -87,8 +87,14 @@ constexpr int64_t kNarrowWidth = 4;
 // the accumulator, or zero), then each product rounded and added in the order of the shared dimension, no fused
 // multiply-add. The loops below do the same. That order is the library's choice, not a documented guarantee, so
 // a loop runs only for a kind and shape whose check passed: on its first use in a process the loop and ATen's call
-// are run on pseudo-random data of that shape and every output bit compared. Elsewhere ATen's call runs.
-enum class NarrowKind : int { kAddmm, kBaddbmm, kBmm, kAccumulate };
+// are run on pseudo-random data of that shape and every output bit compared. Elsewhere ATen's call runs. The input
+// layer z W1 (+ c1), (B, N) times (N, H), is the other way round: there the BLAS chains fused multiply-adds over
+// the N columns from zero and adds the bias last; its loop (kInputAddmm, kInputBaddbmm) writes into the layer's
+// buffer and runs with AVX-512 only (elsewhere a fused multiply-add may be a library call).
+enum class NarrowKind : int { kAddmm, kBaddbmm, kBmm, kAccumulate, kInputAddmm, kInputBaddbmm };
+
+bool input_kind(NarrowKind kind) { return kind == NarrowKind::kInputAddmm || kind == NarrowKind::kInputBaddbmm; }
+bool batched_kind(NarrowKind kind) { return kind != NarrowKind::kAddmm && kind != NarrowKind::kInputAddmm; }
 
 std::atomic<bool> narrow_products_enabled{std::getenv("TUNE_NODE_NARROW_PRODUCTS") == nullptr ||
                                           std::string(std::getenv("TUNE_NODE_NARROW_PRODUCTS")) != "0"};
@@ -116,8 +122,36 @@ NO_FP_CONTRACT void narrow_rows(const scalar_t* a, const scalar_t* b, const scal
 }
 
 #ifdef NARROW_AVX512
-// narrow_rows for float with 16 rows at a time in AVX-512 lanes (a column of a read by a gather): the same
-// operations per output, each lane's products and sums rounded as the scalar ones are.
+// A 16 x 16 block of floats, one row per register, transposed in registers: rows[i] holds column i after.
+__attribute__((target("avx512f"))) inline void transpose_16x16(__m512 rows[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    rows[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    rows[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    rows[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    rows[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(rows[i], rows[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(rows[i], rows[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_f32x4(rows[8 + i], rows[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(rows[8 + i], rows[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    rows[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    rows[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+    rows[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    rows[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
+  }
+}
+
+// narrow_rows for float with 16 rows at a time in AVX-512 lanes (a's columns by 16 x 16 transposes where the
+// shared dimension is a multiple of 16, else by gathers): the same operations per output, each lane's products
+// and sums rounded as the scalar ones are.
 template <int WIDTH>
 __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows_avx512(const float* a, const float* b, const float* start,
                                                                                         float* out, int64_t rows, int64_t inner) {
@@ -128,9 +162,20 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows
     __m512 acc[WIDTH];
     for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_set1_ps(start ? start[j] : 0.0f);
     const float* column = a + r0 * inner;
-    for (int64_t k = 0; k < inner; ++k) {
-      const __m512 v = _mm512_i32gather_ps(offsets, column + k, 4);
-      for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(v, _mm512_set1_ps(b[k * WIDTH + j])));
+    if (inner % 16 == 0) {
+      for (int64_t k0 = 0; k0 < inner; k0 += 16) {
+        __m512 block[16];
+        for (int t = 0; t < 16; ++t) block[t] = _mm512_loadu_ps(column + t * inner + k0);
+        transpose_16x16(block);
+        for (int kk = 0; kk < 16; ++kk)
+          for (int j = 0; j < WIDTH; ++j)
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(block[kk], _mm512_set1_ps(b[(k0 + kk) * WIDTH + j])));
+      }
+    } else {
+      for (int64_t k = 0; k < inner; ++k) {
+        const __m512 v = _mm512_i32gather_ps(offsets, column + k, 4);
+        for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(v, _mm512_set1_ps(b[k * WIDTH + j])));
+      }
     }
     alignas(64) float lanes[WIDTH][16];
     for (int j = 0; j < WIDTH; ++j) _mm512_store_ps(lanes[j], acc[j]);
@@ -143,6 +188,25 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows
 bool has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
+}
+
+// out[r, :] = (the fused multiply-adds of a[r, k] b[k, :] over k in order, from zero) + start, for one (rows, inner)
+// a, (inner, width) b and start (width), all contiguous: each output's operations as the scalar ones.
+__attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_input_avx512(const float* a, const float* b, const float* start,
+                                                                                         float* out, int64_t rows, int64_t inner,
+                                                                                         int64_t width) {
+  const int64_t whole = width / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (width - whole)) - 1u);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ar = a + r * inner;
+    float* o = out + r * width;
+    for (int64_t h = 0; h < width; h += 16) {
+      const __mmask16 mask = h < whole ? static_cast<__mmask16>(0xFFFF) : tail;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = 0; k < inner; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(ar[k]), _mm512_maskz_loadu_ps(mask, b + k * width + h), acc);
+      _mm512_mask_storeu_ps(o + h, mask, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, start + h)));
+    }
+  }
 }
 #endif
 
@@ -182,11 +246,22 @@ VECTORIZED void narrow_accumulate(const scalar_t* a, const scalar_t* b, scalar_t
 // (S, 1, N); kBmm: per seed, no start; kAccumulate: acc (S, N, inner) += a^T b with a (S, rows, N), b (S, rows, inner).
 template <typename scalar_t>
 void narrow_run(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, Tensor& out) {
-  const bool batched = kind != NarrowKind::kAddmm;
+  const bool batched = batched_kind(kind);
   const int64_t seeds = batched ? a.size(0) : 1, rows = a.size(-2);
   const scalar_t* pa = a.data_ptr<scalar_t>();
   const scalar_t* pb = b.data_ptr<scalar_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
+  if (input_kind(kind)) {
+#ifdef NARROW_AVX512
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const int64_t inner = a.size(-1), width = b.size(-1);
+      for (int64_t s = 0; s < seeds; ++s)
+        narrow_input_avx512(pa + s * rows * inner, pb + s * inner * width, start.data_ptr<float>() + s * width, po + s * rows * width, rows,
+                            inner, width);
+    }
+#endif
+    return;
+  }
   if (kind == NarrowKind::kAccumulate) {
     const int64_t width = a.size(-1), inner = b.size(-1);
     for (int64_t s = 0; s < seeds; ++s)
@@ -206,12 +281,21 @@ Tensor narrow_aten(NarrowKind kind, const Tensor& start, const Tensor& a, const 
     case NarrowKind::kAddmm: return at::addmm(start, a, b);
     case NarrowKind::kBaddbmm: return at::baddbmm(start, a, b);
     case NarrowKind::kBmm: return at::bmm(a, b);
+    case NarrowKind::kInputAddmm: return at::addmm(start, a, b);
+    case NarrowKind::kInputBaddbmm: return at::baddbmm(start, a, b);
     default: return acc.clone().baddbmm_(a.transpose(-1, -2), b);
   }
 }
 
 // Whether the loop for this kind, dtype and shape gives ATen's bits (checked once per process; see above).
 bool narrow_checked(NarrowKind kind, at::ScalarType dtype, int64_t seeds, int64_t rows, int64_t inner, int64_t width) {
+  if (input_kind(kind)) {
+#ifdef NARROW_AVX512
+    if (!(dtype == at::kFloat && has_avx512())) return false;
+#else
+    return false;
+#endif
+  }
   static std::mutex lock;
   static std::map<std::tuple<int, int, int64_t, int64_t, int64_t, int64_t>, bool> known;
   const auto key = std::make_tuple(static_cast<int>(kind), static_cast<int>(dtype), seeds, rows, inner, width);
@@ -220,7 +304,7 @@ bool narrow_checked(NarrowKind kind, at::ScalarType dtype, int64_t seeds, int64_
   if (found != known.end()) return found->second;
   const at::TensorOptions options = at::TensorOptions().dtype(dtype);
   const at::Generator generator = at::detail::createCPUGenerator(12345);
-  const bool batched = kind != NarrowKind::kAddmm;
+  const bool batched = batched_kind(kind);
   auto shaped = [&](int64_t x, int64_t y) {
     return batched ? at::randn({seeds, x, y}, generator, options) : at::randn({x, y}, generator, options);
   };
@@ -235,8 +319,8 @@ bool narrow_checked(NarrowKind kind, at::ScalarType dtype, int64_t seeds, int64_
     } else {
       a = shaped(rows, inner);
       b = shaped(inner, width);
-      if (kind == NarrowKind::kAddmm) start = at::randn({width}, generator, options);
-      if (kind == NarrowKind::kBaddbmm) start = at::randn({seeds, 1, width}, generator, options);
+      if (batched_kind(kind) && kind != NarrowKind::kBmm) start = at::randn({seeds, 1, width}, generator, options);
+      if (!batched_kind(kind)) start = at::randn({width}, generator, options);
     }
     if (round == 1) (kind == NarrowKind::kAccumulate ? b : a).clamp_min_(0);
     const Tensor expected = narrow_aten(kind, start, a, b, acc);
@@ -249,11 +333,19 @@ bool narrow_checked(NarrowKind kind, at::ScalarType dtype, int64_t seeds, int64_
 }
 
 // The loop for one of the narrow products where its check passed (else false, out untouched): kAddmm, kBaddbmm,
-// kBmm into a new out; kAccumulate into out, the accumulator. Takes float32 and float64 on CPU, all contiguous.
+// kBmm into a new out; kAccumulate into out, the accumulator; the input kinds into out, the layer's buffer. Takes
+// float32 and float64 on CPU (the input kinds float32 with AVX-512), all contiguous.
 bool narrow_product(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, Tensor& out) {
   if (!narrow_products_enabled.load(std::memory_order_relaxed)) return false;
   const at::ScalarType dtype = a.scalar_type();
-  const bool batched = kind != NarrowKind::kAddmm;
+  const bool batched = batched_kind(kind);
+  if (input_kind(kind)) {
+#ifdef NARROW_AVX512
+    if (!(dtype == at::kFloat && has_avx512())) return false;
+#else
+    return false;
+#endif
+  }
   if (!(plain_loops_take(a) && b.scalar_type() == dtype && b.device().is_cpu() && a.is_contiguous() && b.is_contiguous() &&
         a.dim() == (batched ? 3 : 2) && b.dim() == a.dim() && (!batched || a.size(0) == b.size(0)) &&
         (kind != NarrowKind::kAccumulate || a.size(-2) == b.size(-2))))
@@ -270,13 +362,17 @@ bool narrow_product(NarrowKind kind, const Tensor& start, const Tensor& a, const
     if (a.size(-1) != b.size(-2)) return false;
     inner = a.size(-1);
     width = b.size(-1);
-    if (kind == NarrowKind::kAddmm && !(start.defined() && start.dim() == 1 && start.size(0) == width)) return false;
-    if (kind == NarrowKind::kBaddbmm && !(start.defined() && start.dim() == 3 && start.size(0) == seeds && start.size(1) == 1 && start.size(2) == width))
+    if (!batched && !(start.defined() && start.dim() == 1 && start.size(0) == width)) return false;
+    if (batched && kind != NarrowKind::kBmm &&
+        !(start.defined() && start.dim() == 3 && start.size(0) == seeds && start.size(1) == 1 && start.size(2) == width))
       return false;
     if (start.defined() && !(start.scalar_type() == dtype && start.device().is_cpu() && start.is_contiguous())) return false;
+    if (input_kind(kind) && !(out.defined() && out.scalar_type() == dtype && out.device().is_cpu() && out.is_contiguous() &&
+                              out.dim() == a.dim() && out.size(-2) == rows && out.size(-1) == width && (!batched || out.size(0) == seeds)))
+      return false;
   }
-  if (width > kNarrowWidth || !narrow_checked(kind, dtype, seeds, rows, inner, width)) return false;
-  if (kind != NarrowKind::kAccumulate)
+  if ((input_kind(kind) ? inner : width) > kNarrowWidth || !narrow_checked(kind, dtype, seeds, rows, inner, width)) return false;
+  if (kind != NarrowKind::kAccumulate && !input_kind(kind))
     out = at::empty(batched ? std::vector<int64_t>{seeds, rows, width} : std::vector<int64_t>{rows, width}, a.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "narrow_product", [&] { narrow_run<scalar_t>(kind, start, a, b, out); });
   return true;
@@ -286,13 +382,15 @@ bool narrow_product(NarrowKind kind, const Tensor& start, const Tensor& a, const
 // as narrow_product where its check passed).
 Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Tensor h2, bool stacked) {
   if (stacked) {
-    at::baddbmm_out(h1, w[1], z, w[0]).relu_();
+    if (!narrow_product(NarrowKind::kInputBaddbmm, w[1], z, w[0], h1)) at::baddbmm_out(h1, w[1], z, w[0]);
+    h1.relu_();
     at::baddbmm_out(h2, w[3], h1, w[2]).relu_();
     Tensor out;
     if (narrow_product(NarrowKind::kBaddbmm, w[5], h2, w[4], out)) return out;
     return at::baddbmm(w[5], h2, w[4]);
   }
-  at::addmm_out(h1, w[1], z, w[0]).relu_();
+  if (!narrow_product(NarrowKind::kInputAddmm, w[1], z, w[0], h1)) at::addmm_out(h1, w[1], z, w[0]);
+  h1.relu_();
   at::addmm_out(h2, w[3], h1, w[2]).relu_();
   Tensor out;
   if (narrow_product(NarrowKind::kAddmm, w[5], h2, w[4], out)) return out;
@@ -1635,5 +1733,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](int64_t kind, at::ScalarType dtype, int64_t seeds, int64_t rows, int64_t inner, int64_t width) {
         return narrow_checked(static_cast<NarrowKind>(kind), dtype, seeds, rows, inner, width);
       },
-      "whether a narrow product's loop gives ATen's bits (kind 0 addmm, 1 baddbmm, 2 bmm, 3 accumulate)");
+      "whether a narrow product's loop gives ATen's bits (kind 0 addmm, 1 baddbmm, 2 bmm, 3 accumulate, 4 input addmm, 5 input baddbmm)");
 }
