@@ -1071,6 +1071,34 @@ Tensor per_seed_factors(const std::vector<double>& values, int64_t rows, const T
   return at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type()).to(like.device()).view({rows, -1, 1, 1});
 }
 
+// interpolant_backward's elementwise products as one loop: grads[p] = g * factor[p] (p < 5) and products[p] =
+// v_p * (g * factor[5]) for v = y0, y1, midpoint, f0, f1, the factors per seed converted to the dtype as
+// per_seed_factors converts them: the IEEE operations of its ATen calls (the stack only copies).
+template <typename scalar_t>
+NO_FP_CONTRACT void interpolant_products(const Tensor& g_t, const std::vector<const Tensor*>& states, const std::vector<double>& factors,
+                                         Tensor& grads_t, Tensor& products_t) {
+  NO_FP_CONTRACT_BODY
+  const int64_t seeds = g_t.size(0), rows = g_t.size(1), columns = g_t.size(2), per_part = seeds * rows * columns;
+  const scalar_t* g = g_t.data_ptr<scalar_t>();
+  scalar_t* grads = grads_t.data_ptr<scalar_t>();
+  scalar_t* products = products_t.data_ptr<scalar_t>();
+  std::vector<Strided<scalar_t>> v;
+  for (const Tensor* t : states) v.emplace_back(*t);
+  for (int64_t s = 0; s < seeds; ++s) {
+    scalar_t f[6];
+    for (int p = 0; p < 6; ++p) f[p] = static_cast<scalar_t>(factors[p * seeds + s]);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < columns; ++j) {
+        const int64_t e = (s * rows + i) * columns + j;
+        const scalar_t gv = g[e], G = gv * f[5];
+        for (int p = 0; p < 5; ++p) {
+          grads[p * per_part + e] = gv * f[p];
+          products[p * per_part + e] = v[p](s, i, j) * G;
+        }
+      }
+  }
+}
+
 }  // namespace
 
 // Gradients of the interpolant at T for the seeds an attempt finishes (all (S, B, W)): of
@@ -1102,11 +1130,23 @@ std::vector<Tensor> interpolant_backward(double T, const Tensor& grad_out, const
     weights[4 * seeds + s] = d * (x2 - 3 * x3 + 2 * x4);           // f1
     weights[5 * seeds + s] = 1;                                    // the output's gradient reaches it
   }
-  Tensor factors = per_seed_factors(weights, 6, grad_out);
-  Tensor grads = grad_out.unsqueeze(0) * factors.slice(0, 0, 5);
   // Per seed, G . v for v = y0, y1, midpoint, f0, f1: dL/dx and dL/ddt are combinations of these.
-  Tensor G = grad_out * factors.select(0, 5);
-  const std::vector<double> dots = to_doubles(at::sum(at::stack({y0, y1, ym, f0, f1}) * G, {2, 3}));
+  Tensor grads, products;
+  bool loops = plain_loops_take(grad_out) && grad_out.dim() == 3 && grad_out.is_contiguous();
+  for (const Tensor* t : {&y0, &y1, &ym, &f0, &f1})
+    loops = loops && t->scalar_type() == grad_out.scalar_type() && t->device() == grad_out.device() && t->sizes() == grad_out.sizes();
+  if (loops) {
+    grads = at::empty({5, seeds, grad_out.size(1), grad_out.size(2)}, grad_out.options());
+    products = at::empty_like(grads);
+    AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "interpolant_products", [&] {
+      interpolant_products<scalar_t>(grad_out, {&y0, &y1, &ym, &f0, &f1}, weights, grads, products);
+    });
+  } else {
+    Tensor factors = per_seed_factors(weights, 6, grad_out);
+    grads = grad_out.unsqueeze(0) * factors.slice(0, 0, 5);
+    products = at::stack({y0, y1, ym, f0, f1}) * (grad_out * factors.select(0, 5));
+  }
+  const std::vector<double> dots = to_doubles(at::sum(products, {2, 3}));
   std::vector<double> g_h(seeds, 0.0);
   for (int64_t s = 0; s < seeds; ++s) {
     if (!finishing[s]) continue;
@@ -1627,6 +1667,31 @@ Tensor Solve::backward(const Tensor& grad_out_in, const std::vector<Tensor>& w_a
   return g_z0;
 }
 
+namespace {
+
+// index_add_ of the dense matrices' gradients (each (S, a, b), any strides, read in its row-major order as
+// reshape flattens it, the pieces one after another) into out (S, total, zeros) at positions: out[s, positions[i]]
+// += dense[s, i] for i in order, the additions index_add_ makes in its order (each a + 1 * b, exact as a + b).
+template <typename scalar_t>
+NO_FP_CONTRACT void conv_scatter(const std::vector<Tensor>& pieces, const Tensor& positions_t, Tensor& out_t) {
+  NO_FP_CONTRACT_BODY
+  const int64_t* positions = positions_t.data_ptr<int64_t>();
+  scalar_t* out = out_t.data_ptr<scalar_t>();
+  const int64_t seeds = out_t.size(0), total = out_t.size(1);
+  for (int64_t s = 0; s < seeds; ++s) {
+    int64_t i = 0;
+    scalar_t* row = out + s * total;
+    for (const Tensor& piece : pieces) {
+      const scalar_t* p = piece.data_ptr<scalar_t>() + s * piece.stride(0);
+      const int64_t rows = piece.size(1), columns = piece.size(2), row_stride = piece.stride(1), column_stride = piece.stride(2);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < columns; ++c) row[positions[i++]] += p[r * row_stride + c * column_stride];
+    }
+  }
+}
+
+}  // namespace
+
 // The solve's gradients given dL/dz(T): dL/dz0 and the weights' (tune_node.fast.adaptive_solve's
 // _DenseAdaptiveSolve.backward with _backward, the same calls): of the dense matrices W1, c1, W2, c2,
 // W3, c3 (dense: W1, c1, W2, W3 as the solve had them, one model's or stacked), or, with an index
@@ -1652,12 +1717,19 @@ std::vector<Tensor> Solve::gradients(const Tensor& grad_out_in, const std::vecto
   std::vector<Tensor> grads = {single ? g_z0.squeeze(0) : g_z0};
   if (index) {
     // dense_conv_weights' gather backward: autograd's scatter-add, the same sums in the same order.
-    std::vector<Tensor> flat;
-    for (const Tensor& g : g_dense) flat.push_back(g.reshape({seeds, -1}));
-    const Tensor joined = at::cat(flat, -1);
     int64_t total = 1;  // the gather's constant zero
     for (const auto& shape : conv_shapes) total += c10::multiply_integers(shape);
-    const Tensor scattered = at::zeros({seeds, total}, joined.options()).index_add_(-1, *index, joined);
+    Tensor scattered = at::zeros({seeds, total}, grad_out.options());
+    int64_t dense_size = 0;
+    for (const Tensor& g : g_dense) dense_size += g.numel() / seeds;
+    const Tensor positions = index->to(at::kLong).contiguous();
+    if (plain_loops_take(scattered) && positions.device().is_cpu() && positions.numel() == dense_size) {
+      AT_DISPATCH_FLOATING_TYPES(scattered.scalar_type(), "conv_scatter", [&] { conv_scatter<scalar_t>(g_dense, positions, scattered); });
+    } else {
+      std::vector<Tensor> flat;
+      for (const Tensor& g : g_dense) flat.push_back(g.reshape({seeds, -1}));
+      scattered.index_add_(-1, *index, at::cat(flat, -1));
+    }
     int64_t start = 0;
     for (const auto& shape : conv_shapes) {
       const int64_t size = c10::multiply_integers(shape);
