@@ -1,6 +1,6 @@
 """The project's adaptive solve against torchdiffeq's on the dense Sphere2 field, side by side.
 
-Run: ``python benchmarks/bench_adaptive.py`` (under a minute on a 2-core machine, much
+Run: ``python benchmarks/bench_adaptive.py`` (about a minute on a 2-core machine, much
 of it start-up; ``--quick``: 5 repeats; ``--tol``: the tolerance; ``--methods``: fehlberg2,
 dopri5 or both). One thread throughout.
 
@@ -23,10 +23,16 @@ backward evaluations both counted) per seed, for:
 - fixed: the fused fixed-step RK4 solve (``--fixed-steps`` steps), one seed and
   5 stacked, the reference cost per NFE.
 
-The variants run interleaved, one solve each in turn in a rotating order, and each
-reports its median, so a neighbour's load hits all alike. Both adaptive solves take
-the same steps (tested in ``tests/test_adaptive_solver.py`` and ``tests/test_adaptive_fused.py``;
-NFE checked here too).
+Each variant is timed in two orders, both printed (``--order`` picks one):
+
+- interleaved: one solve of each variant in turn, in a rotating order, so a neighbour's load
+  hits all alike; every solve starts with caches another variant has just used, a cost that
+  weighs most on solves with few evaluations (Fehlberg21 one seed at tol 1e-3: 16 NFE);
+- in blocks: ``--block`` solves of one variant back to back, the variants' blocks in a rotating
+  order, as a training loop runs its solves (the cost per NFE a trial pays).
+
+Each reports the median over its solves. Both adaptive solves take the same steps (tested in
+``tests/test_adaptive_solver.py`` and ``tests/test_adaptive_fused.py``; NFE checked here too).
 """
 
 from __future__ import annotations
@@ -135,21 +141,30 @@ def _variants(method: str, tol: float, fixed_steps: int):
     }
 
 
-def bench(method: str, tol: float, fixed_steps: int, repeats: int) -> tuple[dict, dict]:
-    """The us per NFE (fwd+bwd) per seed of every timed solve, and forward NFE per solve, by variant."""
+ORDERS = ("interleaved", "blocks")
+
+
+def bench(method: str, tol: float, fixed_steps: int, repeats: int, orders=ORDERS, block: int = 10) -> dict[str, tuple[dict, dict]]:
+    """Per order: the us per NFE (fwd+bwd) per seed of every timed solve, and forward NFE per solve, by variant.
+    ``repeats`` solves per variant and order (in blocks: rounded up to whole blocks)."""
     runs = _variants(method, tol, fixed_steps)
     names = list(runs)
     nfe = {name: runs[name]() for name in names}  # warm-up (and the C++ loops' first load), untimed
-    samples = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            count = runs[name]()
-            elapsed = time.perf_counter() - start
-            if count != nfe[name]:
-                raise RuntimeError(f"{name}: NFE changed between solves ({nfe[name]} then {count})")
-            samples[name].append(elapsed / (2 * count) * 1e6)
-    return samples, nfe
+    results = {}
+    for order in orders:
+        samples = {name: [] for name in names}
+        size = 1 if order == "interleaved" else block
+        for r in range(-(-repeats // size)):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for _ in range(size):
+                    start = time.perf_counter()
+                    count = runs[name]()
+                    elapsed = time.perf_counter() - start
+                    if count != nfe[name]:
+                        raise RuntimeError(f"{name}: NFE changed between solves ({nfe[name]} then {count})")
+                    samples[name].append(elapsed / (2 * count) * 1e6)
+        results[order] = (samples, nfe)
+    return results
 
 
 def main(argv=None) -> None:
@@ -160,6 +175,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="5 repeats")
     parser.add_argument("--methods", nargs="+", choices=("fehlberg2", "dopri5"), default=["fehlberg2", "dopri5"],
                         help="the adaptive methods to time (default both)")
+    parser.add_argument("--order", choices=(*ORDERS, "both"), default="both",
+                        help="interleaved (one solve of each variant in turn), blocks (--block solves of a variant back to back, "
+                             "as training runs them) or both (default)")
+    parser.add_argument("--block", type=int, default=10, help="solves per block in the blocks order (default 10)")
     parser.add_argument("--stat", choices=("median", "min", "both"), default="both",
                         help="per variant, the median of its solves, the fastest (least disturbed by a loaded machine), "
                              "or both: median (min) (default)")
@@ -167,7 +186,25 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     repeats = 5 if args.quick else args.repeats
     stats = {"median": [statistics.median], "min": [min], "both": [statistics.median, min]}[args.stat]
-    results = {m: bench(m, args.tol, args.fixed_steps, repeats) for m in args.methods}
+    orders = ORDERS if args.order == "both" else (args.order,)
+    timed = {m: bench(m, args.tol, args.fixed_steps, repeats, orders, args.block) for m in args.methods}
+    for order in orders:
+        heading = "interleaved, one solve of each variant in turn" if order == "interleaved" else \
+            f"in blocks of {args.block} solves of a variant back to back (as training runs them)"
+        _report({m: timed[m][order] for m in args.methods}, args, repeats, stats, heading)
+    loops = adaptive_loops()
+    if loops is not None:
+        # The fused solve's narrow products run as loops only where they matched ATen's bits here.
+        kinds = ("addmm", "baddbmm", "bmm", "accumulate", "input addmm", "input baddbmm")
+        shape = {kind: (2, 64) if kind.startswith("input") else (64, 2) for kind in kinds}  # (inner, width)
+        checked = {kind: all(loops.narrow_products_checked(i, torch.float32, seeds, BATCH, *shape[kind]) for seeds in (1, SEEDS))
+                   for i, kind in enumerate(kinds)}
+        print("narrow products as loops (checked against ATen's bits): "
+              + ", ".join(f"{k} {'yes' if ok else 'no: ATen'}" for k, ok in checked.items()))
+
+
+def _report(results: dict, args, repeats: int, stats: list, heading: str) -> None:
+    """Prints one order's ratios and absolute costs (``results``: method -> (samples, nfe))."""
 
     def show(a, b=None):
         """``a``'s stat(s) per method, or its ratio to ``b``'s, as "median (min)"."""
@@ -183,7 +220,7 @@ def main(argv=None) -> None:
     one, group = "one seed", f"{SEEDS} seeds"
     fixed_one, fixed_group = f"fixed rk4-{args.fixed_steps} fused, one seed", f"fixed rk4-{args.fixed_steps} fused, {SEEDS} seeds"
     print(f"Sphere2 dense field, batch {BATCH}, float32, tol {args.tol:g}, one solve + backward; us per NFE (fwd+bwd) per seed, "
-          f"{' (' .join(s.__name__ for s in stats)}{')' if len(stats) > 1 else ''} of {repeats}")
+          f"{' (' .join(s.__name__ for s in stats)}{')' if len(stats) > 1 else ''} of {repeats}; {heading}")
     print("ratios (targets: fused / torchdiffeq <= 0.25, fused / fixed fused <= 1.5)")
     print(f"  {'':42s} " + " ".join(f"{m:>15s}" for m in results))
     rows = [
@@ -202,15 +239,6 @@ def main(argv=None) -> None:
     print("absolute, us per NFE per seed [forward NFE per solve, all seeds]")
     for name in next(iter(results.values()))[0]:
         print(f"  {name:42s} {show(name)}")
-    loops = adaptive_loops()
-    if loops is not None:
-        # The fused solve's narrow products run as loops only where they matched ATen's bits here.
-        kinds = ("addmm", "baddbmm", "bmm", "accumulate", "input addmm", "input baddbmm")
-        shape = {kind: (2, 64) if kind.startswith("input") else (64, 2) for kind in kinds}  # (inner, width)
-        checked = {kind: all(loops.narrow_products_checked(i, torch.float32, seeds, BATCH, *shape[kind]) for seeds in (1, SEEDS))
-                   for i, kind in enumerate(kinds)}
-        print("narrow products as loops (checked against ATen's bits): "
-              + ", ".join(f"{k} {'yes' if ok else 'no: ATen'}" for k, ok in checked.items()))
 
 
 if __name__ == "__main__":
