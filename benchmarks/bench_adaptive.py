@@ -193,7 +193,7 @@ def main(argv=None) -> None:
             f"in blocks of {args.block} solves of a variant back to back (as training runs them)"
         _report({m: timed[m][order] for m in args.methods}, args, repeats, stats, heading)
     loops = adaptive_loops()
-    if loops is not None:
+    if loops is not None and hasattr(loops, "narrow_products_checked"):
         # The fused solve's narrow products run as loops only where they matched ATen's bits here.
         kinds = ("addmm", "baddbmm", "bmm", "accumulate", "input addmm", "input baddbmm")
         shape = {kind: (2, 64) if kind.startswith("input") else (64, 2) for kind in kinds}  # (inner, width)

@@ -44,7 +44,10 @@ namespace {
 #endif
 // The backward pass's loops over (S, B, H) are long enough for SIMD to matter: GCC vectorizes them
 // with this (its -O2 here does not; vectorized, each element still gets the same IEEE operations).
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// Also built for AVX-512 and AVX2, picked at load by the CPU (the same IEEE operations per element at any width).
+#define VECTORIZED __attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off", "tree-vectorize")))
+#elif defined(__GNUC__) && !defined(__clang__)
 #define VECTORIZED __attribute__((optimize("fp-contract=off", "tree-vectorize")))
 #else
 #define VECTORIZED NO_FP_CONTRACT
