@@ -195,10 +195,11 @@ def main(argv=None) -> None:
     loops = adaptive_loops()
     if loops is not None and hasattr(loops, "narrow_products_checked"):
         # The fused solve's narrow products run as loops only where they matched ATen's bits here.
-        kinds = ("addmm", "baddbmm", "bmm", "accumulate", "input addmm", "input baddbmm")
-        shape = {kind: (2, 64) if kind.startswith("input") else (64, 2) for kind in kinds}  # (inner, width)
-        checked = {kind: all(loops.narrow_products_checked(i, torch.float32, seeds, BATCH, *shape[kind]) for seeds in (1, SEEDS))
-                   for i, kind in enumerate(kinds)}
+        # The kinds the Sphere2 field's products use (the C++ NarrowKind's values), each (inner, width).
+        kinds = {"input": ((4, 5), (2, 64)), "output": ((6, 7), (64, 2)), "input gradient": ((2, 2), (64, 2)),
+                 "weight gradients": ((3, 3), (64, 2))}
+        checked = {name: all(loops.narrow_products_checked(kind[seeds > 1], torch.float32, seeds, BATCH, *shape)
+                             for seeds in (1, SEEDS)) for name, (kind, shape) in kinds.items()}
         print("narrow products as loops (checked against ATen's bits): "
               + ", ".join(f"{k} {'yes' if ok else 'no: ATen'}" for k, ok in checked.items()))
 

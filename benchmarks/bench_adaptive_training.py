@@ -5,9 +5,10 @@ Run: ``python benchmarks/bench_adaptive_training.py`` (about a minute on a 2-cor
 
 ``bench_adaptive.py`` times solves on fixed weights; here each variant trains its own Sphere2
 model (seed 0, batch 128, Adam, learning rate 1e-4, cross-entropy; the model's forward, which
-solves through :func:`tune_node.integrate.integrate`) as a trial does, and only the solve and its backward pass are timed, so the cost per NFE
-is the one a training run pays: between two solves the optimizer step and the next batch run,
-as in ``tune_node.train``. Variants (one seed each):
+solves through :func:`tune_node.integrate.integrate`) as a trial does, and only the forward pass
+and the backward pass are timed (the classifier's small part included), so the cost per NFE is
+the one a training run pays: between two solves the optimizer step and the next batch run, as in
+``tune_node.train``. Variants (one seed each):
 
 - fixed: the fused fixed-step RK4 solve (``--fixed-steps`` steps), the reference cost per NFE;
 - ours fused, fehlberg2 and dopri5: ``integrate``'s default for adaptive backprop solves of the
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
         return statistics.median(x / y for x, y in zip(per_nfe(a), per_nfe(b)))
 
     fixed = names[0]
-    print(f"Sphere2, one seed training (batch {BATCH}, Adam), tol {args.tol:g}; solve + backward only, us per NFE (fwd+bwd); "
+    print(f"Sphere2, one seed training (batch {BATCH}, Adam), tol {args.tol:g}; forward + backward pass timed, us per NFE (fwd+bwd); "
           f"{args.iterations} iterations per variant in turns of {args.chunk}")
     print("ratios, median over turns (targets: fused / torchdiffeq <= 0.25, fused / fixed fused <= 1.5)")
     print(f"  {'':32s} {'fehlberg2':>10s} {'dopri5':>10s}")

@@ -92,12 +92,17 @@ constexpr int64_t kNarrowWidth = 4;
 // a loop runs only for a kind and shape whose check passed: on its first use in a process the loop and ATen's call
 // are run on pseudo-random data of that shape and every output bit compared. Elsewhere ATen's call runs. The input
 // layer z W1 (+ c1), (B, N) times (N, H), is the other way round: there the BLAS chains fused multiply-adds over
-// the N columns from zero and adds the bias last; its loop (kInputAddmm, kInputBaddbmm) writes into the layer's
-// buffer and runs with AVX-512 only (elsewhere a fused multiply-add may be a library call).
-enum class NarrowKind : int { kAddmm, kBaddbmm, kBmm, kAccumulate, kInputAddmm, kInputBaddbmm };
+// the N columns from zero and adds the bias last; its loop (kInputAddmm, kInputBaddbmm) applies the ReLU that
+// follows too, writes into the layer's buffer and runs with AVX-512 only (elsewhere a fused multiply-add may be a
+// library call).
+// The output kinds are kAddmm and kBaddbmm after the ReLU that precedes them, applied to a in place.
+enum class NarrowKind : int { kAddmm, kBaddbmm, kBmm, kAccumulate, kInputAddmm, kInputBaddbmm, kOutputAddmm, kOutputBaddbmm };
 
 bool input_kind(NarrowKind kind) { return kind == NarrowKind::kInputAddmm || kind == NarrowKind::kInputBaddbmm; }
-bool batched_kind(NarrowKind kind) { return kind != NarrowKind::kAddmm && kind != NarrowKind::kInputAddmm; }
+bool output_kind(NarrowKind kind) { return kind == NarrowKind::kOutputAddmm || kind == NarrowKind::kOutputBaddbmm; }
+bool batched_kind(NarrowKind kind) {
+  return kind != NarrowKind::kAddmm && kind != NarrowKind::kInputAddmm && kind != NarrowKind::kOutputAddmm;
+}
 
 std::atomic<bool> narrow_products_enabled{std::getenv("TUNE_NODE_NARROW_PRODUCTS") == nullptr ||
                                           std::string(std::getenv("TUNE_NODE_NARROW_PRODUCTS")) != "0"};
@@ -193,8 +198,8 @@ bool has_avx512() {
   return has;
 }
 
-// out[r, :] = (the fused multiply-adds of a[r, k] b[k, :] over k in order, from zero) + start, for one (rows, inner)
-// a, (inner, width) b and start (width), all contiguous: each output's operations as the scalar ones.
+// out[r, :] = relu((the fused multiply-adds of a[r, k] b[k, :] over k in order, from zero) + start), for one
+// (rows, inner) a, (inner, width) b and start (width), all contiguous: each output's operations as the scalar ones.
 __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_input_avx512(const float* a, const float* b, const float* start,
                                                                                          float* out, int64_t rows, int64_t inner,
                                                                                          int64_t width) {
@@ -207,7 +212,9 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_inpu
       const __mmask16 mask = h < whole ? static_cast<__mmask16>(0xFFFF) : tail;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t k = 0; k < inner; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(ar[k]), _mm512_maskz_loadu_ps(mask, b + k * width + h), acc);
-      _mm512_mask_storeu_ps(o + h, mask, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, start + h)));
+      // The ReLU as ATen's (a < 0 ? 0 : a: -0 and NaN kept): max returns its second operand on a tie or a NaN.
+      const __m512 pre = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, start + h));
+      _mm512_mask_storeu_ps(o + h, mask, _mm512_max_ps(_mm512_setzero_ps(), pre));
     }
   }
 }
@@ -245,6 +252,12 @@ VECTORIZED void narrow_accumulate(const scalar_t* a, const scalar_t* b, scalar_t
   }
 }
 
+// x = relu(x) in place as ATen's (x < 0 ? 0 : x: -0 and NaN kept), all contiguous.
+template <typename scalar_t>
+VECTORIZED void relu_in_place(scalar_t* x, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) x[e] = x[e] < scalar_t(0) ? scalar_t(0) : x[e];
+}
+
 // The loop for a kind over its seeds: kAddmm: out = start + a b, one (rows, inner) a; kBaddbmm: per seed, start
 // (S, 1, N); kBmm: per seed, no start; kAccumulate: acc (S, N, inner) += a^T b with a (S, rows, N), b (S, rows, inner).
 template <typename scalar_t>
@@ -265,6 +278,7 @@ void narrow_run(NarrowKind kind, const Tensor& start, const Tensor& a, const Ten
 #endif
     return;
   }
+  if (output_kind(kind)) relu_in_place<scalar_t>(const_cast<scalar_t*>(pa), a.numel());
   if (kind == NarrowKind::kAccumulate) {
     const int64_t width = a.size(-1), inner = b.size(-1);
     for (int64_t s = 0; s < seeds; ++s)
@@ -284,8 +298,10 @@ Tensor narrow_aten(NarrowKind kind, const Tensor& start, const Tensor& a, const 
     case NarrowKind::kAddmm: return at::addmm(start, a, b);
     case NarrowKind::kBaddbmm: return at::baddbmm(start, a, b);
     case NarrowKind::kBmm: return at::bmm(a, b);
-    case NarrowKind::kInputAddmm: return at::addmm(start, a, b);
-    case NarrowKind::kInputBaddbmm: return at::baddbmm(start, a, b);
+    case NarrowKind::kInputAddmm: return at::addmm(start, a, b).relu_();
+    case NarrowKind::kInputBaddbmm: return at::baddbmm(start, a, b).relu_();
+    case NarrowKind::kOutputAddmm: return at::addmm(start, a.relu_(), b);
+    case NarrowKind::kOutputBaddbmm: return at::baddbmm(start, a.relu_(), b);
     default: return acc.clone().baddbmm_(a.transpose(-1, -2), b);
   }
 }
@@ -325,11 +341,26 @@ bool narrow_checked(NarrowKind kind, at::ScalarType dtype, int64_t seeds, int64_
       if (batched_kind(kind) && kind != NarrowKind::kBmm) start = at::randn({seeds, 1, width}, generator, options);
       if (!batched_kind(kind)) start = at::randn({width}, generator, options);
     }
-    if (round == 1) (kind == NarrowKind::kAccumulate ? b : a).clamp_min_(0);
-    const Tensor expected = narrow_aten(kind, start, a, b, acc);
+    if (round == 1) {
+      (kind == NarrowKind::kAccumulate ? b : a).clamp_min_(0);
+      if (input_kind(kind)) {
+        // A row of zeros, a NaN and negative-zero biases: the ReLU's treatment of -0 and NaN.
+        a.select(-2, 0).zero_();
+        a.select(-2, 1).select(-1, 0).fill_(std::numeric_limits<double>::quiet_NaN());
+        start.narrow(-1, 0, 1).fill_(-0.0);
+      }
+      if (output_kind(kind)) {
+        a.select(-2, 0).fill_(-0.0);
+        a.select(-2, 1).select(-1, 0).fill_(std::numeric_limits<double>::quiet_NaN());
+      }
+    }
+    const Tensor a_aten = a.clone();  // the output kinds' ReLU changes a
+    const Tensor expected = narrow_aten(kind, start, a_aten, b, acc);
     out = kind == NarrowKind::kAccumulate ? acc.clone() : at::empty_like(expected);
     AT_DISPATCH_FLOATING_TYPES(dtype, "narrow_check", [&] { narrow_run<scalar_t>(kind, start, a, b, out); });
-    same = at::equal(out, expected);
+    // Bit for bit (NaN included): the values as integers of their width.
+    const at::ScalarType bits = dtype == at::kFloat ? at::kInt : at::kLong;
+    same = at::equal(out.view(bits), expected.view(bits)) && at::equal(a.view(bits), a_aten.view(bits));
   }
   known.emplace(key, same);
   return same;
@@ -385,19 +416,17 @@ bool narrow_product(NarrowKind kind, const Tensor& start, const Tensor& a, const
 // as narrow_product where its check passed).
 Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Tensor h2, bool stacked) {
   if (stacked) {
-    if (!narrow_product(NarrowKind::kInputBaddbmm, w[1], z, w[0], h1)) at::baddbmm_out(h1, w[1], z, w[0]);
-    h1.relu_();
-    at::baddbmm_out(h2, w[3], h1, w[2]).relu_();
+    if (!narrow_product(NarrowKind::kInputBaddbmm, w[1], z, w[0], h1)) at::baddbmm_out(h1, w[1], z, w[0]).relu_();
+    at::baddbmm_out(h2, w[3], h1, w[2]);
     Tensor out;
-    if (narrow_product(NarrowKind::kBaddbmm, w[5], h2, w[4], out)) return out;
-    return at::baddbmm(w[5], h2, w[4]);
+    if (narrow_product(NarrowKind::kOutputBaddbmm, w[5], h2, w[4], out)) return out;
+    return at::baddbmm(w[5], h2.relu_(), w[4]);
   }
-  if (!narrow_product(NarrowKind::kInputAddmm, w[1], z, w[0], h1)) at::addmm_out(h1, w[1], z, w[0]);
-  h1.relu_();
-  at::addmm_out(h2, w[3], h1, w[2]).relu_();
+  if (!narrow_product(NarrowKind::kInputAddmm, w[1], z, w[0], h1)) at::addmm_out(h1, w[1], z, w[0]).relu_();
+  at::addmm_out(h2, w[3], h1, w[2]);
   Tensor out;
-  if (narrow_product(NarrowKind::kAddmm, w[5], h2, w[4], out)) return out;
-  return at::addmm(w[5], h2, w[4]);
+  if (narrow_product(NarrowKind::kOutputAddmm, w[5], h2, w[4], out)) return out;
+  return at::addmm(w[5], h2.relu_(), w[4]);
 }
 
 
@@ -1808,5 +1837,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](int64_t kind, at::ScalarType dtype, int64_t seeds, int64_t rows, int64_t inner, int64_t width) {
         return narrow_checked(static_cast<NarrowKind>(kind), dtype, seeds, rows, inner, width);
       },
-      "whether a narrow product's loop gives ATen's bits (kind 0 addmm, 1 baddbmm, 2 bmm, 3 accumulate, 4 input addmm, 5 input baddbmm)");
+      "whether a narrow product's loop gives ATen's bits (kind 0 addmm, 1 baddbmm, 2 bmm, 3 accumulate, 4 input addmm, 5 input baddbmm, 6 output addmm, 7 output baddbmm)");
 }
