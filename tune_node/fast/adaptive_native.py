@@ -5,7 +5,11 @@
 ``TORCH_EXTENSIONS_DIR`` like :mod:`tune_node.fast.native`'s) and returns the module, or None
 where it cannot be built (warned once) or ``TUNE_NODE_NATIVE=0`` says not to try. The loops make
 the same ATen calls in the same order as :class:`~tune_node.fast.adaptive_solve.PythonAttemptLoops`,
-so the results are identical either way. Its ``solve_forward`` runs a whole solve (IController's
+or plain loops doing the same IEEE operations in the same order as the calls they replace, so the
+results are identical either way. Where that order is a library's choice rather than a fixed rule
+(the BLAS's for the field's narrow products), a loop runs only after a check on first use found it
+equal to ATen's call for that shape; ``TUNE_NODE_NARROW_PRODUCTS=0`` (or the module's
+``set_narrow_products(False)``) keeps ATen's calls throughout. Its ``solve_forward`` runs a whole solve (IController's
 step control included) and returns an object whose ``gradients`` runs its backward pass (to the
 dense or the conv weights; ``dense_from_conv`` builds the dense matrices from the conv weights).
 """

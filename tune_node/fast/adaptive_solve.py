@@ -268,9 +268,16 @@ class PythonAttemptLoops:
             if interp:
                 combos.append(interp[2])
                 rows.append(row_mid)
-            index = torch.tensor(rows, dtype=torch.long).to(rows64.device)
-            products = torch.einsum("csbw,sbwj->scj", torch.stack(combos).to(torch.float64), ks.to(torch.float64))
-            g_h = torch.sum(products * rows64.index_select(0, index), (1, 2))
+            # dL/dh = sum over combinations c, stages j and elements of row_c[j] * combo_c * k_j, as
+            # per-element terms (each product, then each sum, in double) summed per seed at the end.
+            k = ks.to(torch.float64)
+            terms = torch.zeros(k.shape[:3], dtype=torch.float64, device=k.device)
+            for combo, row in zip(combos, rows):
+                q = torch.zeros_like(terms)
+                for j in range(n):
+                    q = q + rows64[row, j] * k[..., j]
+                terms = terms + combo.to(torch.float64) * q
+            g_h = torch.sum(terms, (1, 2))
         else:
             g_h = torch.zeros(gy.shape[0], dtype=torch.float64, device=gy.device)
         if all_accepted:

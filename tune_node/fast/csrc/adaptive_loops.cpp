@@ -823,6 +823,57 @@ VECTORIZED void stage_adjoints(Tensor& g_in_t, const Tensor* g_y1_t, Tensor& g_y
 
 }  // namespace
 
+// dL/dh's terms per element of the first attempt's stage weights h * row: p = sum over the combinations c (in
+// order) of combo_c * q_c, q_c = sum over the stages j (in order) of rows64[row_c, j] * k_j, in double precision
+// from zero, each product then each sum rounded (PythonAttemptLoops.attempt_backward's tensor operations);
+// summed over each seed's rows and columns (by ATen) it is dL/dh. combos (S, B, W), ks (S, B, W, n).
+template <typename scalar_t>
+NO_FP_CONTRACT void step_size_terms_loop(const std::vector<Tensor>& combos, const std::vector<int64_t>& rows, const Tensor& ks_t,
+                                         const Tensor& rows64_t, Tensor& out_t) {
+  NO_FP_CONTRACT_BODY
+  const int64_t seeds = out_t.size(0), batch = out_t.size(1), columns = out_t.size(2), n = ks_t.size(-1);
+  const Tensor rows64 = rows64_t.contiguous();
+  const double* r = rows64.data_ptr<double>();
+  std::vector<Strided<scalar_t>> c;
+  for (const Tensor& combo : combos) c.emplace_back(combo);
+  const scalar_t* k = ks_t.data_ptr<scalar_t>();
+  const int64_t k_seed = ks_t.stride(0), k_row = ks_t.stride(1), k_column = ks_t.stride(2), k_stage = ks_t.stride(3);
+  double* o = out_t.data_ptr<double>();
+  for (int64_t s = 0; s < seeds; ++s)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t w = 0; w < columns; ++w) {
+        const scalar_t* kk = k + s * k_seed + b * k_row + w * k_column;
+        double p = 0.0;
+        for (size_t i = 0; i < combos.size(); ++i) {
+          const double* ri = r + rows[i] * n;
+          double q = 0.0;
+          for (int64_t j = 0; j < n; ++j) q = q + ri[j] * static_cast<double>(kk[j * k_stage]);
+          p = p + static_cast<double>(c[i](s, b, w)) * q;
+        }
+        *o++ = p;
+      }
+}
+
+Tensor step_size_terms(const std::vector<Tensor>& combos, const std::vector<int64_t>& rows, const Tensor& ks, const Tensor& rows64) {
+  bool loops = plain_loops_take(ks) && ks.dim() == 4 && rows64.scalar_type() == at::kDouble && rows64.device().is_cpu();
+  for (const Tensor& combo : combos)
+    loops = loops && combo.dim() == 3 && combo.scalar_type() == ks.scalar_type() && combo.device().is_cpu() &&
+            combo.sizes() == ks.sizes().slice(0, 3);
+  if (loops) {
+    Tensor out = at::empty({ks.size(0), ks.size(1), ks.size(2)}, ks.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(ks.scalar_type(), "step_size_terms", [&] { step_size_terms_loop<scalar_t>(combos, rows, ks, rows64, out); });
+    return out;
+  }
+  const Tensor k = ks.to(at::kDouble);
+  Tensor p = at::zeros(k.sizes().slice(0, 3), k.options());
+  for (size_t i = 0; i < combos.size(); ++i) {
+    Tensor q = at::zeros_like(p);
+    for (int64_t j = 0; j < k.size(-1); ++j) q = q + rows64.select(0, rows[i]).select(0, j) * k.select(-1, j);
+    p = p + combos[i].to(at::kDouble) * q;
+  }
+  return p;
+}
+
 // One kept attempt's backward pass (all (S, ., .); wk: the attempt's h * coefficient rows as
 // (rows, stages, S, 1, 1)). interp: dL/d of the interpolant's start state, solution, midpoint,
 // first and last stage outputs, or empty. Returns dL/dy and dL/df0 before the attempt and, on
@@ -899,9 +950,7 @@ std::vector<Tensor> attempt_backward_of(const Tensor& gy, const Tensor& gf, cons
       combos.push_back(interp[2]);
       combo_rows.push_back(row_mid);
     }
-    Tensor index = at::tensor(combo_rows, at::TensorOptions().dtype(at::kLong)).to(rows64.device());
-    Tensor products = at::einsum("csbw,sbwj->scj", {at::stack(combos).to(at::kDouble), ks.to(at::kDouble)});
-    g_h = at::sum(products * rows64.index_select(0, index), {1, 2});
+    g_h = at::sum(step_size_terms(combos, combo_rows, ks, rows64), {1, 2});
   } else if (!no_zeros) {
     g_h = at::zeros({gy.size(0)}, gy.options().dtype(at::kDouble));
   }
