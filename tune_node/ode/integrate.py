@@ -527,10 +527,8 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
         raise ValueError("record_path is only available for fixed-step methods")
     time_dependent = takes_time(vector_field)
     prepare = _preparer(vector_field)
-    prepared = prepare(z0) if prepare is not None and setting.gradient == "backprop" and not time_dependent else None
-    if prepared is None:
-        prepared = PreparedField(vector_field, _identity, _identity)
-
+    # tune-node's adaptive solves prepare the field themselves (or not at all): decided before the
+    # prepared form is built (for the sphere field, its dense matrices: ~0.1 ms a solve).
     if (setting.is_adaptive and setting.gradient == "backprop" and prepare is not None and not time_dependent
             and spec.embedded is not None and adaptive_solver() == "tune_node"):
         return _ours(vector_field, z0, setting, seeded=False)
@@ -539,6 +537,9 @@ def integrate(vector_field: nn.Module, z0: torch.Tensor, setting: SolverSetting,
         sol = _ours(vector_field, z0, setting, seeded=False)
         if sol is not None:
             return sol
+    prepared = prepare(z0) if prepare is not None and setting.gradient == "backprop" and not time_dependent else None
+    if prepared is None:
+        prepared = PreparedField(vector_field, _identity, _identity)
     if setting.gradient == "backprop" and not setting.is_adaptive:
         if prepared.solve is not None and not record_path and torch.is_grad_enabled():
             z = prepared.solve(prepared.encode(z0), spec.tableau, setting.steps, T)
