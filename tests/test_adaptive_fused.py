@@ -191,6 +191,25 @@ def test_narrow_products_as_loops_leave_every_bit_of_the_solve(method, seeds, dt
     assert all(torch.equal(a, b) for a, b in zip(on_grads, off_grads))
 
 
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_a_field_flat_at_the_start_gives_the_eager_solves_nan_gradients(method):
+    # A zero output layer: f = 0 everywhere, so the first step size's norms are 0 and its derivative
+    # is 0/0, as autograd finds through torchdiffeq's rule. Every loop gives NaN where the eager solve
+    # does (the Python loops raised ZeroDivisionError here once), and the C++ and Python loops agree.
+    weights = sphere_weights(torch.float64)
+    weights[4], weights[5] = torch.zeros_like(weights[4]), torch.zeros_like(weights[5])
+    z0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eager, eager_grads = solve(weights, z0, method, 1e-5, fused=False)
+    runs = [solve(weights, z0, method, 1e-5, fused=True, loops=loops) for loops in ([PythonAttemptLoops] + ([NATIVE] if NATIVE else []))]
+    for sol, grads in runs:
+        assert sol.nfe == eager.nfe and torch.equal(sol.z, eager.z)
+        assert all(torch.equal(g.isnan(), g_ref.isnan()) for g, g_ref in zip(grads, eager_grads))
+        assert any(g.isnan().any() for g in grads)
+    if len(runs) == 2:
+        for g_py, g_cpp in zip(runs[0][1], runs[1][1]):
+            torch.testing.assert_close(g_cpp, g_py, rtol=0, atol=0, equal_nan=True)
+
+
 def random_dense_weights(width, hidden, dtype, seeds):
     """A dense field of ``seeds`` stacked models on states of ``width`` columns (Sphere2's have 2)."""
     gen = torch.Generator().manual_seed(11)

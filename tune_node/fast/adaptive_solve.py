@@ -395,7 +395,7 @@ class PythonAttemptLoops:
             g_d2_raw = _min_share(g_largest, -d2, -d1) * _sign(d2_raw)
             g0 -= g_d2_raw * n2 / (h0[s] * h0[s])
             g_h0[s] = g0
-            factors[2 * seeds + s] = g_d2_raw / h0[s] / (count * n2)  # dL/du2 = factor * u2
+            factors[2 * seeds + s] = _divide(g_d2_raw / h0[s], count * n2)  # dL/du2 = factor * u2
             factors[3 * seeds + s] = h0[s]
         eval_backward = PythonAttemptLoops.eval_backward
         g_f1 = u[2] * _per_seed_factors(factors, 4, z0)[2] * inv
@@ -406,8 +406,8 @@ class PythonAttemptLoops:
             g_h0_raw = (g_h0[s] + dots[s]) * h0_sign[s]
             g_d0 = 0.0 if tiny[s] else 0.01 * g_h0_raw / d1
             g_d1_total = g_d1[s] - (0.0 if tiny[s] else 0.01 * d0 * g_h0_raw / (d1 * d1))
-            factors[s] = g_d0 / (count * d0)
-            factors[seeds + s] = g_d1_total / (count * d1)
+            factors[s] = _divide(g_d0, count * d0)
+            factors[seeds + s] = _divide(g_d1_total, count * d1)
         f = _per_seed_factors(factors, 4, z0)
         g_u = u * f[:3]  # dL/du per part
         g_scale = -(g_u[0] * u[0] + g_u[1] * u[1] + g_u[2] * u[2]) * inv  # the parts' sum left to right (the C++ loop's)
@@ -418,6 +418,16 @@ class PythonAttemptLoops:
 
 def _sign(x: float) -> float:
     return float((x > 0) - (x < 0))
+
+
+def _divide(a: float, b: float) -> float:
+    """``a / b`` as IEEE division (the C++ loops' and autograd's): infinite or NaN where ``b`` is 0, where
+    Python raises. A field flat at the start (a zero-initialised output layer) has zero norms there."""
+    if b != 0.0:
+        return a / b
+    if a != a or a == 0.0:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
 def _min_share(g: float, a: float, b: float) -> float:
