@@ -193,15 +193,11 @@ def main(argv=None) -> None:
             f"in blocks of {args.block} solves of a variant back to back (as training runs them)"
         _report({m: timed[m][order] for m in args.methods}, args, repeats, stats, heading)
     loops = adaptive_loops()
-    if loops is not None and hasattr(loops, "narrow_products_checked"):
+    if loops is not None and hasattr(loops, "narrow_product_outcomes"):
         # The fused solve's narrow products run as loops only where they matched ATen's bits here.
-        # The kinds the Sphere2 field's products use (the C++ NarrowKind's values), each (inner, width).
-        kinds = {"input": ((4, 5), (2, 64)), "output": ((6, 7), (64, 2)), "input gradient": ((2, 2), (64, 2)),
-                 "weight gradients": ((3, 3), (64, 2))}
-        checked = {name: all(loops.narrow_products_checked(kind[seeds > 1], torch.float32, seeds, BATCH, *shape)
-                             for seeds in (1, SEEDS)) for name, (kind, shape) in kinds.items()}
-        print("narrow products as loops (checked against ATen's bits): "
-              + ", ".join(f"{k} {'yes' if ok else 'no: ATen'}" for k, ok in checked.items()))
+        outcomes = loops.narrow_product_outcomes()
+        print("narrow products of the fused solves above, calls that ran the loop / all calls: " + ", ".join(
+            f"{kind} {counts['taken']}/{sum(counts.values())}" for kind, counts in outcomes.items()))
 
 
 def _report(results: dict, args, repeats: int, stats: list, heading: str) -> None:

@@ -186,9 +186,29 @@ def test_narrow_products_as_loops_leave_every_bit_of_the_solve(method, seeds, dt
         off, off_grads = solve(weights, z0, method, 1e-5, fused=True, seeded=seeds is not None)
     finally:
         NATIVE.set_narrow_products(True)
+    NATIVE.narrow_product_outcomes(reset=True)
     on, on_grads = solve(weights, z0, method, 1e-5, fused=True, seeded=seeds is not None)
+    outcomes = NATIVE.narrow_product_outcomes(reset=True)
     assert on.accepted == off.accepted and on.nfe == off.nfe and torch.equal(on.z, off.z)
     assert all(torch.equal(a, b) for a, b in zip(on_grads, off_grads))
+    # Every narrow product of the field is one the loops take (whether they then run is the check's
+    # answer on each machine): no layout, width or dtype of the solve's own sends them to ATen.
+    assert all(counts["not the loops' operands"] == 0 for counts in outcomes.values()), outcomes
+    layers = {"input addmm", "output addmm"} if seeds is None else {"input baddbmm", "output baddbmm"}
+    assert {"bmm", "accumulate"} | layers <= {kind for kind, counts in outcomes.items() if sum(counts.values())}
+
+
+@needs_native
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("rows", [1, 2, 17])
+def test_small_and_odd_batches_equal_the_eager_solve(method, rows):
+    # Batches below the loops' 16-row blocks and the checks' poisoned rows (one row has no second).
+    weights = sphere_weights(torch.float32)
+    z0 = torch.randn(rows, 2, generator=torch.Generator().manual_seed(rows))
+    fused, fused_grads = solve(weights, z0, method, 1e-4, fused=True)
+    eager, eager_grads = solve(weights, z0, method, 1e-4, fused=False)
+    assert fused.accepted == eager.accepted and fused.nfe == eager.nfe and torch.equal(fused.z, eager.z)
+    assert_grads_close(fused_grads, eager_grads, 2e-5)
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)

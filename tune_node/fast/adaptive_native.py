@@ -6,10 +6,12 @@
 where it cannot be built (warned once) or ``TUNE_NODE_NATIVE=0`` says not to try. The loops make
 the same ATen calls in the same order as :class:`~tune_node.fast.adaptive_solve.PythonAttemptLoops`,
 or plain loops doing the same IEEE operations in the same order as the calls they replace, so the
-results are identical either way. Where that order is a library's choice rather than a fixed rule
-(the BLAS's for the field's narrow products), a loop runs only after a check on first use found it
-equal to ATen's call for that shape; ``TUNE_NODE_NARROW_PRODUCTS=0`` (or the module's
-``set_narrow_products(False)``) keeps ATen's calls throughout. Its ``solve_forward`` runs a whole solve (IController's
+results are identical either way. Where that order is not the loops' own (ATen's summation order
+for the stage sums, the BLAS's for the field's narrow products), a loop runs only after a check on
+first use found it equal to ATen's call: once per process per number of terms for the sums, per
+kind, shape, operand layout and alignment for the products. ``TUNE_NODE_NARROW_PRODUCTS=0`` in the
+environment when the module loads (or its ``set_narrow_products(False)`` at any time) keeps ATen's
+calls for the narrow products; ``narrow_product_outcomes()`` counts which ran. Its ``solve_forward`` runs a whole solve (IController's
 step control included) and returns an object whose ``gradients`` runs its backward pass (to the
 dense or the conv weights; ``dense_from_conv`` builds the dense matrices from the conv weights).
 """

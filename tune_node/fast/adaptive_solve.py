@@ -595,7 +595,8 @@ def _backward(run: _Run, grad_out, W1, c1, W2, W3):
     acc = [W1.new_zeros(W1.shape), W2.new_zeros(W2.shape), W3.new_zeros(seeds, width, hidden),
            *(grad_out.new_zeros(seeds, batch, k) for k in (hidden, hidden, width)),
            *(grad_out.new_empty(seeds, batch, hidden) for _ in range(2))]
-    w = [W1, c1.unsqueeze(-2), W1.transpose(-1, -2), W2.transpose(-1, -2), W3.transpose(-1, -2)]
+    # W1^T contiguous, as the C++ loops have it (their input-gradient product's operand).
+    w = [W1, c1.unsqueeze(-2), W1.transpose(-1, -2).contiguous(), W2.transpose(-1, -2), W3.transpose(-1, -2)]
     grad_out = grad_out.contiguous()
     rows64 = plan.rows_tensor(torch.float64, device)
     gy = torch.zeros_like(grad_out)

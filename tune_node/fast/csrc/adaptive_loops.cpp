@@ -6,8 +6,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <map>
@@ -15,7 +17,6 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -83,46 +84,67 @@ bool plain_loops_take(const Tensor& t) {
 constexpr int64_t kNarrowWidth = 4;
 
 // The field's products with a narrow side: the output layer h2 W3 (+ c3) and the input gradient gh W1^T, (B, H)
-// times (H, N) with N the state's few columns, and the first and last weights' gradients, (N, B) times (B, H)
-// added to an accumulator. ATen hands them to the BLAS, which takes ~10 us for the first two and ~3 for the others
-// although their arithmetic is a fraction of that: about a third of an adaptive evaluation pair here. On the
-// machines measured (MKL 2024.2, AVX-512) the BLAS computes each output as a plain sequence: the start (the bias,
-// the accumulator, or zero), then each product rounded and added in the order of the shared dimension, no fused
-// multiply-add. The loops below do the same. That order is the library's choice, not a documented guarantee, so
-// a loop runs only for a kind and shape whose check passed: on its first use in a process the loop and ATen's call
-// are run on pseudo-random data of that shape and every output bit compared. Elsewhere ATen's call runs. The input
-// layer z W1 (+ c1), (B, N) times (N, H), is the other way round: there the BLAS chains fused multiply-adds over
-// the N columns from zero and adds the bias last; its loop (kInputAddmm, kInputBaddbmm) applies the ReLU that
-// follows too, writes into the layer's buffer and runs with AVX-512 only (elsewhere a fused multiply-add may be a
-// library call).
-// The output kinds are kAddmm and kBaddbmm after the ReLU that precedes them, applied to a in place.
-enum class NarrowKind : int { kAddmm, kBaddbmm, kBmm, kAccumulate, kInputAddmm, kInputBaddbmm, kOutputAddmm, kOutputBaddbmm };
+// times (H, N) with N the state's few columns, the input layer z W1 (+ c1), (B, N) times (N, H), and the first and
+// last weights' gradients, (N, B) times (B, H) added to an accumulator. ATen hands them to the BLAS, which takes
+// ~10 us for the first two and ~3 for the others although their arithmetic is a fraction of that: about a third of
+// an adaptive evaluation pair here. On the machine measured (MKL 2024.2, AVX-512) the BLAS computes each output of
+// all but the input layer as a plain sequence: the start (the bias, the accumulator, or zero), then each product
+// rounded and added in the order of the shared dimension, no fused multiply-add; the input layer's chains fused
+// multiply-adds over the N columns from zero and adds the bias last. The loops below do the same, with the ReLU
+// next to each layer product (the input layer's after it, the output layer's on its input, in place). That order
+// is the library's choice, not a documented guarantee, so a loop runs only where its check passed: on the first
+// use in a process of a kind, dtype, shape, operand layout and alignment, thread count and matmul precision, the
+// loop and ATen's call run on pseudo-random data laid out alike and every output bit is compared. Elsewhere
+// ATen's call runs. The input layer's loop needs AVX-512 (elsewhere a fused multiply-add may be a library call).
+enum class NarrowKind : int { kBmm, kAccumulate, kInputAddmm, kInputBaddbmm, kOutputAddmm, kOutputBaddbmm };
+constexpr int kNarrowKinds = 6;
 
 bool input_kind(NarrowKind kind) { return kind == NarrowKind::kInputAddmm || kind == NarrowKind::kInputBaddbmm; }
 bool output_kind(NarrowKind kind) { return kind == NarrowKind::kOutputAddmm || kind == NarrowKind::kOutputBaddbmm; }
-bool batched_kind(NarrowKind kind) {
-  return kind != NarrowKind::kAddmm && kind != NarrowKind::kInputAddmm && kind != NarrowKind::kOutputAddmm;
-}
+bool batched_kind(NarrowKind kind) { return kind != NarrowKind::kInputAddmm && kind != NarrowKind::kOutputAddmm; }
 
 std::atomic<bool> narrow_products_enabled{std::getenv("TUNE_NODE_NARROW_PRODUCTS") == nullptr ||
                                           std::string(std::getenv("TUNE_NODE_NARROW_PRODUCTS")) != "0"};
 
-// out[r, j] = start[j] + sum_k a[r, k] b[k, j] over k in order (start zero where null), for one (rows, inner) a and
-// (inner, width) b, all contiguous; rows in blocks so the sums' chains interleave.
+// Per kind, how its calls went: the loop ran; ATen's call ran because the check failed, because the operands are
+// not the loop's (device, dtype, layout, width), or because no loop exists here (the input layer's without
+// AVX-512 or in float64) or the loops are off.
+enum NarrowOutcome : int { kTaken, kCheckFailed, kNotTheLoops, kNoLoop };
+std::array<std::atomic<int64_t>, kNarrowKinds * 4> narrow_outcomes{};
+
+bool counted(NarrowKind kind, NarrowOutcome outcome) {
+  narrow_outcomes[static_cast<int>(kind) * 4 + outcome].fetch_add(1, std::memory_order_relaxed);
+  return outcome == kTaken;
+}
+
+// Where an operand sits: its strides with a leading seed stride (0 for one model's) and its distance in elements
+// from a 64-byte boundary.
+struct Placement {
+  int64_t seed, row, column, misalignment;
+};
+
+Placement placement_of(const Tensor& t, bool batched) {
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64) / static_cast<int64_t>(t.element_size());
+  if (t.dim() == 1) return {0, 0, t.stride(0), misalignment};
+  return {batched ? t.stride(0) : 0, t.stride(-2), t.stride(-1), misalignment};
+}
+
+// out[r, j] = start[j] + sum_k a[r, k] b[k, j] over k in order (start zero where null), for one contiguous
+// (rows, inner) a and out, b and start through their strides; rows in blocks so the sums' chains interleave.
 template <typename scalar_t>
-NO_FP_CONTRACT void narrow_rows(const scalar_t* a, const scalar_t* b, const scalar_t* start, scalar_t* out, int64_t rows, int64_t inner,
-                                int64_t width) {
+NO_FP_CONTRACT void narrow_rows(const scalar_t* a, const scalar_t* b, int64_t b_row, int64_t b_column, const scalar_t* start, int64_t start_column,
+                                scalar_t* out, int64_t rows, int64_t inner, int64_t width) {
   NO_FP_CONTRACT_BODY
   constexpr int64_t block = 8;
   scalar_t acc[block][kNarrowWidth];
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t count = std::min(block, rows - r0);
     for (int64_t t = 0; t < count; ++t)
-      for (int64_t j = 0; j < width; ++j) acc[t][j] = start ? start[j] : scalar_t(0);
+      for (int64_t j = 0; j < width; ++j) acc[t][j] = start ? start[j * start_column] : scalar_t(0);
     for (int64_t k = 0; k < inner; ++k)
       for (int64_t t = 0; t < count; ++t) {
         const scalar_t v = a[(r0 + t) * inner + k];
-        for (int64_t j = 0; j < width; ++j) acc[t][j] += v * b[k * width + j];
+        for (int64_t j = 0; j < width; ++j) acc[t][j] += v * b[k * b_row + j * b_column];
       }
     for (int64_t t = 0; t < count; ++t)
       for (int64_t j = 0; j < width; ++j) out[(r0 + t) * width + j] = acc[t][j];
@@ -130,6 +152,11 @@ NO_FP_CONTRACT void narrow_rows(const scalar_t* a, const scalar_t* b, const scal
 }
 
 #ifdef NARROW_AVX512
+bool has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
 // A 16 x 16 block of floats, one row per register, transposed in registers: rows[i] holds column i after.
 __attribute__((target("avx512f"))) inline void transpose_16x16(__m512 rows[16]) {
   __m512 t[16];
@@ -161,14 +188,16 @@ __attribute__((target("avx512f"))) inline void transpose_16x16(__m512 rows[16]) 
 // shared dimension is a multiple of 16, else by gathers): the same operations per output, each lane's products
 // and sums rounded as the scalar ones are.
 template <int WIDTH>
-__attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows_avx512(const float* a, const float* b, const float* start,
-                                                                                        float* out, int64_t rows, int64_t inner) {
+__attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows_avx512(const float* a, const float* b, int64_t b_row,
+                                                                                        int64_t b_column, const float* start,
+                                                                                        int64_t start_column, float* out, int64_t rows,
+                                                                                        int64_t inner) {
   const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(static_cast<int>(inner)));
   int64_t r0 = 0;
   for (; r0 + 16 <= rows; r0 += 16) {
     __m512 acc[WIDTH];
-    for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_set1_ps(start ? start[j] : 0.0f);
+    for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_set1_ps(start ? start[j * start_column] : 0.0f);
     const float* column = a + r0 * inner;
     if (inner % 16 == 0) {
       for (int64_t k0 = 0; k0 < inner; k0 += 16) {
@@ -177,12 +206,12 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows
         transpose_16x16(block);
         for (int kk = 0; kk < 16; ++kk)
           for (int j = 0; j < WIDTH; ++j)
-            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(block[kk], _mm512_set1_ps(b[(k0 + kk) * WIDTH + j])));
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(block[kk], _mm512_set1_ps(b[(k0 + kk) * b_row + j * b_column])));
       }
     } else {
       for (int64_t k = 0; k < inner; ++k) {
         const __m512 v = _mm512_i32gather_ps(offsets, column + k, 4);
-        for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(v, _mm512_set1_ps(b[k * WIDTH + j])));
+        for (int j = 0; j < WIDTH; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(v, _mm512_set1_ps(b[k * b_row + j * b_column])));
       }
     }
     alignas(64) float lanes[WIDTH][16];
@@ -190,19 +219,16 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_rows
     for (int t = 0; t < 16; ++t)
       for (int j = 0; j < WIDTH; ++j) out[(r0 + t) * WIDTH + j] = lanes[j][t];
   }
-  if (r0 < rows) narrow_rows<float>(a + r0 * inner, b, start, out + r0 * WIDTH, rows - r0, inner, WIDTH);
-}
-
-bool has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
+  if (r0 < rows) narrow_rows<float>(a + r0 * inner, b, b_row, b_column, start, start_column, out + r0 * WIDTH, rows - r0, inner, WIDTH);
 }
 
 // out[r, :] = relu((the fused multiply-adds of a[r, k] b[k, :] over k in order, from zero) + start), for one
-// (rows, inner) a, (inner, width) b and start (width), all contiguous: each output's operations as the scalar ones.
-__attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_input_avx512(const float* a, const float* b, const float* start,
-                                                                                         float* out, int64_t rows, int64_t inner,
-                                                                                         int64_t width) {
+// contiguous (rows, inner) a and out, b's rows b_row apart and start, each contiguous along width: each output's
+// operations as the scalar ones. The ReLU as ATen's (a < 0 ? 0 : a, NaN kept): max returns its second operand on
+// a NaN.
+__attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_input_avx512(const float* a, const float* b, int64_t b_row,
+                                                                                         const float* start, float* out, int64_t rows,
+                                                                                         int64_t inner, int64_t width) {
   const int64_t whole = width / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (width - whole)) - 1u);
   for (int64_t r = 0; r < rows; ++r) {
@@ -211,8 +237,7 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_inpu
     for (int64_t h = 0; h < width; h += 16) {
       const __mmask16 mask = h < whole ? static_cast<__mmask16>(0xFFFF) : tail;
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < inner; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(ar[k]), _mm512_maskz_loadu_ps(mask, b + k * width + h), acc);
-      // The ReLU as ATen's (a < 0 ? 0 : a: -0 and NaN kept): max returns its second operand on a tie or a NaN.
+      for (int64_t k = 0; k < inner; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(ar[k]), _mm512_maskz_loadu_ps(mask, b + k * b_row + h), acc);
       const __m512 pre = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, start + h));
       _mm512_mask_storeu_ps(o + h, mask, _mm512_max_ps(_mm512_setzero_ps(), pre));
     }
@@ -220,28 +245,39 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void narrow_inpu
 }
 #endif
 
+// Whether the input kinds' loop exists here for this dtype (float32 with AVX-512).
+bool input_loop_runs(at::ScalarType dtype) {
+#ifdef NARROW_AVX512
+  return dtype == at::kFloat && has_avx512();
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t>
-void narrow_rows_fast(const scalar_t* a, const scalar_t* b, const scalar_t* start, scalar_t* out, int64_t rows, int64_t inner, int64_t width) {
+void narrow_rows_fast(const scalar_t* a, const scalar_t* b, int64_t b_row, int64_t b_column, const scalar_t* start, int64_t start_column,
+                      scalar_t* out, int64_t rows, int64_t inner, int64_t width) {
 #ifdef NARROW_AVX512
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (has_avx512()) {
       switch (width) {
-        case 1: return narrow_rows_avx512<1>(a, b, start, out, rows, inner);
-        case 2: return narrow_rows_avx512<2>(a, b, start, out, rows, inner);
-        case 3: return narrow_rows_avx512<3>(a, b, start, out, rows, inner);
-        case 4: return narrow_rows_avx512<4>(a, b, start, out, rows, inner);
+        case 1: return narrow_rows_avx512<1>(a, b, b_row, b_column, start, start_column, out, rows, inner);
+        case 2: return narrow_rows_avx512<2>(a, b, b_row, b_column, start, start_column, out, rows, inner);
+        case 3: return narrow_rows_avx512<3>(a, b, b_row, b_column, start, start_column, out, rows, inner);
+        case 4: return narrow_rows_avx512<4>(a, b, b_row, b_column, start, start_column, out, rows, inner);
         default: break;
       }
     }
   }
 #endif
-  narrow_rows<scalar_t>(a, b, start, out, rows, inner, width);
+  narrow_rows<scalar_t>(a, b, b_row, b_column, start, start_column, out, rows, inner, width);
 }
 
 // acc[j, k] += sum_r a[r, j] b[r, k] over r in order, for (rows, width) a and (rows, inner) b and (width, inner) acc,
 // all contiguous: the weight gradients' products, vectorized along k.
 template <typename scalar_t>
 VECTORIZED void narrow_accumulate(const scalar_t* a, const scalar_t* b, scalar_t* acc, int64_t rows, int64_t width, int64_t inner) {
+  NO_FP_CONTRACT_BODY
   for (int64_t j = 0; j < width; ++j) {
     scalar_t* row = acc + j * inner;
     for (int64_t r = 0; r < rows; ++r) {
@@ -255,11 +291,14 @@ VECTORIZED void narrow_accumulate(const scalar_t* a, const scalar_t* b, scalar_t
 // x = relu(x) in place as ATen's (x < 0 ? 0 : x: -0 and NaN kept), all contiguous.
 template <typename scalar_t>
 VECTORIZED void relu_in_place(scalar_t* x, int64_t count) {
+  NO_FP_CONTRACT_BODY
   for (int64_t e = 0; e < count; ++e) x[e] = x[e] < scalar_t(0) ? scalar_t(0) : x[e];
 }
 
-// The loop for a kind over its seeds: kAddmm: out = start + a b, one (rows, inner) a; kBaddbmm: per seed, start
-// (S, 1, N); kBmm: per seed, no start; kAccumulate: acc (S, N, inner) += a^T b with a (S, rows, N), b (S, rows, inner).
+// The loop for a kind over its seeds, a and out contiguous, b and start through their strides. kBmm: out = a b per
+// seed; kAccumulate: out (S, N, inner) += a^T b with a (S, rows, N), b (S, rows, inner), all contiguous; the input
+// kinds: out = relu(start + a b) (start (N,) for one model, (S, 1, N) per seed); the output kinds: a = relu(a) in
+// place, then out = start + a b.
 template <typename scalar_t>
 void narrow_run(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, Tensor& out) {
   const bool batched = batched_kind(kind);
@@ -267,18 +306,6 @@ void narrow_run(NarrowKind kind, const Tensor& start, const Tensor& a, const Ten
   const scalar_t* pa = a.data_ptr<scalar_t>();
   const scalar_t* pb = b.data_ptr<scalar_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
-  if (input_kind(kind)) {
-#ifdef NARROW_AVX512
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const int64_t inner = a.size(-1), width = b.size(-1);
-      for (int64_t s = 0; s < seeds; ++s)
-        narrow_input_avx512(pa + s * rows * inner, pb + s * inner * width, start.data_ptr<float>() + s * width, po + s * rows * width, rows,
-                            inner, width);
-    }
-#endif
-    return;
-  }
-  if (output_kind(kind)) relu_in_place<scalar_t>(const_cast<scalar_t*>(pa), a.numel());
   if (kind == NarrowKind::kAccumulate) {
     const int64_t width = a.size(-1), inner = b.size(-1);
     for (int64_t s = 0; s < seeds; ++s)
@@ -286,130 +313,145 @@ void narrow_run(NarrowKind kind, const Tensor& start, const Tensor& a, const Ten
     return;
   }
   const int64_t inner = a.size(-1), width = b.size(-1);
+  const Placement pb_at = placement_of(b, batched);
   const scalar_t* ps = start.defined() ? start.data_ptr<scalar_t>() : nullptr;
+  const Placement ps_at = start.defined() ? placement_of(start, batched) : Placement{0, 0, 0, 0};
+  if (input_kind(kind)) {
+#ifdef NARROW_AVX512
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t s = 0; s < seeds; ++s)
+        narrow_input_avx512(pa + s * rows * inner, pb + s * pb_at.seed, pb_at.row, ps + s * ps_at.seed, po + s * rows * width, rows, inner,
+                            width);
+      return;
+    }
+#endif
+    TORCH_INTERNAL_ASSERT(false, "the input layer's loop runs with AVX-512 in float32 only");
+  }
+  if (output_kind(kind)) relu_in_place<scalar_t>(const_cast<scalar_t*>(pa), a.numel());
   for (int64_t s = 0; s < seeds; ++s)
-    narrow_rows_fast<scalar_t>(pa + s * rows * inner, pb + s * inner * width, ps ? ps + (batched ? s * width : 0) : nullptr,
-                               po + s * rows * width, rows, inner, width);
+    narrow_rows_fast<scalar_t>(pa + s * rows * inner, pb + s * pb_at.seed, pb_at.row, pb_at.column, ps ? ps + s * ps_at.seed : nullptr,
+                               ps_at.column, po + s * rows * width, rows, inner, width);
 }
 
-// ATen's call that the loop for this kind replaces.
-Tensor narrow_aten(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, const Tensor& acc) {
+// ATen's call that the loop for this kind replaces, into out where the solve's call writes into a buffer.
+Tensor narrow_aten(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, const Tensor& acc, Tensor& out) {
   switch (kind) {
-    case NarrowKind::kAddmm: return at::addmm(start, a, b);
-    case NarrowKind::kBaddbmm: return at::baddbmm(start, a, b);
     case NarrowKind::kBmm: return at::bmm(a, b);
-    case NarrowKind::kInputAddmm: return at::addmm(start, a, b).relu_();
-    case NarrowKind::kInputBaddbmm: return at::baddbmm(start, a, b).relu_();
+    case NarrowKind::kInputAddmm: return at::addmm_out(out, start, a, b).relu_();
+    case NarrowKind::kInputBaddbmm: return at::baddbmm_out(out, start, a, b).relu_();
     case NarrowKind::kOutputAddmm: return at::addmm(start, a.relu_(), b);
     case NarrowKind::kOutputBaddbmm: return at::baddbmm(start, a.relu_(), b);
     default: return acc.clone().baddbmm_(a.transpose(-1, -2), b);
   }
 }
 
-// Whether the loop for this kind, dtype and shape gives ATen's bits (checked once per process; see above).
-bool narrow_checked(NarrowKind kind, at::ScalarType dtype, int64_t seeds, int64_t rows, int64_t inner, int64_t width) {
-  if (input_kind(kind)) {
-#ifdef NARROW_AVX512
-    if (!(dtype == at::kFloat && has_avx512())) return false;
-#else
-    return false;
-#endif
-  }
+// A tensor of these sizes and strides starting this many elements past a 64-byte boundary, standard normal values.
+Tensor placed_randn(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t misalignment, const at::Generator& generator,
+                    const at::TensorOptions& options) {
+  int64_t extent = 1;
+  for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
+  return at::randn({misalignment + std::max<int64_t>(extent, 0)}, generator, options).as_strided(sizes, strides, misalignment);
+}
+
+Tensor placed_like(const Tensor& t, const at::Generator& generator) {
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64) / static_cast<int64_t>(t.element_size());
+  return placed_randn(t.sizes(), t.strides(), misalignment, generator, t.options());
+}
+
+// Whether the loop for this call gives ATen's bits: checked once per process for each kind, dtype, shape, the
+// operands' strides and alignment, thread count and float32 matmul precision (see above), on pseudo-random
+// operands laid out as these are (twice: plain, then with inputs half zero as after a ReLU, a NaN and, for the
+// output layer, negative zeros).
+bool narrow_checked(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, const Tensor& out) {
   static std::mutex lock;
-  static std::map<std::tuple<int, int, int64_t, int64_t, int64_t, int64_t>, bool> known;
-  const auto key = std::make_tuple(static_cast<int>(kind), static_cast<int>(dtype), seeds, rows, inner, width);
+  static std::map<std::vector<int64_t>, bool> known;
+  std::vector<int64_t> key = {static_cast<int64_t>(kind), static_cast<int64_t>(a.scalar_type()), at::get_num_threads(),
+                              static_cast<int64_t>(at::globalContext().float32MatmulPrecision())};
+  for (const Tensor* t : {&start, &a, &b, &out}) {
+    if (!t->defined()) {
+      key.push_back(-1);
+      continue;
+    }
+    key.push_back(t->dim());
+    for (int64_t d = 0; d < t->dim(); ++d) {
+      key.push_back(t->size(d));
+      key.push_back(t->stride(d));
+    }
+    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t->data_ptr()) % 64));
+  }
   const std::lock_guard<std::mutex> guard(lock);
   const auto found = known.find(key);
   if (found != known.end()) return found->second;
-  const at::TensorOptions options = at::TensorOptions().dtype(dtype);
   const at::Generator generator = at::detail::createCPUGenerator(12345);
-  const bool batched = batched_kind(kind);
-  auto shaped = [&](int64_t x, int64_t y) {
-    return batched ? at::randn({seeds, x, y}, generator, options) : at::randn({x, y}, generator, options);
-  };
+  const int64_t rows = a.size(-2);
   bool same = true;
-  // Twice over, the second time with a's columns half zero as after a ReLU.
   for (int round = 0; round < 2 && same; ++round) {
-    Tensor a, b, start, acc, out;
-    if (kind == NarrowKind::kAccumulate) {
-      a = shaped(rows, width);
-      b = shaped(rows, inner);
-      acc = shaped(width, inner);
-    } else {
-      a = shaped(rows, inner);
-      b = shaped(inner, width);
-      if (batched_kind(kind) && kind != NarrowKind::kBmm) start = at::randn({seeds, 1, width}, generator, options);
-      if (!batched_kind(kind)) start = at::randn({width}, generator, options);
-    }
+    Tensor a_loop = placed_like(a, generator), b_loop = placed_like(b, generator);
+    Tensor start_loop = start.defined() ? placed_like(start, generator) : Tensor();
+    Tensor acc = kind == NarrowKind::kAccumulate ? placed_like(out, generator) : Tensor();
     if (round == 1) {
-      (kind == NarrowKind::kAccumulate ? b : a).clamp_min_(0);
-      if (input_kind(kind)) {
-        // A row of zeros, a NaN and negative-zero biases: the ReLU's treatment of -0 and NaN.
-        a.select(-2, 0).zero_();
-        a.select(-2, 1).select(-1, 0).fill_(std::numeric_limits<double>::quiet_NaN());
-        start.narrow(-1, 0, 1).fill_(-0.0);
-      }
-      if (output_kind(kind)) {
-        a.select(-2, 0).fill_(-0.0);
-        a.select(-2, 1).select(-1, 0).fill_(std::numeric_limits<double>::quiet_NaN());
+      (kind == NarrowKind::kAccumulate ? b_loop : a_loop).clamp_min_(0);
+      if ((input_kind(kind) || output_kind(kind)) && rows >= 2) {
+        a_loop.select(-2, 0).fill_(output_kind(kind) ? -0.0 : 0.0);
+        a_loop.select(-2, 1).select(-1, 0).fill_(std::numeric_limits<double>::quiet_NaN());
       }
     }
-    const Tensor a_aten = a.clone();  // the output kinds' ReLU changes a
-    const Tensor expected = narrow_aten(kind, start, a_aten, b, acc);
-    out = kind == NarrowKind::kAccumulate ? acc.clone() : at::empty_like(expected);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "narrow_check", [&] { narrow_run<scalar_t>(kind, start, a, b, out); });
+    // ATen's call on copies placed as the solve's operands (its ReLU may change a; the input layer's writes out).
+    Tensor a_aten = placed_like(a, generator).copy_(a_loop);
+    Tensor out_aten = input_kind(kind) ? placed_like(out, generator) : Tensor();
+    const Tensor expected = narrow_aten(kind, start_loop, a_aten, b_loop, acc, out_aten);
+    Tensor out_loop = kind == NarrowKind::kAccumulate ? placed_like(out, generator).copy_(acc)
+                      : input_kind(kind)            ? placed_like(out, generator)
+                                                    : at::empty_like(expected);
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "narrow_check", [&] { narrow_run<scalar_t>(kind, start_loop, a_loop, b_loop, out_loop); });
     // Bit for bit (NaN included): the values as integers of their width.
-    const at::ScalarType bits = dtype == at::kFloat ? at::kInt : at::kLong;
-    same = at::equal(out.view(bits), expected.view(bits)) && at::equal(a.view(bits), a_aten.view(bits));
+    const at::ScalarType bits = a.scalar_type() == at::kFloat ? at::kInt : at::kLong;
+    same = at::equal(out_loop.contiguous().view(bits), expected.contiguous().view(bits)) &&
+           at::equal(a_loop.contiguous().view(bits), a_aten.contiguous().view(bits));
   }
-  known.emplace(key, same);
+  known.emplace(std::move(key), same);
   return same;
 }
 
-// The loop for one of the narrow products where its check passed (else false, out untouched): kAddmm, kBaddbmm,
-// kBmm into a new out; kAccumulate into out, the accumulator; the input kinds into out, the layer's buffer. Takes
-// float32 and float64 on CPU (the input kinds float32 with AVX-512), all contiguous.
+// The loop for one of the narrow products where its check passed (else false, out untouched): kBmm and the output
+// kinds into a new out; kAccumulate into out, the accumulator; the input kinds into out, the layer's buffer.
+// Takes float32 and float64 on CPU (the input kinds float32 with AVX-512): a, out and kAccumulate's b contiguous,
+// the weights and biases through their strides (the input kinds': contiguous along the hidden units).
 bool narrow_product(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, Tensor& out) {
-  if (!narrow_products_enabled.load(std::memory_order_relaxed)) return false;
   const at::ScalarType dtype = a.scalar_type();
+  if (!narrow_products_enabled.load(std::memory_order_relaxed) || (input_kind(kind) && !input_loop_runs(dtype)))
+    return counted(kind, kNoLoop);
   const bool batched = batched_kind(kind);
-  if (input_kind(kind)) {
-#ifdef NARROW_AVX512
-    if (!(dtype == at::kFloat && has_avx512())) return false;
-#else
-    return false;
-#endif
-  }
-  if (!(plain_loops_take(a) && b.scalar_type() == dtype && b.device().is_cpu() && a.is_contiguous() && b.is_contiguous() &&
-        a.dim() == (batched ? 3 : 2) && b.dim() == a.dim() && (!batched || a.size(0) == b.size(0)) &&
-        (kind != NarrowKind::kAccumulate || a.size(-2) == b.size(-2))))
-    return false;
+  if (!(plain_loops_take(a) && b.scalar_type() == dtype && b.device().is_cpu() && a.is_contiguous() && a.dim() == (batched ? 3 : 2) &&
+        b.dim() == a.dim() && (!batched || a.size(0) == b.size(0)) && a.size(-2) > 0))
+    return counted(kind, kNotTheLoops);
   const int64_t seeds = batched ? a.size(0) : 1, rows = a.size(-2);
-  int64_t inner, width;
   if (kind == NarrowKind::kAccumulate) {
-    width = a.size(-1);
-    inner = b.size(-1);
-    if (!(out.scalar_type() == dtype && out.device().is_cpu() && out.is_contiguous() && out.dim() == 3 && out.size(0) == seeds &&
-          out.size(1) == width && out.size(2) == inner))
-      return false;
+    if (!(b.is_contiguous() && a.size(-2) == b.size(-2) && a.size(-1) <= kNarrowWidth && out.defined() && out.scalar_type() == dtype &&
+          out.device().is_cpu() && out.is_contiguous() && out.dim() == 3 && out.size(0) == seeds && out.size(1) == a.size(-1) &&
+          out.size(2) == b.size(-1)))
+      return counted(kind, kNotTheLoops);
   } else {
-    if (a.size(-1) != b.size(-2)) return false;
-    inner = a.size(-1);
-    width = b.size(-1);
-    if (!batched && !(start.defined() && start.dim() == 1 && start.size(0) == width)) return false;
-    if (batched && kind != NarrowKind::kBmm &&
-        !(start.defined() && start.dim() == 3 && start.size(0) == seeds && start.size(1) == 1 && start.size(2) == width))
-      return false;
-    if (start.defined() && !(start.scalar_type() == dtype && start.device().is_cpu() && start.is_contiguous())) return false;
-    if (input_kind(kind) && !(out.defined() && out.scalar_type() == dtype && out.device().is_cpu() && out.is_contiguous() &&
-                              out.dim() == a.dim() && out.size(-2) == rows && out.size(-1) == width && (!batched || out.size(0) == seeds)))
-      return false;
+    const int64_t inner = a.size(-1), width = b.size(-1);
+    bool fits = a.size(-1) == b.size(-2) && (input_kind(kind) ? inner : width) <= kNarrowWidth;
+    if (kind == NarrowKind::kBmm) {
+      fits = fits && !start.defined();
+    } else {
+      fits = fits && start.defined() && start.scalar_type() == dtype && start.device().is_cpu() &&
+             (batched ? start.dim() == 3 && start.size(0) == seeds && start.size(1) == 1 && start.size(2) == width
+                      : start.dim() == 1 && start.size(0) == width);
+    }
+    if (input_kind(kind))
+      fits = fits && b.stride(-1) == 1 && start.stride(-1) == 1 && out.defined() && out.scalar_type() == dtype && out.device().is_cpu() &&
+             out.is_contiguous() && out.dim() == a.dim() && out.size(-2) == rows && out.size(-1) == width &&
+             (!batched || out.size(0) == seeds);
+    if (!fits) return counted(kind, kNotTheLoops);
   }
-  if ((input_kind(kind) ? inner : width) > kNarrowWidth || !narrow_checked(kind, dtype, seeds, rows, inner, width)) return false;
-  if (kind != NarrowKind::kAccumulate && !input_kind(kind))
-    out = at::empty(batched ? std::vector<int64_t>{seeds, rows, width} : std::vector<int64_t>{rows, width}, a.options());
+  if (!narrow_checked(kind, start, a, b, out)) return counted(kind, kCheckFailed);
+  if (kind == NarrowKind::kBmm || output_kind(kind))
+    out = at::empty(batched ? std::vector<int64_t>{seeds, rows, b.size(-1)} : std::vector<int64_t>{rows, b.size(-1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "narrow_product", [&] { narrow_run<scalar_t>(kind, start, a, b, out); });
-  return true;
+  return counted(kind, kTaken);
 }
 
 // k = f(z) as dense_field computes it: addmm for one model, baddbmm for stacked seeds (the output layer
@@ -705,6 +747,28 @@ NO_FP_CONTRACT void weighted_sum_loop(const Tensor* y_t, const Tensor& ks_t, con
   }
 }
 
+// Whether weighted_sum_loop gives ATen's bits for this many terms (checked once per process on pseudo-random
+// values against ATen's calls: the order is an ATen internal, which a PyTorch release may change).
+template <typename scalar_t>
+bool sum_order_checked(int64_t terms) {
+  static std::mutex lock;
+  static std::map<int64_t, bool> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto found = known.find(terms);
+  if (found != known.end()) return found->second;
+  const at::Generator generator = at::detail::createCPUGenerator(54321);
+  const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const Tensor ks = at::randn({3, 16, 2, terms}, generator, options), weights = at::randn({3, 1, 1, 1, terms}, generator, options);
+  const Tensor y = at::randn({3, 16, 2}, generator, options);
+  const Tensor expected = at::add(y, at::sum(ks * weights.select(-2, 0), {-1}));
+  Tensor out = at::empty_like(y);
+  weighted_sum_loop<scalar_t>(&y, ks, weights, 0, terms, out);
+  const at::ScalarType bits = std::is_same_v<scalar_t, float> ? at::kInt : at::kLong;
+  const bool same = at::equal(out.view(bits), expected.view(bits));
+  known.emplace(terms, same);
+  return same;
+}
+
 // weighted_sum_loop into out where it takes these (same dtype on CPU, ks's stages contiguous, weights laid out
 // per seed as step_weights makes them, fewer terms than the SIMD width); false where the ATen calls are to run.
 bool weighted_sum(const Tensor* y, const Tensor& ks, const Tensor& weights, int64_t row, int64_t terms, bool stacked, Tensor& out) {
@@ -713,11 +777,12 @@ bool weighted_sum(const Tensor* y, const Tensor& ks, const Tensor& weights, int6
         weights.device().is_cpu() && out.device().is_cpu() && (!y || y->device().is_cpu()) && ks.stride(-1) == 1 &&
         weights.is_contiguous() && ks.dim() == (stacked ? 4 : 3) && weights.dim() == (stacked ? 5 : 2) && out.dim() == ks.dim() - 1 &&
         (!y || y->sizes() == out.sizes()) && ks.sizes().slice(0, ks.dim() - 1) == out.sizes() &&
-        (!stacked || weights.size(0) == ks.size(0))))
+        (!stacked || (weights.size(0) == ks.size(0) && weights.size(1) == 1 && weights.size(2) == 1)) && row >= 0 &&
+        row < weights.size(-2) && terms > 0 && terms <= weights.size(-1) && terms <= ks.size(-1)))
     return false;
   bool taken = false;
   AT_DISPATCH_FLOATING_TYPES(dtype, "weighted_sum", [&] {
-    if (terms < static_cast<int64_t>(at::vec::Vectorized<scalar_t>::size())) {
+    if (terms < static_cast<int64_t>(at::vec::Vectorized<scalar_t>::size()) && sum_order_checked<scalar_t>(terms)) {
       weighted_sum_loop<scalar_t>(y, ks, weights, row, terms, out);
       taken = true;
     }
@@ -855,7 +920,9 @@ NO_FP_CONTRACT void step_size_terms_loop(const std::vector<Tensor>& combos, cons
 }
 
 Tensor step_size_terms(const std::vector<Tensor>& combos, const std::vector<int64_t>& rows, const Tensor& ks, const Tensor& rows64) {
-  bool loops = plain_loops_take(ks) && ks.dim() == 4 && rows64.scalar_type() == at::kDouble && rows64.device().is_cpu();
+  bool loops = plain_loops_take(ks) && ks.dim() == 4 && rows64.scalar_type() == at::kDouble && rows64.device().is_cpu() &&
+               rows64.dim() == 2 && rows64.size(1) == ks.size(-1);
+  for (int64_t row : rows) loops = loops && row >= 0 && row < rows64.size(0);
   for (const Tensor& combo : combos)
     loops = loops && combo.dim() == 3 && combo.scalar_type() == ks.scalar_type() && combo.device().is_cpu() &&
             combo.sizes() == ks.sizes().slice(0, 3);
@@ -1712,10 +1779,11 @@ Tensor Solve::backward(const Tensor& grad_out_in, const std::vector<Tensor>& w_a
         gy = gy_all.index_select(0, index);
         gf = gf_all.index_select(0, index);
         grad_out = grad_out_all.index_select(0, index);
-        // W1^T, W2^T, W3^T as transposed views of the gathered matrices, as the whole group's are: the
-        // forward pass's gathers of these seeds' rows (the same values, laid out alike).
+        // W1^T (a contiguous copy), W2^T, W3^T (transposed views) of the gathered matrices, as the whole group's
+        // are: the forward pass's gathers of these seeds' rows (the same values, laid out alike).
         const std::vector<Tensor>& gathered = attempt.w;
-        w = {gathered[0], gathered[1], gathered[0].transpose(-1, -2), gathered[2].transpose(-1, -2), gathered[4].transpose(-1, -2)};
+        w = {gathered[0], gathered[1], gathered[0].transpose(-1, -2).contiguous(), gathered[2].transpose(-1, -2),
+             gathered[4].transpose(-1, -2)};
         for (int j = 0; j < 6; ++j) acc[j] = acc_all[j].index_select(0, index);
         for (size_t j = 6; j < acc_all.size(); ++j) acc[j] = acc_all[j].narrow(0, 0, count);  // scratch
       }
@@ -1791,7 +1859,9 @@ std::vector<Tensor> Solve::gradients(const Tensor& grad_out_in, const std::vecto
   std::vector<Tensor> acc = {at::zeros_like(W1), at::zeros_like(W2), at::zeros({seeds, width, hidden}, grad_out.options())};
   for (int64_t k : {hidden, hidden, width}) acc.push_back(at::zeros({seeds, batch, k}, grad_out.options()));
   for (int j = 0; j < 2; ++j) acc.push_back(at::empty({seeds, batch, hidden}, grad_out.options()));
-  const std::vector<Tensor> w = {W1, c1.unsqueeze(-2), W1.transpose(-1, -2), W2.transpose(-1, -2), W3.transpose(-1, -2)};
+  // W1^T contiguous: the input gradient gh W1^T as the BLAS's plain product (its transposed-operand kernel sums
+  // in another order), which the narrow-product loop can make.
+  const std::vector<Tensor> w = {W1, c1.unsqueeze(-2), W1.transpose(-1, -2).contiguous(), W2.transpose(-1, -2), W3.transpose(-1, -2)};
   const Tensor g_z0 = backward(grad_out, w, acc, rows64, T, fsal, row_b, row_mid, atol, rtol, order);
   const std::vector<Tensor> g_dense = {acc[0], at::sum(acc[3], {-2}, true), acc[1], at::sum(acc[4], {-2}, true),
                                        acc[2].transpose(-1, -2), at::sum(acc[5], {-2}, true)};
@@ -1804,7 +1874,12 @@ std::vector<Tensor> Solve::gradients(const Tensor& grad_out_in, const std::vecto
     int64_t dense_size = 0;
     for (const Tensor& g : g_dense) dense_size += g.numel() / seeds;
     const Tensor positions = index->to(at::kLong).contiguous();
-    if (plain_loops_take(scattered) && positions.device().is_cpu() && positions.numel() == dense_size) {
+    bool in_range = positions.device().is_cpu() && positions.numel() == dense_size;
+    if (in_range) {
+      const int64_t* p = positions.data_ptr<int64_t>();
+      for (int64_t i = 0; i < positions.numel() && in_range; ++i) in_range = p[i] >= 0 && p[i] < total;
+    }
+    if (plain_loops_take(scattered) && in_range) {
       AT_DISPATCH_FLOATING_TYPES(scattered.scalar_type(), "conv_scatter", [&] { conv_scatter<scalar_t>(g_dense, positions, scattered); });
     } else {
       std::vector<Tensor> flat;
@@ -1882,9 +1957,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "set_narrow_products", [](bool on) { narrow_products_enabled.store(on); },
       "whether the narrow products run as loops where checked (TUNE_NODE_NARROW_PRODUCTS=0: not)");
   m.def(
-      "narrow_products_checked",
-      [](int64_t kind, at::ScalarType dtype, int64_t seeds, int64_t rows, int64_t inner, int64_t width) {
-        return narrow_checked(static_cast<NarrowKind>(kind), dtype, seeds, rows, inner, width);
+      "narrow_product_outcomes",
+      [](bool reset) {
+        static const char* kinds[kNarrowKinds] = {"bmm", "accumulate", "input addmm", "input baddbmm", "output addmm", "output baddbmm"};
+        static const char* outcomes[4] = {"taken", "check failed", "not the loops' operands", "no loop"};
+        std::map<std::string, std::map<std::string, int64_t>> counts;
+        for (int k = 0; k < kNarrowKinds; ++k)
+          for (int o = 0; o < 4; ++o)
+            counts[kinds[k]][outcomes[o]] = reset ? narrow_outcomes[k * 4 + o].exchange(0) : narrow_outcomes[k * 4 + o].load();
+        return counts;
       },
-      "whether a narrow product's loop gives ATen's bits (kind 0 addmm, 1 baddbmm, 2 bmm, 3 accumulate, 4 input addmm, 5 input baddbmm, 6 output addmm, 7 output baddbmm)");
+      "per narrow-product kind, how many calls ran the loop and why the others ran ATen's call (reset: and zero the counts)",
+      pybind11::arg("reset") = false);
 }
