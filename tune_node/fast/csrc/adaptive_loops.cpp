@@ -363,25 +363,35 @@ Tensor placed_like(const Tensor& t, const at::Generator& generator) {
 // operands laid out as these are (twice: plain, then with inputs half zero as after a ReLU, a NaN and, for the
 // output layer, negative zeros).
 bool narrow_checked(NarrowKind kind, const Tensor& start, const Tensor& a, const Tensor& b, const Tensor& out) {
-  static std::mutex lock;
-  static std::map<std::vector<int64_t>, bool> known;
-  std::vector<int64_t> key = {static_cast<int64_t>(kind), static_cast<int64_t>(a.scalar_type()), at::get_num_threads(),
-                              static_cast<int64_t>(at::globalContext().float32MatmulPrecision())};
+  // The key on the stack (every call builds one: a few per evaluation), answered from this thread's own copy of
+  // the answers where it can, else from the process's under its lock.
+  using Key = std::array<int64_t, 40>;
+  Key key{};
+  size_t n = 0;
+  key[n++] = static_cast<int64_t>(kind);
+  key[n++] = static_cast<int64_t>(a.scalar_type());
+  key[n++] = at::get_num_threads();
+  key[n++] = static_cast<int64_t>(at::globalContext().float32MatmulPrecision());
   for (const Tensor* t : {&start, &a, &b, &out}) {
-    if (!t->defined()) {
-      key.push_back(-1);
+    if (!t->defined() || t->dim() > 3) {
+      key[n++] = -1;
       continue;
     }
-    key.push_back(t->dim());
+    key[n++] = t->dim();
     for (int64_t d = 0; d < t->dim(); ++d) {
-      key.push_back(t->size(d));
-      key.push_back(t->stride(d));
+      key[n++] = t->size(d);
+      key[n++] = t->stride(d);
     }
-    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t->data_ptr()) % 64));
+    key[n++] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t->data_ptr()) % 64);
   }
+  thread_local std::map<Key, bool> answered;
+  const auto mine = answered.find(key);
+  if (mine != answered.end()) return mine->second;
+  static std::mutex lock;
+  static std::map<Key, bool> known;
   const std::lock_guard<std::mutex> guard(lock);
   const auto found = known.find(key);
-  if (found != known.end()) return found->second;
+  if (found != known.end()) return answered.emplace(key, found->second).first->second;
   const at::Generator generator = at::detail::createCPUGenerator(12345);
   const int64_t rows = a.size(-2);
   bool same = true;
@@ -409,7 +419,8 @@ bool narrow_checked(NarrowKind kind, const Tensor& start, const Tensor& a, const
     same = at::equal(out_loop.contiguous().view(bits), expected.contiguous().view(bits)) &&
            at::equal(a_loop.contiguous().view(bits), a_aten.contiguous().view(bits));
   }
-  known.emplace(std::move(key), same);
+  known.emplace(key, same);
+  answered.emplace(key, same);
   return same;
 }
 
