@@ -11,9 +11,10 @@ for the stage sums, the BLAS's for the field's narrow products), a loop runs onl
 first use found it equal to ATen's call: once per process per number of terms for the sums, per
 kind, shape, operand layout and alignment for the products. ``TUNE_NODE_NARROW_PRODUCTS=0`` in the
 environment when the module loads (or its ``set_narrow_products(False)`` at any time) keeps ATen's
-calls for the narrow products; ``narrow_product_outcomes()`` counts which ran. Its ``solve_forward`` runs a whole solve (IController's
-step control included) and returns an object whose ``gradients`` runs its backward pass (to the
-dense or the conv weights; ``dense_from_conv`` builds the dense matrices from the conv weights).
+calls for the narrow products; ``narrow_product_outcomes()`` counts which ran. Its
+``solve_forward`` runs a whole solve (IController's step control included) and returns an object
+whose ``gradients`` runs its backward pass (to the dense or the conv weights; ``dense_from_conv``
+builds the dense matrices from the conv weights).
 """
 
 from __future__ import annotations

@@ -117,16 +117,19 @@ bool counted(NarrowKind kind, NarrowOutcome outcome) {
   return outcome == kTaken;
 }
 
-// Where an operand sits: its strides with a leading seed stride (0 for one model's) and its distance in elements
-// from a 64-byte boundary.
+// An operand's strides with a leading seed stride (0 for one model's).
 struct Placement {
-  int64_t seed, row, column, misalignment;
+  int64_t seed, row, column;
 };
 
 Placement placement_of(const Tensor& t, bool batched) {
-  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64) / static_cast<int64_t>(t.element_size());
-  if (t.dim() == 1) return {0, 0, t.stride(0), misalignment};
-  return {batched ? t.stride(0) : 0, t.stride(-2), t.stride(-1), misalignment};
+  if (t.dim() == 1) return {0, 0, t.stride(0)};
+  return {batched ? t.stride(0) : 0, t.stride(-2), t.stride(-1)};
+}
+
+// How many elements past a 64-byte boundary an operand starts.
+int64_t misalignment_of(const Tensor& t) {
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64) / static_cast<int64_t>(t.element_size());
 }
 
 // out[r, j] = start[j] + sum_k a[r, k] b[k, j] over k in order (start zero where null), for one contiguous
@@ -315,7 +318,7 @@ void narrow_run(NarrowKind kind, const Tensor& start, const Tensor& a, const Ten
   const int64_t inner = a.size(-1), width = b.size(-1);
   const Placement pb_at = placement_of(b, batched);
   const scalar_t* ps = start.defined() ? start.data_ptr<scalar_t>() : nullptr;
-  const Placement ps_at = start.defined() ? placement_of(start, batched) : Placement{0, 0, 0, 0};
+  const Placement ps_at = start.defined() ? placement_of(start, batched) : Placement{0, 0, 0};
   if (input_kind(kind)) {
 #ifdef NARROW_AVX512
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -345,17 +348,12 @@ Tensor narrow_aten(NarrowKind kind, const Tensor& start, const Tensor& a, const 
   }
 }
 
-// A tensor of these sizes and strides starting this many elements past a 64-byte boundary, standard normal values.
-Tensor placed_randn(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t misalignment, const at::Generator& generator,
-                    const at::TensorOptions& options) {
-  int64_t extent = 1;
-  for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
-  return at::randn({misalignment + std::max<int64_t>(extent, 0)}, generator, options).as_strided(sizes, strides, misalignment);
-}
-
+// A tensor of t's sizes, strides and dtype starting as far past a 64-byte boundary as t does, standard normal values.
 Tensor placed_like(const Tensor& t, const at::Generator& generator) {
-  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64) / static_cast<int64_t>(t.element_size());
-  return placed_randn(t.sizes(), t.strides(), misalignment, generator, t.options());
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  const int64_t misalignment = misalignment_of(t);
+  return at::randn({misalignment + std::max<int64_t>(extent, 0)}, generator, t.options()).as_strided(t.sizes(), t.strides(), misalignment);
 }
 
 // Whether the loop for this call gives ATen's bits: checked once per process for each kind, dtype, shape, the
@@ -382,7 +380,7 @@ bool narrow_checked(NarrowKind kind, const Tensor& start, const Tensor& a, const
       key[n++] = t->size(d);
       key[n++] = t->stride(d);
     }
-    key[n++] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t->data_ptr()) % 64);
+    key[n++] = misalignment_of(*t);
   }
   thread_local std::map<Key, bool> answered;
   const auto mine = answered.find(key);
@@ -465,8 +463,8 @@ bool narrow_product(NarrowKind kind, const Tensor& start, const Tensor& a, const
   return counted(kind, kTaken);
 }
 
-// k = f(z) as dense_field computes it: addmm for one model, baddbmm for stacked seeds (the output layer
-// as narrow_product where its check passed).
+// k = f(z) as dense_field computes it: addmm for one model, baddbmm for stacked seeds (the input and output
+// layers, each with its ReLU, as narrow_product where its check passed).
 Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Tensor h2, bool stacked) {
   if (stacked) {
     if (!narrow_product(NarrowKind::kInputBaddbmm, w[1], z, w[0], h1)) at::baddbmm_out(h1, w[1], z, w[0]).relu_();
@@ -481,7 +479,6 @@ Tensor field_eval(const Tensor& z, const std::vector<Tensor>& w, Tensor& h1, Ten
   if (narrow_product(NarrowKind::kOutputAddmm, w[5], h2, w[4], out)) return out;
   return at::addmm(w[5], h2.relu_(), w[4]);
 }
-
 
 // The output layer's backward pass for a narrow state in one loop over (S, B, H): gh2 =
 // threshold_backward(g W3^T, h2, 0) (the product as above), gc3 += g and gc2 += gh2 (the biases'
