@@ -25,6 +25,7 @@ changes as a model trains, so costs are totals over the timed iterations: us per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -57,10 +58,7 @@ class _Trainee:
             x, y = self.x[start:start + BATCH], self.y[start:start + BATCH]
             self.step += 1
             began = time.perf_counter()
-            if self.torchdiffeq:
-                with use_adaptive_solver("torchdiffeq"):
-                    logits, sol = self.model(x, self.setting)
-            else:
+            with use_adaptive_solver("torchdiffeq") if self.torchdiffeq else contextlib.nullcontext():
                 logits, sol = self.model(x, self.setting)
             loss = nn.functional.cross_entropy(logits, y)
             loss.backward()
